@@ -1,0 +1,572 @@
+"""Policy losses for RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, STEER, OPEFO and Archer.
+
+One drop-in file. It imports only torch and the standard library, works on any device and dtype, and
+every function states its tensor shapes and the equation it implements. Copy it into your own trainer.
+
+Conventions
+    B responses, T response positions, V vocabulary.
+    logp, old_logp, ref_logp : (B, T) log-probabilities of the sampled tokens under the current policy
+                               pi_theta, the behaviour policy pi_old and a frozen reference.
+    mask                     : (B, T), 1 (or True) on valid response tokens, 0 on padding.
+    advantages               : (B,) one per response (broadcast over its tokens) or (B, T).
+    entropy, exact_term      : (B, T) from `token_entropy` on the behaviour policy (no gradient).
+    Every loss returns (loss, metrics): a scalar to minimise and a dict of plain floats.
+
+Where each formula comes from (equation numbers refer to the arXiv versions named here)
+    group_advantages     GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1.2; Dr. GRPO arXiv 2503.20783 (no std)
+    ppo_clip_loss        PPO clipped surrogate; clip-higher from DAPO arXiv 2503.14476 eq. 10; dual clip
+    agg_loss             token-mean (DAPO eq. 12), seq-mean-token-mean (GRPO eq. 3), Dr. GRPO's constant norm
+    kl_penalty           k1/k2/k3 estimators (GRPO eq. 4 uses k3)
+    token_entropy        H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H)
+    steer_loss           STEER arXiv 2510.10150 sec. 3-4 (Omega, exponential / linear reweighting)
+    opefo_loss           OPEFO arXiv 2605.11491 (entropy flow f, balance lambda*, on-policy REINFORCE)
+    archer_loss          Archer arXiv 2507.15778 sec. 3 (per-response entropy quantile, dual-token clip and KL)
+
+The first-order entropy change that STEER and OPEFO estimate (see entropy_math.py for the derivation):
+a gradient step of size eta on w * log pi(a|s) changes the entropy of a tabular softmax by
+    paper form   -eta w (1 - pi_a)^2 (log pi_a + H)      (STEER v1, OPEFO; an approximation)
+    code form    -eta w (1 - pi_a) (log pi_a + H)        (released STEER code; only logit a moves)
+    exact form   -eta w [pi_a (log pi_a + H) - S2]       (full softmax gradient; exact to O(eta^2))
+where S2 = sum_b pi_b^2 (log pi_b + H). `first_order_term` returns the bracket (the factor after -eta w).
+
+Usage
+    from losses import LOSSES, group_advantages, token_logprobs, token_entropy
+    adv = group_advantages(rewards, group_size=8)                       # (B,)
+    entropy, s2 = token_entropy(old_logits, exact_term=True)           # (B, T) each, no grad
+    loss, metrics = LOSSES["steer"](logp=logp, old_logp=old_logp, advantages=adv, mask=mask,
+                                    entropy=entropy, exact_term=s2)
+    loss.backward()
+"""
+import functools
+import inspect
+import math
+
+import torch
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOG_RATIO_LIMIT = 20.0      # clamp on log(pi / pi_old) and on the KL log-ratio before exp (verl's value)
+K3_LIMIT = 10.0             # clamp on the k3 estimate (verl's value)
+CHUNK_BYTES = 64 * 2**20    # float32 working set per chunk of rows in token_logprobs / token_entropy
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_tokens(name, x, ref):
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (B, T) like mask")
+
+
+def _broadcast_advantages(advantages, mask):
+    """(B,) or (B, T) advantages -> (B, T) float32."""
+    if advantages.dim() == 1 and advantages.shape[0] == mask.shape[0]:
+        return advantages.float()[:, None].expand(mask.shape)
+    if advantages.shape == mask.shape:
+        return advantages.float()
+    raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({mask.shape[0]},) "
+                     f"or (B, T) = {tuple(mask.shape)}")
+
+
+def _masked_mean(x, mask):
+    """Mean of x over mask (0-d tensor; 0 when the mask is empty)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _masked_min_max(x, mask):
+    """(min, max) of x over mask as 0-d tensors; (0, 0) when the mask is empty."""
+    if not mask.any():
+        return x.new_zeros(()), x.new_zeros(())
+    return torch.where(mask, x, math.inf).min(), torch.where(mask, x, -math.inf).max()
+
+
+def _to_floats(metrics):
+    """One host sync for all metrics: dict of 0-d tensors -> dict of floats."""
+    keys = list(metrics)
+    values = torch.stack([metrics[k].detach().float() for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
+# ----------------------------------------------------------------------------------------- advantages
+def group_advantages(rewards, group_size, *, std_normalize=True, eps=1e-6):
+    """Group-relative advantages, one per response.
+
+    rewards: (N,) with N = num_groups * group_size; the responses of one prompt are contiguous.
+    GRPO:      A_i = (R_i - mean_g R) / (std_g R + eps)   (Bessel std, eps 1e-6 as in verl)
+    Dr. GRPO:  A_i =  R_i - mean_g R                      (std_normalize=False)
+    A group whose rewards are all equal gets exactly 0 (no signal, never NaN). Returns (N,) float32.
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (N,) with N a multiple of group_size={group_size}; "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)                                   # (groups, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if std_normalize and group_size > 1:
+        adv = adv / (r.std(dim=1, keepdim=True) + eps)                         # Bessel-corrected std
+    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(all_equal, 0.0, adv).view(-1)
+
+
+# ---------------------------------------------------------------------------------------- aggregation
+def agg_loss(per_token, mask, mode="token-mean", *, num_tokens=None, num_seqs=None, norm_length=None):
+    """Reduce a (B, T) per-token loss to a scalar over the valid tokens of `mask` (B, T).
+
+    token-mean               sum_{i,t} l / num_tokens           (DAPO; num_tokens defaults to mask.sum())
+    seq-mean-token-mean      (1/num_seqs) sum_i mean_t l        (GRPO's original)
+    seq-mean-token-sum       (1/num_seqs) sum_i sum_t l
+    seq-mean-token-sum-norm  sum_{i,t} l / (num_seqs * norm_length)   (Dr. GRPO; norm_length defaults to T)
+
+    For gradient accumulation pass the whole batch's totals: num_tokens (valid tokens) for token-mean and
+    num_seqs (responses) for the seq-* modes; the sum of the micro-batch losses then equals the loss of
+    the whole batch. Masked positions contribute exactly zero, even where per_token is not finite.
+    """
+    _check_tokens("per_token", per_token, mask)
+    mask = mask.bool()
+    x = torch.where(mask, per_token, 0.0)
+    if num_seqs is None:
+        num_seqs = mask.shape[0]
+    if mode == "token-mean":
+        denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=x.device)
+        return x.sum() / denom.clamp(min=1)
+    if mode == "seq-mean-token-mean":
+        return (x.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(num_seqs, 1)
+    if mode == "seq-mean-token-sum":
+        return x.sum() / max(num_seqs, 1)
+    if mode == "seq-mean-token-sum-norm":
+        length = mask.shape[-1] if norm_length is None else norm_length
+        return x.sum() / (max(num_seqs, 1) * length)
+    raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
+
+
+# --------------------------------------------------------------------------------------------- KL
+def kl_penalty(logp, ref_logp, kind="k3"):
+    """Per-token KL(pi_theta || pi_ref) estimate at the sampled token, (B, T), with gradient to logp.
+
+    x = clamp(ref_logp - logp, +-20):  k1 = -x;  k2 = x^2 / 2;  k3 = exp(x) - x - 1 (>= 0, clamped to 10).
+    """
+    x = (ref_logp - logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if kind == "k1":
+        return -x
+    if kind == "k2":
+        return 0.5 * x.square()
+    if kind == "k3":
+        return (torch.exp(x) - x - 1.0).clamp(-K3_LIMIT, K3_LIMIT)
+    raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
+
+
+# ------------------------------------------------------------------------- token statistics (chunked)
+def _rows_per_chunk(vocab, chunk_size):
+    return chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _acc_dtype(dtype):
+    """Accumulation dtype: float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _SampledLogProb(torch.autograd.Function):
+    """log pi(a) = z_a - logsumexp(z), with the logsumexp taken over row chunks in float32.
+
+    Only the logits (already alive) and the (N,) logsumexp are saved; the backward recomputes the
+    softmax chunk by chunk: d log pi(a) / dz = e_a - softmax(z).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, rows):
+        acc = _acc_dtype(logits.dtype)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        for s in range(0, logits.shape[0], rows):
+            lse[s:s + rows] = torch.logsumexp(logits[s:s + rows].to(acc), dim=-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.rows = rows
+        return logits.gather(-1, tokens[:, None]).squeeze(-1).to(acc) - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.rows):
+            g = grad_out[s:s + ctx.rows, None]
+            p = torch.exp(logits[s:s + ctx.rows].to(lse.dtype) - lse[s:s + ctx.rows, None])
+            p.mul_(-g).scatter_add_(-1, tokens[s:s + ctx.rows, None], g)
+            grad[s:s + ctx.rows] = p
+        return grad, None, None
+
+
+def token_logprobs(logits, tokens, *, chunk_size=None):
+    """log pi(tokens) from logits, with gradient: gathered logit minus a chunked logsumexp.
+
+    logits: (..., V) any float dtype; tokens: (...) long. Returns (...) float32 (float64 for float64
+    logits). Never builds a full
+    float32 log-softmax: the working set is one chunk of `chunk_size` rows (default: 64 MiB of float32).
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
+                         "expected logits (..., V) and tokens (...)")
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    out = _SampledLogProb.apply(flat, tokens.reshape(-1), rows)
+    return out.view(tokens.shape)
+
+
+@torch.no_grad()
+def token_entropy(logits, *, exact_term=False, chunk_size=None):
+    """Full-vocabulary entropy per position, computed in float32 chunks, without gradient.
+
+    logits: (..., V). Returns H (...) float32 (float64 for float64 logits), H = -sum_b pi_b log pi_b = logsumexp(z) - sum_b pi_b z_b.
+    With exact_term=True returns (H, S2) where S2 = sum_b pi_b^2 (log pi_b + H), the extra reduction that
+    the exact first-order entropy change needs (entropy_math.dh_exact; methods.md sec. 2), from the same pass.
+    -inf logits (masked vocabulary entries) contribute exactly zero.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    acc = _acc_dtype(flat.dtype)
+    ent = torch.empty(flat.shape[0], dtype=acc, device=flat.device)
+    s2 = torch.empty_like(ent) if exact_term else None
+    tiny = torch.finfo(acc).min
+    for s in range(0, flat.shape[0], rows):
+        z = flat[s:s + rows].to(acc, copy=True)
+        z = z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=tiny)           # shift; -inf -> finite
+        e = torch.exp(z)                                                     # unnormalised pi
+        total = e.sum(-1)
+        log_total = torch.log(total)
+        h = log_total - torch.einsum("nv,nv->n", e, z) / total               # H = log S - E_pi[z]
+        ent[s:s + rows] = h
+        if exact_term:
+            e2 = e.square_()                                                 # pi_b^2 * total^2
+            # sum pi^2 log pi = (sum e^2 z - log S sum e^2) / S^2 ;  S2 = that + H sum pi^2
+            sum_p2 = e2.sum(-1) / total.square()
+            sum_p2_logp = torch.einsum("nv,nv->n", e2, z) / total.square() - log_total * sum_p2
+            s2[s:s + rows] = sum_p2_logp + h * sum_p2
+    ent = ent.view(logits.shape[:-1])
+    return (ent, s2.view(logits.shape[:-1])) if exact_term else ent
+
+
+# --------------------------------------------------------------------------------------- PPO surrogate
+def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """Per-token clipped surrogate as a loss, (B, T), and the token-wise clip indicators.
+
+    r = exp(clamp(logp - old_logp, +-20));  loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)).
+    Dual clip (c > 1): for A < 0 the loss is capped at c |A|.  clip_low / clip_high may be floats or
+    (B, T) tensors (Archer's per-token ranges). `advantages` is already (B, T).
+    Returns (loss, ratio, clipped) where `clipped` (B, T) bool is where the gradient is cut (I_clip = 0).
+    """
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, lo, hi))
+    clipped = ((advantages > 0) & (ratio > hi)) | ((advantages < 0) & (ratio < lo))
+    if dual_clip is not None:
+        capped = (advantages < 0) & (ratio > dual_clip)
+        loss = torch.where(capped, -advantages * dual_clip, loss)
+        clipped = clipped | capped
+    return loss, ratio, clipped
+
+
+def _ppo_metrics(logp, old_logp, adv, mask, ratio, clipped_low_high, entropy=None):
+    """Clip fractions, approximate KL(pi_old || pi) (k3: r - 1 - log r) and mean entropy, over valid tokens."""
+    lo, hi = clipped_low_high
+    log_ratio = (logp - old_logp).detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    m = {
+        "clip_frac_low": _masked_mean(((adv < 0) & (ratio < lo)).float(), mask),
+        "clip_frac_high": _masked_mean(((adv > 0) & (ratio > hi)).float(), mask),
+        "approx_kl": _masked_mean(ratio.detach() - 1.0 - log_ratio, mask),
+        "ratio_mean": _masked_mean(ratio.detach(), mask),
+    }
+    if entropy is not None:
+        m["entropy"] = _masked_mean(entropy.float(), mask)
+    return m
+
+
+def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
+              agg="token-mean", ref_logp=None, kl_coef=0.0, kl_kind="k3", entropy=None,
+              num_tokens=None, num_seqs=None, norm_length=None):
+    """GRPO (arXiv 2402.03300 eq. 3): clipped surrogate on group advantages, optional KL to a reference.
+
+    logp (B, T) with gradient; old_logp, ref_logp (B, T); advantages (B,) or (B, T); mask (B, T).
+    loss = agg( max(-A r, -A clip(r, 1-clip_low, 1+clip_high)) ) + kl_coef * agg( KL_kind(pi || pi_ref) )
+    GRPO's paper settings: agg="seq-mean-token-mean", kl_coef=0.04; DAPO and Dr. GRPO are presets below.
+    `entropy` (B, T), if given, only feeds the "entropy" metric.
+    Metrics: clip_frac_low, clip_frac_high, approx_kl (to pi_old), ratio_mean, pg_loss, [kl], [entropy].
+    """
+    _check_tokens("logp", logp, mask)
+    _check_tokens("old_logp", old_logp, mask)
+    mask = mask.bool()
+    adv = _broadcast_advantages(advantages, mask)
+    per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+                                        dual_clip=dual_clip)
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    pg = agg_loss(per_token, mask, agg, **agg_kw)
+    metrics = _ppo_metrics(logp, old_logp, adv, mask, ratio, (1 - clip_low, 1 + clip_high), entropy)
+    metrics["pg_loss"] = pg.detach()
+    loss = pg
+    if kl_coef:
+        if ref_logp is None:
+            raise ValueError(f"kl_coef={kl_coef} needs ref_logp (B, T) from a frozen reference model")
+        kl = agg_loss(kl_penalty(logp, ref_logp, kl_kind), mask, agg, **agg_kw)
+        loss = loss + kl_coef * kl
+        metrics["kl"] = kl.detach()
+    return loss, _to_floats(metrics)
+
+
+def dapo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.28, agg="token-mean", **kw):
+    """DAPO (arXiv 2503.14476): GRPO with clip-higher (0.2 / 0.28), token-mean over the batch, no KL.
+
+    Dynamic sampling and the soft overlong penalty are data-side and live in the trainer.
+    """
+    return grpo_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, agg=agg, **kw)
+
+
+def drgrpo_loss(logp, old_logp, advantages, mask, *, agg="seq-mean-token-sum-norm", **kw):
+    """Dr. GRPO (arXiv 2503.20783): token sums divided by a constant (num_seqs * norm_length).
+
+    Pair it with group_advantages(..., std_normalize=False). Set norm_length to the generation budget
+    (max new tokens) so that the normaliser does not depend on the batch.
+    """
+    return grpo_loss(logp, old_logp, advantages, mask, agg=agg, **kw)
+
+
+# ------------------------------------------------------------------ first-order entropy change per token
+FIRST_ORDER_FORMS = ("paper", "code", "exact")
+
+
+def first_order_term(logp, entropy, exact_term=None, form="paper"):
+    """The tabular first-order entropy-change factor g per sampled token, (B, T), no gradient.
+
+    A step of size eta on w * log pi(a|s) changes the entropy by dH ~= -eta * w * g, with
+        paper:  g = (1 - pi_a)^2 (log pi_a + H)     (STEER v1 / OPEFO; drops the other tokens' terms)
+        code:   g = (1 - pi_a) (log pi_a + H)       (released STEER code, whose metric A/pi_old * pi(1-pi)(l+H)
+                                                     is r A g; exact if only the sampled logit moved)
+        exact:  g = pi_a (log pi_a + H) - S2,  S2 = sum_b pi_b^2 (log pi_b + H)   (full softmax gradient)
+    pi_a = exp(logp) clamped to [1e-8, 1 - 1e-8]; H and S2 from token_entropy. Non-finite entries -> 0.
+    """
+    logp = logp.detach().float()
+    pi = torch.exp(logp).clamp(1e-8, 1 - 1e-8)
+    surprise = torch.log(pi) + entropy.float()                    # log pi_a + H; > 0 iff pi_a > exp(-H)
+    if form == "paper":
+        g = (1 - pi).square() * surprise
+    elif form == "code":
+        g = (1 - pi) * surprise
+    elif form == "exact":
+        if exact_term is None:
+            raise ValueError("form='exact' needs exact_term (B, T): token_entropy(logits, exact_term=True)[1]")
+        g = pi * surprise - exact_term.float()
+    else:
+        raise ValueError(f"unknown first-order form {form!r}; choose one of {FIRST_ORDER_FORMS}")
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# ----------------------------------------------------------------------------------------------- STEER
+def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp", mode="symmetric",
+                  omega_max=None, scale_floor=0.02):
+    """STEER's per-token weights lambda (B, T) from the signed entropy-change estimate omega (B, T).
+
+    omega: signed first-order entropy change per token (negative = entropy decreases).
+    symmetric:  m = |omega| on every token.  asymmetric: m = -omega on entropy-decreasing tokens, 0 elsewhere
+    (only tokens that lower entropy are attenuated).
+    exp (paper default):  lambda = lambda_min ** (m / max(M, scale_floor)),  M = max m over valid tokens,
+                          clamped to [lambda_min, 1]; the largest |Omega| gets lambda_min.
+    linear:               min-max rescale of m onto [lambda_max, lambda_min], descending.
+    omega_max: a caller-supplied M (e.g. the max over the whole mini-batch when the loss is called on
+    micro-batches); default: the max over this call's valid tokens. Weights are detached.
+    """
+    mask = mask.bool()
+    if mode == "symmetric":
+        m = omega.abs()
+    elif mode == "asymmetric":
+        m = (-omega).clamp(min=0)
+    else:
+        raise ValueError(f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
+    m = torch.where(mask, m, 0.0).detach()
+    big = m.max() if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
+    if mapping == "exp":
+        lam = torch.pow(lambda_min, m / big.clamp(min=scale_floor)).clamp(min=lambda_min)
+    elif mapping == "linear":
+        small = torch.where(mask, m, math.inf).min() if mask.any() else m.new_zeros(())
+        frac = ((m - small) / (big - small).clamp(min=1e-12)).clamp(0, 1)
+        lam = lambda_max - (lambda_max - lambda_min) * frac
+    else:
+        raise ValueError(f"unknown STEER mapping {mapping!r}; choose exp or linear")
+    if mode == "asymmetric":
+        lam = torch.where(omega < 0, lam, 1.0)
+    return torch.where(mask, lam, 0.0)
+
+
+def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, lambda_min=0.7,
+               lambda_max=1.2, mapping="exp", mode="symmetric", omega="paper", omega_max=None,
+               clip_low=0.2, clip_high=0.28, dual_clip=10.0, agg="token-mean", num_tokens=None,
+               num_seqs=None, norm_length=None):
+    """STEER (arXiv 2510.10150): PPO-clip loss reweighted token by token to keep entropy change moderate.
+
+    Omega_{i,t} = -r A g_{i,t}, with g = first_order_term(logp, entropy, exact_term, form=omega): the
+    estimated entropy change of each token's update (eta and I_clip dropped, r = pi/pi_old as in the
+    released code). lambda = steer_weights(Omega) in [lambda_min, 1], detached, multiplies the per-token
+    PPO loss (clip 0.2 / 0.28, dual clip 10), then token-mean. No KL, no entropy bonus, no renormalisation.
+    With lambda_min = 1 this is exactly grpo_loss with the same clip settings.
+    entropy, exact_term (B, T): the behaviour policy's H and S2 (token_entropy); pi_a is the current one.
+    Metrics: grpo_loss's plus weight_mean / weight_min / weight_max / omega_max.
+    """
+    _check_tokens("logp", logp, mask)
+    _check_tokens("old_logp", old_logp, mask)
+    _check_tokens("entropy", entropy, mask)
+    mask = mask.bool()
+    adv = _broadcast_advantages(advantages, mask)
+    per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+                                        dual_clip=dual_clip)
+    omega_est = -(ratio.detach() * adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
+    lam = steer_weights(omega_est, mask, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
+                        mode=mode, omega_max=omega_max)
+    loss = agg_loss(lam * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(logp, old_logp, adv, mask, ratio, (1 - clip_low, 1 + clip_high), entropy)
+    w_min, w_max = _masked_min_max(lam, mask)
+    metrics.update(pg_loss=loss.detach(), weight_mean=_masked_mean(lam, mask), weight_min=w_min,
+                   weight_max=w_max, omega_max=torch.where(mask, omega_est.abs(), 0.0).max())
+    return loss, _to_floats(metrics)
+
+
+# ----------------------------------------------------------------------------------------------- OPEFO
+def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper"):
+    """OPEFO's entropy flow f_{i,t} (B, T), no gradient: each token's first-order entropy contribution.
+
+    paper: f = -A (1 - pi)^2 (log pi + H);  exact: f = -A [pi (log pi + H) - S2]  (see first_order_term).
+    Zero on masked positions.
+    """
+    adv = _broadcast_advantages(advantages, mask)
+    f = -adv * first_order_term(logp, entropy, exact_term, flow)
+    return torch.where(mask.bool(), f, 0.0)
+
+
+def opefo_balance(f, mask=None):
+    """lambda* = (N - P) / (N + P) from the flow f (B, T): P = sum of f > 0, N = sum of |f| for f < 0.
+
+    Returns (lambda*, P, N) as 0-d tensors; lambda* = 0 when N + P = 0. With weights 1 + lambda* on
+    S+ = {f > 0} and 1 - lambda* on S- = {f < 0} the weighted net flow is zero:
+    (1 + l) P - (1 - l) N = 0.
+    """
+    if mask is not None:
+        f = torch.where(mask.bool(), f, 0.0)
+    pos, neg = f.clamp(min=0).sum(), (-f).clamp(min=0).sum()
+    return _lambda_star(pos, neg), pos, neg
+
+
+def _lambda_star(pos, neg):
+    """lambda* = (N - P) / (N + P), 0 when both are 0."""
+    total = pos + neg
+    return torch.where(total > 0, (neg - pos) / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+
+
+def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper", flow_totals=None,
+               agg="token-mean", num_tokens=None, num_seqs=None, norm_length=None):
+    """OPEFO (arXiv 2605.11491): on-policy policy gradient with the entropy flow balanced to zero.
+
+    f = entropy_flow(...);  lambda* = (N - P) / (N + P);  w = 1 + lambda* on S+, 1 - lambda* on S-, 1 where
+    f = 0 (detached);  loss = agg(-w A log pi). Plain REINFORCE: no ratio, no clip; use it with exactly one
+    optimizer step per rollout batch (strictly on-policy), so pi = pi_old and log pi is `logp` itself.
+    flow_totals: (P, N) over the whole batch when the loss is called on micro-batches (opefo_balance on
+    the full batch); default: this call's tokens.
+    Metrics: pg_loss, lambda_star, flow_pos (P), flow_neg (N), frac_pos (share of valid tokens in S+),
+    weighted_flow (sum of w f over this call, 0 up to rounding when flow_totals is None), entropy.
+    """
+    _check_tokens("logp", logp, mask)
+    _check_tokens("entropy", entropy, mask)
+    mask = mask.bool()
+    adv = _broadcast_advantages(advantages, mask)
+    f = entropy_flow(logp, adv, mask, entropy, exact_term, flow)
+    if flow_totals is None:
+        lam, pos, neg = opefo_balance(f)
+    else:
+        pos, neg = (torch.as_tensor(v, dtype=torch.float32, device=f.device) for v in flow_totals)
+        lam = _lambda_star(pos, neg)
+    w = torch.where(f > 0, 1 + lam, torch.where(f < 0, 1 - lam, 1.0))
+    loss = agg_loss(-w * adv * logp, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = {"pg_loss": loss.detach(), "lambda_star": lam, "flow_pos": pos, "flow_neg": neg,
+               "frac_pos": _masked_mean((f > 0).float(), mask), "weighted_flow": (w * f).sum(),
+               "entropy": _masked_mean(entropy.float(), mask)}
+    return loss, _to_floats(metrics)
+
+
+# ---------------------------------------------------------------------------------------------- Archer
+def response_quantile(values, mask, q):
+    """Per-row quantile of the valid entries, (B, T) -> (B,), linear interpolation (torch.quantile's rule).
+
+    Rows without valid entries get +inf.
+    """
+    mask = mask.bool()
+    x = torch.where(mask, values.float(), math.inf).sort(dim=-1).values
+    n = mask.sum(-1)
+    pos = (q * (n - 1).clamp(min=0)).float()
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    x_lo, x_hi = x.gather(-1, lo[:, None]).squeeze(-1), x.gather(-1, hi[:, None]).squeeze(-1)
+    frac = pos - lo.float()
+    out = torch.where(frac > 0, x_lo + frac * (x_hi - x_lo), x_lo)
+    return torch.where(n > 0, out, math.inf)
+
+
+def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, quantile=0.8,
+                clip_reasoning=0.5, clip_knowledge=0.2, dual_clip=10.0, kl_knowledge=0.001,
+                kl_reasoning=0.0, kl_kind="k3", agg="token-mean", num_tokens=None, num_seqs=None,
+                norm_length=None):
+    """Archer (arXiv 2507.15778 sec. 3): dual-token constraints in one update.
+
+    tau_i = quantile_rho({H_{i,t}}_t) over each response's valid tokens (rho = 0.8).
+    Reasoning tokens: H >= tau_i (~20%), clip range +-clip_reasoning (0.5), KL coefficient kl_reasoning (0).
+    Knowledge tokens: H < tau_i, clip range +-clip_knowledge (0.2), KL coefficient kl_knowledge (0.001).
+    loss = agg(PPO-clip with per-token range, dual clip 10) + kl_knowledge * mean_{knowledge}(k3)
+                                                           + kl_reasoning * mean_{reasoning}(k3)
+    The KL means are taken over this call's tokens of each type. (The official code marks reasoning
+    tokens with a strict H > tau; ties are measure-zero in practice.)
+    entropy (B, T): the behaviour policy's token entropy; ref_logp (B, T): the frozen base model's.
+    Metrics: grpo_loss's plus reasoning_frac, kl_knowledge, kl_reasoning (the unweighted KL means).
+    """
+    _check_tokens("logp", logp, mask)
+    _check_tokens("old_logp", old_logp, mask)
+    _check_tokens("entropy", entropy, mask)
+    mask = mask.bool()
+    adv = _broadcast_advantages(advantages, mask)
+    tau = response_quantile(entropy, mask, quantile)                                 # (B,)
+    reasoning = mask & (entropy.float() >= tau[:, None])
+    knowledge = mask & ~reasoning
+    eps = torch.where(reasoning, clip_reasoning, clip_knowledge).to(logp.dtype)     # (B, T) clip range
+    per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
+    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(logp, old_logp, adv, mask, ratio, (1 - eps, 1 + eps), entropy)
+    metrics["pg_loss"] = loss.detach()
+    metrics["reasoning_frac"] = _masked_mean(reasoning.float(), mask)
+    if kl_knowledge or kl_reasoning:
+        if ref_logp is None:
+            raise ValueError("Archer's KL terms need ref_logp (B, T) from the frozen base model "
+                             "(or set kl_knowledge=0 and kl_reasoning=0)")
+        _check_tokens("ref_logp", ref_logp, mask)
+        kl = kl_penalty(logp, ref_logp, kl_kind)
+        kl_k, kl_r = _masked_mean(kl, knowledge), _masked_mean(kl, reasoning)
+        loss = loss + kl_knowledge * kl_k + kl_reasoning * kl_r
+        metrics.update(kl_knowledge=kl_k.detach(), kl_reasoning=kl_r.detach())
+    return loss, _to_floats(metrics)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+BATCH_KEYS = frozenset({"logp", "old_logp", "advantages", "mask", "entropy", "exact_term", "ref_logp",
+                        "num_tokens", "num_seqs", "norm_length"})
+
+
+def _batch_call(fn, like=None):
+    """Let `fn` be called with every batch tensor as a keyword: drops the batch keys it does not take.
+
+    Keyword arguments that are not batch keys (the loss's knobs) are passed on as they are, so a
+    misspelt knob still raises a TypeError. `like`: the function whose parameters a **kw preset forwards to.
+    """
+    takes = set(inspect.signature(fn).parameters) | set(inspect.signature(like or fn).parameters)
+
+    @functools.wraps(fn)
+    def call(**kwargs):
+        return fn(**{k: v for k, v in kwargs.items() if k in takes or k not in BATCH_KEYS})
+    return call
+
+
+LOSSES = {
+    "grpo": _batch_call(grpo_loss),
+    "dapo": _batch_call(dapo_loss, like=grpo_loss),
+    "drgrpo": _batch_call(drgrpo_loss, like=grpo_loss),
+    "steer": _batch_call(steer_loss),
+    "opefo": _batch_call(opefo_loss),
+    "archer": _batch_call(archer_loss),
+}
