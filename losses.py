@@ -227,13 +227,13 @@ def token_entropy(logits, *, exact_term=False, chunk_size=None):
         e = torch.exp(z)                                                     # unnormalised pi
         total = e.sum(-1)
         log_total = torch.log(total)
-        h = log_total - torch.einsum("nv,nv->n", e, z) / total               # H = log S - E_pi[z]
+        h = log_total - torch.linalg.vecdot(e, z) / total               # H = log S - E_pi[z]
         ent[s:s + rows] = h
         if exact_term:
             e2 = e.square_()                                                 # pi_b^2 * total^2
             # sum pi^2 log pi = (sum e^2 z - log S sum e^2) / S^2 ;  S2 = that + H sum pi^2
             sum_p2 = e2.sum(-1) / total.square()
-            sum_p2_logp = torch.einsum("nv,nv->n", e2, z) / total.square() - log_total * sum_p2
+            sum_p2_logp = torch.linalg.vecdot(e2, z) / total.square() - log_total * sum_p2
             s2[s:s + rows] = sum_p2_logp + h * sum_p2
     ent = ent.view(logits.shape[:-1])
     return (ent, s2.view(logits.shape[:-1])) if exact_term else ent
@@ -336,9 +336,9 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
         exact:  g = pi_a (log pi_a + H) - S2,  S2 = sum_b pi_b^2 (log pi_b + H)   (full softmax gradient)
     pi_a = exp(logp) clamped to [1e-8, 1 - 1e-8]; H and S2 from token_entropy. Non-finite entries -> 0.
     """
-    logp = logp.detach().float()
-    pi = torch.exp(logp).clamp(1e-8, 1 - 1e-8)
-    surprise = torch.log(pi) + entropy.float()                    # log pi_a + H; > 0 iff pi_a > exp(-H)
+    acc = _acc_dtype(logp.dtype)
+    pi = torch.exp(logp.detach().to(acc)).clamp(1e-8, 1 - 1e-8)
+    surprise = torch.log(pi) + entropy.to(acc)                    # log pi_a + H; > 0 iff pi_a > exp(-H)
     if form == "paper":
         g = (1 - pi).square() * surprise
     elif form == "code":
@@ -346,7 +346,7 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
     elif form == "exact":
         if exact_term is None:
             raise ValueError("form='exact' needs exact_term (B, T): token_entropy(logits, exact_term=True)[1]")
-        g = pi * surprise - exact_term.float()
+        g = pi * surprise - exact_term.to(acc)
     else:
         raise ValueError(f"unknown first-order form {form!r}; choose one of {FIRST_ORDER_FORMS}")
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)

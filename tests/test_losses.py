@@ -1,0 +1,453 @@
+"""Tests for losses.py: hand-computed values, reductions between methods, gradients and numerics."""
+import math
+
+import pytest
+import torch
+
+import losses
+from losses import (LOSSES, agg_loss, archer_loss, dapo_loss, drgrpo_loss, entropy_flow, first_order_term,
+                    group_advantages, grpo_loss, kl_penalty, opefo_balance, opefo_loss, response_quantile,
+                    steer_loss, steer_weights, token_entropy, token_logprobs)
+
+
+def random_batch(B=4, T=7, V=13, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=dtype) * 2
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[0, T - 2:] = 0
+    mask[-1, T - 4:] = 0
+    logp = token_logprobs(logits, tokens).detach()
+    old_logp = logp + 0.3 * torch.randn(B, T, generator=g, dtype=logp.dtype)
+    adv = torch.randn(B, generator=g)
+    entropy, s2 = token_entropy(logits, exact_term=True)
+    return dict(logits=logits, tokens=tokens, mask=mask, logp=logp, old_logp=old_logp, advantages=adv,
+                entropy=entropy, exact_term=s2)
+
+
+# ------------------------------------------------------------------------------------------ advantages
+def test_group_advantages_hand_values():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), 3)
+    mean, std = 1 / 3, math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)      # Bessel std of (1, 0, 0)
+    expected = [(1 - mean) / (std + 1e-6), (0 - mean) / (std + 1e-6), (0 - mean) / (std + 1e-6), 0, 0, 0]
+    torch.testing.assert_close(adv, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_group_advantages_dr_grpo_and_equal_groups():
+    adv = group_advantages(torch.tensor([0.1, 0.1, 0.1, 3.0, 1.0]).repeat(2)[:6], 3, std_normalize=False)
+    assert adv[:3].eq(0).all()                                   # all-equal group: exactly zero, no NaN
+    torch.testing.assert_close(adv[3:], torch.tensor([3.0, 1.0, 0.1]) - (4.1 / 3))
+    assert group_advantages(torch.tensor([5.0, 2.0]), 1).eq(0).all()   # G = 1: no baseline, no signal
+
+
+def test_group_advantages_rejects_bad_shape():
+    with pytest.raises(ValueError, match="multiple of group_size=4"):
+        group_advantages(torch.zeros(6), 4)
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+def test_agg_modes_hand_values():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert agg_loss(x, m, "token-mean").item() == pytest.approx(15 / 5)
+    assert agg_loss(x, m, "seq-mean-token-mean").item() == pytest.approx((2.0 + 4.5) / 2)
+    assert agg_loss(x, m, "seq-mean-token-sum").item() == pytest.approx((6 + 9) / 2)
+    assert agg_loss(x, m, "seq-mean-token-sum-norm").item() == pytest.approx(15 / (2 * 3))
+    assert agg_loss(x, m, "seq-mean-token-sum-norm", norm_length=10).item() == pytest.approx(15 / 20)
+    assert agg_loss(x, m, "token-mean", num_tokens=10).item() == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="unknown aggregation mode 'sum'"):
+        agg_loss(x, m, "sum")
+
+
+@pytest.mark.parametrize("mode", losses.AGG_MODES)
+def test_micro_batches_with_global_counts_equal_whole_batch(mode):
+    b = random_batch(B=6, T=5)
+    logp = b["logp"].clone().requires_grad_(True)
+    whole, _ = grpo_loss(logp, b["old_logp"], b["advantages"], b["mask"], agg=mode)
+    (g_whole,) = torch.autograd.grad(whole, logp)
+    n_tok, n_seq = b["mask"].sum(), b["mask"].shape[0]
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 4), slice(4, 6)):                # uneven micro-batches
+        part, _ = grpo_loss(logp[rows], b["old_logp"][rows], b["advantages"][rows], b["mask"][rows],
+                            agg=mode, num_tokens=n_tok, num_seqs=n_seq, norm_length=5)
+        total = total + part
+    (g_micro,) = torch.autograd.grad(total, logp)
+    torch.testing.assert_close(total, whole)
+    torch.testing.assert_close(g_micro, g_whole)
+
+
+def test_token_mean_without_global_count_depends_on_split():
+    """The peer bug this library avoids: per-micro-batch token-mean changes the objective."""
+    b = random_batch(B=4, T=5)
+    whole, _ = grpo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    local = sum(grpo_loss(b["logp"][r], b["old_logp"][r], b["advantages"][r], b["mask"][r])[0] / 2
+                for r in (slice(0, 2), slice(2, 4)))
+    assert abs(local.item() - whole.item()) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------- KL
+def test_kl_estimators_hand_values():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    x = ref - logp                                                        # (-0.5, 1.0)
+    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), -x)
+    torch.testing.assert_close(kl_penalty(logp, ref, "k2"), x ** 2 / 2)
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.exp(x) - x - 1)
+    extreme = kl_penalty(torch.tensor([[0.0]]), torch.tensor([[500.0]]), "k3")
+    assert extreme.item() == losses.K3_LIMIT                                 # clamped, no overflow
+
+
+def test_k3_is_an_unbiased_kl_estimate():
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.5, 0.3, 0.2])
+    logp, logq = p.log(), q.log()
+    expect = (p * (logp - logq)).sum()                                    # KL(p || q), tokens ~ p
+    k3 = (p * kl_penalty(logp, logq, "k3")).sum()
+    torch.testing.assert_close(k3, expect)
+
+
+# --------------------------------------------------------------------------------------- GRPO by hand
+def test_grpo_dapo_drgrpo_hand_values():
+    # one response, three tokens: ratios 1.5, 0.5, 1.0; advantage +1 then a second response with A = -2
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]]))
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # A = +1: max(-r, -clip(r)) per token -> (-1.2, -0.5, -1.0) for clip 0.2/0.2
+    # A = -2: max(2r, 2 clip(r))         -> (3.0, 1.6, -)
+    loss, m = grpo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0 + 3.0 + 1.6) / 5)
+    assert m["clip_frac_high"] == pytest.approx(1 / 5) and m["clip_frac_low"] == pytest.approx(1 / 5)
+    # DAPO clip-higher 0.28: first token -1.28
+    loss, _ = dapo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx((-1.28 - 0.5 - 1.0 + 3.0 + 1.6) / 5)
+    # dual clip c = 1.4 caps the A < 0, r = 1.5 token at 2 * 1.4 = 2.8
+    loss, _ = grpo_loss(logp, old, adv, mask, dual_clip=1.4)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0 + 2.8 + 1.6) / 5)
+    # Dr. GRPO: token sums / (2 responses * T = 3)
+    loss, _ = drgrpo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 - 1.0 + 3.0 + 1.6) / 6)
+    # GRPO's original seq-mean-token-mean with k1 KL 0.5 to a reference equal to old
+    loss, m = grpo_loss(logp, old, adv, mask, agg="seq-mean-token-mean", ref_logp=old, kl_coef=0.5,
+                        kl_kind="k1")
+    pg = ((-1.2 - 0.5 - 1.0) / 3 + (3.0 + 1.6) / 2) / 2
+    kl = ((math.log(1.5) + math.log(0.5) + 0) / 3 + (math.log(1.5) + math.log(0.5)) / 2) / 2
+    assert loss.item() == pytest.approx(pg + 0.5 * kl)
+    assert m["kl"] == pytest.approx(kl)
+
+
+def test_grpo_kl_without_reference_is_an_error():
+    b = random_batch()
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        grpo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], kl_coef=0.04)
+
+
+def test_shape_errors_name_the_tensor():
+    b = random_batch(B=3, T=4)
+    with pytest.raises(ValueError, match=r"old_logp has shape \(3, 5\)"):
+        grpo_loss(b["logp"], torch.zeros(3, 5), b["advantages"], b["mask"])
+    with pytest.raises(ValueError, match=r"advantages has shape \(2,\)"):
+        grpo_loss(b["logp"], b["old_logp"], torch.zeros(2), b["mask"])
+
+
+# --------------------------------------------------------------------------------------- STEER by hand
+def test_steer_weights_hand_values():
+    omega = torch.tensor([[0.5, -1.0, 0.25, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    lam = steer_weights(omega, mask, lambda_min=0.7)
+    torch.testing.assert_close(lam, torch.tensor([[0.7 ** 0.5, 0.7, 0.7 ** 0.25, 0.0]]))
+    lam = steer_weights(omega * 0.001, mask, lambda_min=0.7)               # M below the 0.02 floor
+    torch.testing.assert_close(lam, torch.tensor([[0.7 ** 0.025, 0.7 ** 0.05, 0.7 ** 0.0125, 0.0]]))
+    lam = steer_weights(omega, mask, lambda_min=0.8, lambda_max=1.2, mapping="linear")
+    torch.testing.assert_close(lam, torch.tensor([[1.2 - 0.4 * (0.25 / 0.75), 0.8, 1.2, 0.0]]))
+    lam = steer_weights(omega, mask, mode="asymmetric")                   # only the entropy-lowering token
+    torch.testing.assert_close(lam, torch.tensor([[1.0, 0.7, 1.0, 0.0]]))
+    lam = steer_weights(omega, mask, omega_max=2.0)                        # caller-supplied global M
+    torch.testing.assert_close(lam, torch.tensor([[0.7 ** 0.25, 0.7 ** 0.5, 0.7 ** 0.125, 0.0]]))
+
+
+def test_steer_loss_hand_value():
+    # one token per response, on-policy (r = 1), pi = 0.5, H = 1:  log pi + H = 1 - log 2
+    logp = torch.log(torch.tensor([[0.5], [0.5]]))
+    adv, mask = torch.tensor([1.0, -3.0]), torch.ones(2, 1)
+    ent = torch.ones(2, 1)
+    g = 0.25 * (1 - math.log(2))                                           # (1 - pi)^2 (l + H)
+    omega = [-1 * g, 3 * g]                                                # -r A g
+    lam = [0.7 ** (abs(omega[0]) / max(abs(omega[1]), 0.02)), 0.7]
+    loss, m = steer_loss(logp, logp, adv, mask, ent)
+    assert loss.item() == pytest.approx((lam[0] * -1.0 + lam[1] * 3.0) / 2, rel=1e-6)
+    assert m["weight_min"] == pytest.approx(0.7) and m["omega_max"] == pytest.approx(3 * g, rel=1e-6)
+
+
+def test_steer_with_lambda_min_one_is_grpo():
+    b = random_batch()
+    kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=10.0)
+    s, _ = steer_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], b["entropy"], lambda_min=1.0, **kw)
+    g, _ = grpo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], **kw)
+    assert s.item() == g.item()
+
+
+@pytest.mark.parametrize("omega", ["paper", "code", "exact"])
+def test_steer_gradient_is_weight_times_grpo_gradient(omega):
+    b = random_batch()
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, _ = steer_loss(logp, b["old_logp"], b["advantages"], b["mask"], b["entropy"],
+                         exact_term=b["exact_term"], omega=omega)
+    (g_steer,) = torch.autograd.grad(loss, logp)
+    per_tok, ratio, _ = losses.ppo_clip_loss(logp, b["old_logp"], b["advantages"][:, None].expand(-1, 7),
+                                             clip_low=0.2, clip_high=0.28, dual_clip=10.0)
+    (g_base,) = torch.autograd.grad(agg_loss(per_tok, b["mask"]), logp)
+    adv = b["advantages"][:, None].expand(-1, 7)
+    om = -(ratio.detach() * adv) * first_order_term(logp, b["entropy"], b["exact_term"], omega)
+    lam = steer_weights(om, b["mask"])
+    torch.testing.assert_close(g_steer, lam * g_base)
+    assert (g_steer[b["mask"] == 0] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------ OPEFO
+def test_opefo_hand_values_and_zero_net_flow():
+    # three on-policy tokens with pi = 0.5, H = 1 -> g = 0.25 (1 - log 2) each; f = -A g
+    logp = torch.log(torch.full((3, 1), 0.5))
+    adv, mask, ent = torch.tensor([1.0, -1.0, -2.0]), torch.ones(3, 1), torch.ones(3, 1)
+    g = 0.25 * (1 - math.log(2))
+    P, N = 3 * g, 1 * g                                                   # f = (-g, +g, +2g)
+    lam_star = (N - P) / (N + P)                                          # -0.5
+    loss, m = opefo_loss(logp, adv, mask, ent)
+    w = [1 - lam_star, 1 + lam_star, 1 + lam_star]                        # S-, S+, S+
+    expected = sum(-wi * a * math.log(0.5) for wi, a in zip(w, [1.0, -1.0, -2.0])) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["lambda_star"] == pytest.approx(lam_star) and m["flow_pos"] == pytest.approx(P, rel=1e-6)
+    assert m["frac_pos"] == pytest.approx(2 / 3) and abs(m["weighted_flow"]) < 1e-7
+
+
+@pytest.mark.parametrize("flow", ["paper", "exact"])
+def test_opefo_weighted_flow_sums_to_zero(flow):
+    b = random_batch(B=8, T=9, V=20, seed=3)
+    f = entropy_flow(b["logp"], b["advantages"], b["mask"], b["entropy"], b["exact_term"], flow)
+    lam, P, N = opefo_balance(f)
+    w = torch.where(f > 0, 1 + lam, torch.where(f < 0, 1 - lam, 1.0))
+    assert P > 0 and N > 0
+    assert abs((w * f).sum().item()) < 1e-5 * (P + N).item()
+
+
+def test_opefo_with_balanced_flow_is_reinforce():
+    # two tokens with equal and opposite flow: P = N, lambda* = 0, every weight 1
+    logp = torch.log(torch.tensor([[0.5], [0.5]])).requires_grad_(True)
+    adv, mask, ent = torch.tensor([1.0, -1.0]), torch.ones(2, 1), torch.ones(2, 1)
+    loss, m = opefo_loss(logp, adv, mask, ent)
+    assert m["lambda_star"] == 0.0 and m["flow_pos"] == pytest.approx(m["flow_neg"])
+    reinforce = (-adv[:, None] * logp).mean()
+    assert loss.item() == pytest.approx(reinforce.item())
+    (g1,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(g1, -adv[:, None] / 2)
+
+
+def test_opefo_flow_totals_let_micro_batches_match_the_batch():
+    b = random_batch(B=6, T=5, seed=4)
+    logp = b["logp"].clone().requires_grad_(True)
+    whole, mw = opefo_loss(logp, b["advantages"], b["mask"], b["entropy"])
+    f = entropy_flow(b["logp"], b["advantages"], b["mask"], b["entropy"])
+    _, P, N = opefo_balance(f)
+    total = sum(opefo_loss(logp[r], b["advantages"][r], b["mask"][r], b["entropy"][r], flow_totals=(P, N),
+                           num_tokens=b["mask"].sum())[0] for r in (slice(0, 2), slice(2, 6)))
+    torch.testing.assert_close(total, whole)
+
+
+# ----------------------------------------------------------------------------------------- Archer
+def test_response_quantile_matches_torch_quantile():
+    vals = torch.randn(5, 11)
+    mask = torch.ones(5, 11)
+    mask[1, 4:] = 0
+    mask[3, 1:] = 0
+    q = response_quantile(vals, mask, 0.8)
+    for i in range(5):
+        expect = torch.quantile(vals[i][mask[i].bool()], 0.8)
+        torch.testing.assert_close(q[i], expect)
+    assert response_quantile(vals, torch.zeros(5, 11), 0.8).isinf().all()
+
+
+def test_archer_hand_values():
+    # entropies 0.1, 0.2, 0.3, 0.4, 5.0: q80 = 0.4 + 0.2 * 4.6 = 1.32 -> only the last token is reasoning
+    ent = torch.tensor([[0.1, 0.2, 0.3, 0.4, 5.0]])
+    old = torch.zeros(1, 5)
+    logp = torch.full((1, 5), math.log(1.4))                              # r = 1.4 everywhere
+    mask = torch.ones(1, 5)
+    ref = torch.zeros(1, 5)                                               # k3 with x = -log 1.4
+    loss, m = archer_loss(logp, old, torch.tensor([1.0]), mask, ent, ref)
+    pg = (4 * -1.2 + -1.4) / 5                                            # knowledge clip 1.2, reasoning 1.5
+    x = -math.log(1.4)
+    k3 = math.exp(x) - x - 1
+    assert loss.item() == pytest.approx(pg + 0.001 * k3, rel=1e-6)
+    assert m["reasoning_frac"] == pytest.approx(0.2) and m["kl_knowledge"] == pytest.approx(k3, rel=1e-5)
+    assert m["clip_frac_high"] == pytest.approx(0.8)
+
+
+def test_archer_with_equal_clips_and_no_kl_is_grpo():
+    b = random_batch()
+    a, _ = archer_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], b["entropy"],
+                       clip_reasoning=0.25, clip_knowledge=0.25, kl_knowledge=0.0, dual_clip=3.0)
+    g, _ = grpo_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], clip_low=0.25, clip_high=0.25,
+                     dual_clip=3.0)
+    torch.testing.assert_close(a, g)
+
+
+def test_archer_kl_needs_reference():
+    b = random_batch()
+    with pytest.raises(ValueError, match="frozen base model"):
+        archer_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"], b["entropy"])
+
+
+# ------------------------------------------------------------------------------------- every loss
+ALL = sorted(LOSSES)
+
+
+def call(name, b, logp=None, **kw):
+    return LOSSES[name](logp=b["logp"] if logp is None else logp, old_logp=b["old_logp"],
+                        advantages=b["advantages"], mask=b["mask"], entropy=b["entropy"],
+                        exact_term=b["exact_term"], ref_logp=b["old_logp"] - 0.1, num_tokens=None, **kw)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_masked_positions_get_exactly_zero_gradient(name):
+    b = random_batch()
+    logp = b["logp"].clone()
+    logp[b["mask"] == 0] = -math.inf                                       # garbage under the mask
+    logp.requires_grad_(True)
+    loss, metrics = call(name, b, logp)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and all(math.isfinite(v) for v in metrics.values())
+    assert (g[b["mask"] == 0] == 0).all() and g[b["mask"] == 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_mask_gives_finite_zero_loss(name):
+    b = random_batch()
+    b["mask"] = torch.zeros_like(b["mask"])
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, metrics = call(name, b, logp)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == 0.0 and (g == 0).all()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_equal_reward_group_gives_zero_advantage_and_finite_loss(name):
+    b = random_batch(B=4)
+    b["advantages"] = group_advantages(torch.ones(4), 4)
+    loss, metrics = call(name, b)
+    assert b["advantages"].eq(0).all() and metrics["pg_loss"] == 0.0
+    assert loss.item() == (0.0 if name != "archer" else pytest.approx(0.001 * metrics["kl_knowledge"]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_extreme_log_ratios_do_not_overflow(name):
+    b = random_batch()
+    logp = b["old_logp"] + torch.tensor([1e4, -1e4, 50.0, -50.0])[:, None]
+    logp.requires_grad_(True)
+    loss, metrics = call(name, b, logp)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_registry_accepts_the_full_batch_and_rejects_typos():
+    b = random_batch()
+    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "opefo", "archer"}
+    with pytest.raises(TypeError):
+        call("steer", b, lamda_min=0.5)
+    assert call("dapo", b, clip_high=0.2)[0].item() == call("grpo", b)[0].item()
+    assert call("dapo", b)[0].item() != call("grpo", b)[0].item()
+    assert call("steer", b, omega="exact")[0].item() != call("steer", b, omega="paper")[0].item()
+
+
+def test_drgrpo_does_not_depend_on_how_tokens_split_across_responses():
+    # same 6 token losses, split 3+3 or 5+1 across two responses of width T = 5
+    per = torch.tensor([0.3, -1.0, 2.0, 0.5, -0.7, 1.1])
+    logp = torch.log(1 + per.abs())                                       # arbitrary, ratio r = exp(logp)
+
+    def split(sizes):
+        lp, m = torch.zeros(2, 5), torch.zeros(2, 5)
+        lp[0, :sizes[0]], lp[1, :sizes[1]] = logp[:sizes[0]], logp[sizes[0]:]
+        m[0, :sizes[0]], m[1, :sizes[1]] = 1, 1
+        return lp, m
+    lp_a, m_a = split((3, 3))
+    lp_b, m_b = split((5, 1))
+    # advantages per token chosen so both layouts see the same (token, advantage) pairs
+    a_tokens = torch.tensor([1.0, 1, 1, -1, -1, -1])
+    adv_b = torch.zeros(2, 5)
+    adv_b[0, :5], adv_b[1, 0] = a_tokens[:5], a_tokens[5]
+    adv_a = torch.zeros(2, 5)
+    adv_a[0, :3], adv_a[1, :3] = a_tokens[:3], a_tokens[3:]
+    la, _ = drgrpo_loss(lp_a, torch.zeros(2, 5), adv_a, m_a)
+    lb, _ = drgrpo_loss(lp_b, torch.zeros(2, 5), adv_b, m_b)
+    torch.testing.assert_close(la, lb)
+    sa, _ = grpo_loss(lp_a, torch.zeros(2, 5), adv_a, m_a, agg="seq-mean-token-mean")
+    sb, _ = grpo_loss(lp_b, torch.zeros(2, 5), adv_b, m_b, agg="seq-mean-token-mean")
+    assert abs(sa.item() - sb.item()) > 1e-3                               # GRPO's length bias
+
+
+# ------------------------------------------------------------------------------- token statistics
+def naive_stats(logits, tokens):
+    lsm = torch.log_softmax(logits.double(), -1)
+    p = lsm.exp()
+    h = -(p * lsm).sum(-1)
+    s2 = (p * p * (lsm + h[..., None])).sum(-1)
+    return lsm.gather(-1, tokens[..., None]).squeeze(-1), h, s2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-5)])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_chunked_statistics_equal_naive(dtype, tol, chunk):
+    b = random_batch(B=3, T=5, V=37, seed=1)
+    logits = b["logits"].to(dtype)                                        # compare on the same rounded logits
+    lp = token_logprobs(logits, b["tokens"], chunk_size=chunk)
+    h, s2 = token_entropy(logits, exact_term=True, chunk_size=chunk)
+    lp_n, h_n, s2_n = naive_stats(logits, b["tokens"])
+    for got, want in ((lp, lp_n), (h, h_n), (s2, s2_n)):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert token_entropy(logits).shape == (3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunked_logprob_gradient_equals_naive(dtype):
+    b = random_batch(B=2, T=3, V=29, seed=2)
+    logits = b["logits"].to(dtype).requires_grad_(True)
+    w = torch.randn(2, 3, dtype=torch.float64)
+    (g,) = torch.autograd.grad((token_logprobs(logits, b["tokens"], chunk_size=2) * w).sum(), logits)
+    ref = logits.detach().double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad((naive_stats(ref, b["tokens"])[0] * w).sum(), ref)
+    assert g.dtype == dtype
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol)
+
+
+def test_statistics_at_qwen_vocabulary_size():
+    V = 151_936
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 3, V, generator=g) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, V, (2, 3), generator=g)
+    lp = token_logprobs(logits, tokens)
+    h, s2 = token_entropy(logits, exact_term=True)
+    lp_n, h_n, s2_n = naive_stats(logits, tokens)
+    torch.testing.assert_close(lp.double(), lp_n, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.double(), h_n, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s2.double(), s2_n, rtol=1e-4, atol=1e-6)
+
+
+def test_entropy_edge_cases():
+    masked = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]])
+    one_hot = torch.tensor([[0.0, -math.inf, -math.inf]])
+    h, s2 = token_entropy(masked, exact_term=True)
+    torch.testing.assert_close(h, torch.tensor([math.log(2)]))
+    torch.testing.assert_close(s2, torch.tensor([0.0]))                   # pi_b (l_b + H) = 0 when uniform
+    h, s2 = token_entropy(one_hot, exact_term=True)
+    assert h.item() == 0.0 and s2.item() == 0.0
+    h = token_entropy(torch.tensor([[1e4, 0.0, -1e4]]))
+    assert torch.isfinite(h).all() and h.item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(2, 3, 5)
+    before = logits.clone()
+    token_entropy(logits, exact_term=True)
+    assert torch.equal(logits, before)                                     # input is never modified
+
+
+def test_token_logprobs_shape_error():
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 5\) and tokens \(2, 4\)"):
+        token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
