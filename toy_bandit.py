@@ -1,0 +1,380 @@
+"""Entropy collapse in seconds: a tabular softmax policy trained with GRPO, DAPO, STEER, OPEFO and Archer.
+
+The first thing to run:  ``python toy_bandit.py``  (every algorithm, 3 seeds, well under 30 s on 2 cores).
+
+The task. A "response" is T tokens from a vocabulary of K; the policy is one free logit row per position,
+a (T, K) ``nn.Parameter`` (the tabular setting of the STEER paper's entropy analysis, methods.md section 2).
+Even positions are *forks* with K // 2 correct tokens (several ways to solve the problem), odd positions are
+*knowledge* positions with exactly one correct token. The verifiable reward is 1 iff every token is correct.
+A policy that always solves the task and keeps every fork open has the entropy
+    H* = (1 / T) * sum_t log(#correct tokens at t)
+(mean over positions). Falling below H* is collapse: correct alternatives are lost. The policy starts biased
+toward the correct tokens with random per-token preferences on top (a "pretrained" prior, seeded), so the
+first rewards are not all zero and the correct fork tokens are not equally likely.
+
+One prompt, a batch of several groups. Every step samples ``groups`` groups of G responses of the one task,
+computes group advantages (losses.group_advantages, per group), and takes ``updates`` optimizer steps on the
+same batch (PPO-style epochs on the full batch, so clipping matters). OPEFO is strictly on-policy: one
+update per batch, with the learning rate multiplied by sqrt(updates) as the OPEFO paper does to compensate
+(--opefo-lr-scale). Losses come from losses.LOSSES, log-probs and entropies from losses.token_logprobs /
+losses.token_entropy on the (B, T, K) logits; nothing of the methods is re-implemented here.
+
+Choices (the issue left them open):
+- Optimizer: plain SGD by default. The first-order entropy analysis (entropy_math.py) is for an SGD step on
+  the logits; Adam rescales every logit's step and so changes the dynamics: run ``--optimizer adam`` to see.
+- Accuracy and entropy of the policy are exact (computed from the table, no sampling noise).
+- pass@k (k = 1, 4, 16, unbiased estimator from 256 samples of the final policy). With one training prompt,
+  pass@k on the training task is just 1 - (1 - acc)^k and cannot show lost diversity, so the table reports
+  pass@k on held-out *variants* of the task: in each of 64 variants only half of every fork's correct
+  tokens are accepted (think of follow-up problems where only some approaches work). A policy that keeps its
+  forks open solves a variant within a few samples; a collapsed one solves only the variants that happen to
+  accept its single path, whatever k. Both kinds are in the --json output. "distinct" counts the distinct
+  correct responses among the 256 samples (out of (K // 2) ** (number of forks) possible).
+- First-order check: for every optimizer step and position t, the realised change of H(pi_t) is compared
+  with the sum over the batch's tokens at t of entropy_math.dh_exact (and dh_paper) for that token, with the
+  token's weight w = -d loss / d logp read off autograd (this includes clipping, STEER/OPEFO/Archer weights
+  and Archer's KL). With SGD, the summed per-token first-order changes are the first-order change of the
+  whole step, so r_exact measures only the second-order remainder; r_paper shows the paper's approximation.
+  Steps whose gradient is exactly zero (every group had equal rewards) are left out. Pearson r per run.
+- No dynamic sampling and no overlong penalty (all responses have length T): every algorithm sees the same
+  batches, and groups with equal rewards just contribute zero advantage.
+- The labels of the correct tokens carry no meaning in a tabular policy, so they are fixed: tokens
+  0 .. K//2 - 1 at forks, token 0 at knowledge positions.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import entropy_math
+import losses
+
+# name shown to the reader -> (key of losses.LOSSES, extra keyword arguments for that loss)
+ALGOS = {
+    "grpo": ("grpo", {}),
+    "dapo": ("dapo", {}),
+    "steer": ("steer", {}),
+    "steer-exact": ("steer", {"omega": "exact"}),
+    "opefo": ("opefo", {}),
+    "opefo-exact": ("opefo", {"flow": "exact"}),
+    "archer": ("archer", {}),
+    "drgrpo": ("drgrpo", {}),
+}
+DEFAULT_ALGOS = ("grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
+ON_POLICY = {"opefo"}          # losses that take exactly one update per rollout batch
+PASS_K = (1, 4, 16)
+
+
+@dataclass
+class Config:
+    """Sizes and knobs of one toy run (every field is a CLI flag of the same name)."""
+    T: int = 6                  # response length = number of positions
+    K: int = 8                  # vocabulary size
+    G: int = 8                  # group size
+    groups: int = 4             # groups per rollout batch (batch = groups * G responses of the one task)
+    steps: int = 150            # rollout batches
+    updates: int = 4            # optimizer steps per rollout batch (OPEFO: 1)
+    lr: float = 2.0
+    optimizer: str = "sgd"
+    init_bias: float = 2.5      # logit bonus of the correct tokens at initialisation
+    init_noise: float = 0.5     # std of the random initial logits ("pretrained" preferences)
+    lambda_min: float = 0.7     # STEER
+    opefo_lr_scale: float = field(default=None)   # OPEFO lr multiplier; None -> sqrt(updates)
+    archer_quantile: float = 0.8
+    archer_kl: float = 0.001    # Archer's KL coefficient on knowledge tokens
+    eval_samples: int = 256
+    variants: int = 64
+
+
+def make_task(cfg, generator):
+    """The task and the initial policy.
+
+    Returns correct (T, K) bool, init_logits (T, K) float, variant_correct (V, T, K) bool (held-out variants:
+    half of each fork's correct tokens kept), h_star float.
+    """
+    T, K = cfg.T, cfg.K
+    width = K // 2
+    correct = torch.zeros(T, K, dtype=torch.bool)
+    correct[0::2, :width] = True              # forks: several correct tokens
+    correct[1::2, 0] = True                   # knowledge: exactly one
+    n_correct = correct.sum(-1).float()
+    h_star = n_correct.log().mean().item()    # target entropy H* = mean_t log |correct_t|
+    init_logits = cfg.init_noise * torch.randn(T, K, generator=generator) + cfg.init_bias * correct.float()
+    keep = torch.rand(cfg.variants, T, width, generator=generator).argsort(-1) < max(width // 2, 1)
+    variant_correct = correct.expand(cfg.variants, T, K).clone()
+    variant_correct[:, 0::2, :width] = keep[:, 0::2]
+    return correct, init_logits, variant_correct, h_star
+
+
+def sample_responses(logits, n, generator):
+    """n responses from the tabular policy: logits (T, K) -> tokens (n, T) long."""
+    probs = torch.softmax(logits.detach(), -1)
+    return torch.multinomial(probs, n, replacement=True, generator=generator).T
+
+
+def is_correct(tokens, correct):
+    """tokens (n, T), correct (..., T, K) bool -> (..., n) bool: every token of the response is correct."""
+    T = tokens.shape[1]
+    return correct[..., torch.arange(T), tokens].all(-1)
+
+
+def exact_accuracy(logits, correct):
+    """Probability that a sample from the policy (T, K) is correct: prod_t pi_t(correct set)."""
+    return (torch.softmax(logits.detach(), -1) * correct).sum(-1).prod().item()
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)."""
+    if n < k:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got eval_samples={n}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pearson(x, y):
+    """Pearson correlation of two 1-D tensors (nan when either is constant or too short)."""
+    if x.numel() < 3:
+        return float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.norm() * y.norm()).item()
+    return (x @ y).item() / denom if denom > 0 else float("nan")
+
+
+def run(algo, seed, cfg):
+    """Train one algorithm on the toy with one seed.
+
+    Returns a dict: summary numbers (see README / --json) and per-step curves "entropy_curve",
+    "accuracy_curve" (length cfg.steps + 1, index 0 = initial policy).
+    """
+    if algo not in ALGOS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose from {', '.join(ALGOS)}")
+    loss_name, extra = ALGOS[algo]
+    if loss_name not in losses.LOSSES:
+        raise ValueError(f"losses.LOSSES has no entry {loss_name!r} (needed by toy algorithm {algo!r})")
+    loss_fn = losses.LOSSES[loss_name]
+    knobs = dict(extra)
+    if loss_name == "steer":
+        knobs["lambda_min"] = cfg.lambda_min
+    if loss_name == "archer":
+        knobs.update(quantile=cfg.archer_quantile, kl_knowledge=cfg.archer_kl)
+    on_policy = loss_name in ON_POLICY
+    n_updates = 1 if on_policy else cfg.updates
+    lr = cfg.lr
+    if on_policy:
+        lr *= math.sqrt(cfg.updates) if cfg.opefo_lr_scale is None else cfg.opefo_lr_scale
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    correct, init_logits, variant_correct, h_star = make_task(cfg, gen)
+    logits = torch.nn.Parameter(init_logits.clone())
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD([logits], lr=lr)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam([logits], lr=lr)
+    else:
+        raise ValueError(f"--optimizer must be sgd or adam, got {cfg.optimizer!r}")
+
+    T, K = cfg.T, cfg.K
+    n = cfg.groups * cfg.G
+    mask = torch.ones(n, T)
+    pos = torch.arange(T).expand(n, T).reshape(-1)
+    ref_logits = init_logits.expand(n, T, K)      # frozen reference = initial policy (Archer's KL)
+    entropy_curve = [entropy_math.entropy(init_logits).mean().item()]
+    accuracy_curve = [exact_accuracy(init_logits, correct)]
+    pred_exact, pred_paper, realised = [], [], []
+    clipfrac = []
+
+    for _ in range(cfg.steps):
+        tokens = sample_responses(logits, n, gen)
+        rewards = is_correct(tokens, correct).float()
+        advantages = losses.group_advantages(rewards, cfg.G)
+        with torch.no_grad():
+            old_batch_logits = logits.detach().expand(n, T, K)
+            old_logp = losses.token_logprobs(old_batch_logits, tokens)
+            entropy, exact_term = losses.token_entropy(old_batch_logits, exact_term=True)
+            ref_logp = losses.token_logprobs(ref_logits, tokens)
+        for _ in range(n_updates):
+            opt.zero_grad(set_to_none=True)
+            logp = losses.token_logprobs(logits.expand(n, T, K), tokens)
+            logp.retain_grad()
+            loss, metrics = loss_fn(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
+                                    entropy=entropy, exact_term=exact_term, ref_logp=ref_logp,
+                                    num_tokens=n * T, **knobs)
+            loss.backward()
+            clipfrac.append(metrics.get("clip_frac_low", 0.0) + metrics.get("clip_frac_high", 0.0))
+            weight = -logp.grad.reshape(-1)        # w = -d loss / d logp: the step ascends w * log pi
+            before = logits.detach().clone()
+            opt.step()
+            if weight.abs().sum() == 0:
+                continue                           # no signal in this batch: nothing to predict
+            rows = before[pos]                     # (n*T, K) the logits each token was sampled from
+            flat = tokens.reshape(-1)
+            pred_exact.append(entropy_math.dh_exact(rows, flat, weight, lr).view(n, T).sum(0))
+            pred_paper.append(entropy_math.dh_paper(rows, flat, weight, lr).view(n, T).sum(0))
+            realised.append(entropy_math.entropy(logits.detach()) - entropy_math.entropy(before))
+        entropy_curve.append(entropy_math.entropy(logits.detach()).mean().item())
+        accuracy_curve.append(exact_accuracy(logits, correct))
+
+    final = logits.detach()
+    samples = sample_responses(final, cfg.eval_samples, gen)
+    ok_train = is_correct(samples, correct)
+    ok_variants = is_correct(samples, variant_correct)          # (V, n)
+    c_train = int(ok_train.sum())
+    c_variants = ok_variants.sum(-1).tolist()
+    width, n_forks = K // 2, (T + 1) // 2
+    reached = [i for i, a in enumerate(accuracy_curve) if a >= 0.9]
+    realised_t = torch.cat(realised) if realised else torch.zeros(0)
+    return {
+        "algo": algo, "seed": seed,
+        "accuracy": accuracy_curve[-1],
+        "entropy": entropy_curve[-1],
+        "h_star": h_star,
+        "entropy_over_h_star": entropy_curve[-1] / h_star,
+        "steps_to_90": reached[0] if reached else None,
+        "pass_at_k_variants": {str(k): sum(pass_at_k(cfg.eval_samples, c, k) for c in c_variants) / len(c_variants)
+                               for k in PASS_K},
+        "pass_at_k_train": {str(k): pass_at_k(cfg.eval_samples, c_train, k) for k in PASS_K},
+        "distinct_correct": int(torch.unique(samples[ok_train], dim=0).shape[0]) if c_train else 0,
+        "possible_correct": width ** n_forks,
+        "r_first_order_exact": pearson(torch.cat(pred_exact), realised_t) if realised else float("nan"),
+        "r_first_order_paper": pearson(torch.cat(pred_paper), realised_t) if realised else float("nan"),
+        "clipfrac": sum(clipfrac) / max(len(clipfrac), 1),
+        "entropy_curve": entropy_curve,
+        "accuracy_curve": accuracy_curve,
+    }
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values, lo, hi, width=40):
+    """Text sparkline of a curve: average into `width` columns, map [lo, hi] onto 8 block characters."""
+    n = len(values)
+    cols = [values[i * n // width:max((i + 1) * n // width, i * n // width + 1)] for i in range(min(width, n))]
+    out = []
+    for c in cols:
+        v = (sum(c) / len(c) - lo) / (hi - lo) if hi > lo else 0.0
+        out.append(SPARK[min(max(int(v * len(SPARK)), 0), len(SPARK) - 1)])
+    return "".join(out)
+
+
+def _fmt(v, spec):
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return format(v, spec)
+
+
+def format_report(results, cfg, wall_s):
+    """Summary table (per algorithm and seed, plus the mean over seeds) and per-step sparklines."""
+    h_star = results[0]["h_star"]
+    head = (f"{'algo':<12}{'seed':>5}{'acc':>7}{'H':>7}{'H/H*':>7}{'90%@':>6}{'pass@1':>8}{'pass@4':>8}"
+            f"{'pass@16':>8}{'distinct':>9}{'r_exact':>9}{'r_paper':>9}")
+    lines = [f"toy bandit: T={cfg.T} positions, K={cfg.K} tokens, {(cfg.T + 1) // 2} forks with {cfg.K // 2} correct "
+             f"tokens, H* = {h_star:.3f}; {cfg.groups} groups x G={cfg.G} per batch, {cfg.steps} steps, "
+             f"{cfg.updates} updates/batch (opefo 1), {cfg.optimizer} lr={cfg.lr:g}",
+             "acc, H: exact, final policy. 90%@: first step with acc >= 0.9. pass@k: unbiased, 256 samples, "
+             "held-out variants. distinct: distinct correct answers in those samples "
+             f"(of {results[0]['possible_correct']}). r_*: Pearson r, first-order vs realised per-position dH.",
+             "", head, "-" * len(head)]
+
+    def row(name, seed, rs):
+        mean = lambda key: sum(r[key] for r in rs) / len(rs)   # noqa: E731
+        mk = lambda key, k: sum(r[key][k] for r in rs) / len(rs)   # noqa: E731
+        steps = [r["steps_to_90"] for r in rs]
+        s90 = None if any(s is None for s in steps) else sum(steps) / len(steps)
+        return (f"{name:<12}{seed:>5}{mean('accuracy'):>7.3f}{mean('entropy'):>7.3f}{mean('entropy_over_h_star'):>7.2f}"
+                f"{_fmt(s90, '.0f'):>6}{mk('pass_at_k_variants', '1'):>8.3f}{mk('pass_at_k_variants', '4'):>8.3f}"
+                f"{mk('pass_at_k_variants', '16'):>8.3f}{mean('distinct_correct'):>9.1f}"
+                f"{_fmt(mean('r_first_order_exact'), '.3f'):>9}{_fmt(mean('r_first_order_paper'), '.3f'):>9}")
+
+    algos = list(dict.fromkeys(r["algo"] for r in results))
+    for algo in algos:
+        rs = [r for r in results if r["algo"] == algo]
+        lines += [row(algo, str(r["seed"]), [r]) for r in rs]
+        if len(rs) > 1:
+            lines.append(row(algo, "mean", rs))
+    curves = {a: [[sum(v) / len(v) for v in zip(*(r[key] for r in results if r["algo"] == a))]
+                  for key in ("entropy_curve", "accuracy_curve")] for a in algos}
+    h_hi = max(max(c[0]) for c in curves.values())
+    lines += ["", f"per-step curves, mean over seeds ({cfg.steps} steps; entropy scale 0 .. {h_hi:.2f}, "
+              f"H* = {h_star:.2f} is '{sparkline([h_star], 0.0, h_hi, 1)}'; accuracy scale 0 .. 1)"]
+    for a, (h, acc) in curves.items():
+        lines.append(f"{a:<12} H {sparkline(h, 0.0, h_hi)} {h[0]:.2f}->{h[-1]:.2f}   "
+                     f"acc {sparkline(acc, 0.0, 1.0)} {acc[0]:.2f}->{acc[-1]:.2f}")
+    lines.append(f"\n{len(results)} runs in {wall_s:.1f} s")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    """Entropy and accuracy curves (mean over seeds) to a PNG; needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit(f"--plot {path}: matplotlib is not installed (pip install matplotlib); "
+                 "the table and sparklines above need nothing extra")
+    fig, (ax_h, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
+    for algo in dict.fromkeys(r["algo"] for r in results):
+        rs = [r for r in results if r["algo"] == algo]
+        for ax, key in ((ax_h, "entropy_curve"), (ax_a, "accuracy_curve")):
+            ax.plot([sum(v) / len(v) for v in zip(*(r[key] for r in rs))], label=algo)
+    ax_h.axhline(results[0]["h_star"], color="k", ls="--", lw=1, label="H*")
+    ax_h.set(xlabel="step", ylabel="mean policy entropy (nats)", title="entropy")
+    ax_a.set(xlabel="step", ylabel="P(correct)", title="accuracy", ylim=(0, 1.02))
+    ax_h.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--algos", default=",".join(DEFAULT_ALGOS), help=f"comma-separated, from {', '.join(ALGOS)}")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. seeds-1)")
+    defaults = Config()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "optimizer":
+            p.add_argument(flag, default=value, choices=("sgd", "adam"))
+        elif name == "opefo_lr_scale":
+            p.add_argument(flag, type=float, default=None, help="OPEFO lr multiplier (default sqrt(updates))")
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    p.add_argument("--plot", metavar="FILE.png", help="draw entropy and accuracy curves (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="write the summary (and per-step curves) as JSON")
+    args = p.parse_args(argv)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    bad = [a for a in algos if a not in ALGOS]
+    if bad or not algos:
+        p.error(f"--algos: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(ALGOS)}")
+    if args.seeds < 1 or args.steps < 1 or args.updates < 1 or args.G < 2 or args.groups < 1:
+        p.error("--seeds, --steps, --updates and --groups must be >= 1 and --G >= 2")
+    if args.T < 1 or args.K < 2:
+        p.error(f"--T must be >= 1 and --K >= 2, got T={args.T}, K={args.K}")
+    cfg = Config(**{k: getattr(args, k) for k in asdict(defaults)})
+    return algos, args.seeds, cfg, args
+
+
+def main(argv=None):
+    algos, n_seeds, cfg, args = parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    results = [run(a, s, cfg) for a in algos for s in range(n_seeds)]
+    wall = time.perf_counter() - start
+    print(format_report(results, cfg, wall))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": asdict(cfg), "wall_s": wall, "runs": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()
