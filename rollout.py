@@ -183,7 +183,7 @@ def generate(model, tokenizer, prompts, *, group_size, max_new_tokens, temperatu
 
 
 def response_stats(model, input_ids, attention_mask, prompt_length, response_mask, *, temperature=1.0,
-                   with_grad=False, with_entropy=True, chunk_size=1024, micro_batch_size=None):
+                   with_grad=False, with_entropy=True, chunk_size=None, micro_batch_size=None):
     """Per-token statistics of the response part of a batch under the temperature-scaled policy.
 
     input_ids, attention_mask (N, P+R); response_mask (N, R); prompt_length = P.
@@ -192,8 +192,9 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
     gradient); all are 0 where response_mask is 0.
     The backbone runs with position_ids = cumsum(attention_mask) - 1 (clamped at 0), so left padding does
     not move a sample's positions; hidden states at P-1 .. P+R-2 go through the lm_head, the logits are
-    divided by temperature, and losses.token_logprobs / losses.token_entropy reduce over the vocabulary in
-    chunks of chunk_size positions. micro_batch_size splits the N rows into forward passes of at most
+    divided by temperature (in the model's dtype; losses.py upcasts chunk by chunk), and
+    losses.token_logprobs / losses.token_entropy reduce over the vocabulary in chunks of chunk_size
+    positions (None: losses.py's default working set). micro_batch_size splits the N rows into forward passes of at most
     that many rows (bounds activation memory, mainly useful with with_grad=False).
     """
     if input_ids.dim() != 2:
