@@ -46,7 +46,7 @@ import torch
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOG_RATIO_LIMIT = 20.0      # clamp on log(pi / pi_old) and on the KL log-ratio before exp (verl's value)
 K3_LIMIT = 10.0             # clamp on the k3 estimate (verl's value)
-CHUNK_BYTES = 64 * 2**20    # float32 working set per chunk of rows in token_logprobs / token_entropy
+CHUNK_BYTES = 8 * 2**20     # float32 bytes per work buffer in token_logprobs / token_entropy (cache-sized)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -161,6 +161,20 @@ def _acc_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
+def _row_chunks(flat, rows, n_buffers):
+    """Yield (start, chunk, buffers) over row chunks of flat (N, V), with float work buffers reused.
+
+    Reusing the buffers keeps the working set small (it stays in cache on a CPU) and avoids a fresh
+    allocation, with its page faults, per chunk.
+    """
+    rows = min(rows, flat.shape[0])
+    acc = _acc_dtype(flat.dtype)
+    buffers = [torch.empty(rows, flat.shape[-1], dtype=acc, device=flat.device) for _ in range(n_buffers)]
+    for s in range(0, flat.shape[0], rows):
+        chunk = flat[s:s + rows]
+        yield s, chunk, [b[:chunk.shape[0]] for b in buffers]
+
+
 class _SampledLogProb(torch.autograd.Function):
     """log pi(a) = z_a - logsumexp(z), with the logsumexp taken over row chunks in float32.
 
@@ -170,23 +184,25 @@ class _SampledLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, tokens, rows):
-        acc = _acc_dtype(logits.dtype)
-        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        for s in range(0, logits.shape[0], rows):
-            lse[s:s + rows] = torch.logsumexp(logits[s:s + rows].to(acc), dim=-1)
+        lse = torch.empty(logits.shape[0], dtype=_acc_dtype(logits.dtype), device=logits.device)
+        for s, chunk, (z,) in _row_chunks(logits, rows, 1):
+            z.copy_(chunk)
+            top = z.amax(dim=-1, keepdim=True)
+            lse[s:s + z.shape[0]] = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
         ctx.save_for_backward(logits, tokens, lse)
         ctx.rows = rows
-        return logits.gather(-1, tokens[:, None]).squeeze(-1).to(acc) - lse
+        return logits.gather(-1, tokens[:, None]).squeeze(-1).to(lse.dtype) - lse
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, tokens, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.rows):
-            g = grad_out[s:s + ctx.rows, None]
-            p = torch.exp(logits[s:s + ctx.rows].to(lse.dtype) - lse[s:s + ctx.rows, None])
-            p.mul_(-g).scatter_add_(-1, tokens[s:s + ctx.rows, None], g)
-            grad[s:s + ctx.rows] = p
+        for s, chunk, (p,) in _row_chunks(logits, ctx.rows, 1):
+            n = chunk.shape[0]
+            g = grad_out[s:s + n, None].to(p.dtype)
+            p.copy_(chunk).sub_(lse[s:s + n, None]).exp_()                    # softmax(z)
+            p.mul_(-g).scatter_add_(-1, tokens[s:s + n, None], g)              # g (e_a - softmax(z))
+            grad[s:s + n] = p
         return grad, None, None
 
 
@@ -194,8 +210,9 @@ def token_logprobs(logits, tokens, *, chunk_size=None):
     """log pi(tokens) from logits, with gradient: gathered logit minus a chunked logsumexp.
 
     logits: (..., V) any float dtype; tokens: (...) long. Returns (...) float32 (float64 for float64
-    logits). Never builds a full
-    float32 log-softmax: the working set is one chunk of `chunk_size` rows (default: 64 MiB of float32).
+    logits). Never builds a full float32 log-softmax: the working set is one float32 chunk of
+    `chunk_size` rows (default: CHUNK_BYTES worth), and the backward writes the logits' gradient chunk
+    by chunk.
     """
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
@@ -210,31 +227,31 @@ def token_logprobs(logits, tokens, *, chunk_size=None):
 def token_entropy(logits, *, exact_term=False, chunk_size=None):
     """Full-vocabulary entropy per position, computed in float32 chunks, without gradient.
 
-    logits: (..., V). Returns H (...) float32 (float64 for float64 logits), H = -sum_b pi_b log pi_b = logsumexp(z) - sum_b pi_b z_b.
+    logits: (..., V). Returns H (...) float32 (float64 for float64 logits):
+        H = -sum_b pi_b log pi_b = log S - sum_b e_b z_b / S,  with z = logits - max, e = exp(z), S = sum e.
     With exact_term=True returns (H, S2) where S2 = sum_b pi_b^2 (log pi_b + H), the extra reduction that
-    the exact first-order entropy change needs (entropy_math.dh_exact; methods.md sec. 2), from the same pass.
+    the exact first-order entropy change needs (entropy_math.dh_exact; methods.md sec. 2), from the same pass:
+        S2 = (sum e^2 z - log S sum e^2) / S^2 + H sum e^2 / S^2.
     -inf logits (masked vocabulary entries) contribute exactly zero.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     rows = _rows_per_chunk(flat.shape[-1], chunk_size)
-    acc = _acc_dtype(flat.dtype)
-    ent = torch.empty(flat.shape[0], dtype=acc, device=flat.device)
+    ent = torch.empty(flat.shape[0], dtype=_acc_dtype(flat.dtype), device=flat.device)
     s2 = torch.empty_like(ent) if exact_term else None
-    tiny = torch.finfo(acc).min
-    for s in range(0, flat.shape[0], rows):
-        z = flat[s:s + rows].to(acc, copy=True)
-        z = z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=tiny)           # shift; -inf -> finite
-        e = torch.exp(z)                                                     # unnormalised pi
+    lowest = torch.finfo(ent.dtype).min
+    for s, chunk, (z, e, t) in _row_chunks(flat, rows, 3):
+        n = chunk.shape[0]
+        z.copy_(chunk)
+        z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=lowest)            # shift; -inf -> finite
+        torch.exp(z, out=e)                                                 # e = S pi
         total = e.sum(-1)
-        log_total = torch.log(total)
-        h = log_total - torch.linalg.vecdot(e, z) / total               # H = log S - E_pi[z]
-        ent[s:s + rows] = h
+        log_total = total.log()
+        h = log_total - torch.mul(e, z, out=t).sum(-1) / total              # H = log S - E_pi[z]
+        ent[s:s + n] = h
         if exact_term:
-            e2 = e.square_()                                                 # pi_b^2 * total^2
-            # sum pi^2 log pi = (sum e^2 z - log S sum e^2) / S^2 ;  S2 = that + H sum pi^2
-            sum_p2 = e2.sum(-1) / total.square()
-            sum_p2_logp = torch.linalg.vecdot(e2, z) / total.square() - log_total * sum_p2
-            s2[s:s + rows] = sum_p2_logp + h * sum_p2
+            sum_e2 = e.square_().sum(-1)
+            sum_e2z = torch.mul(e, z, out=t).sum(-1)
+            s2[s:s + n] = (sum_e2z - log_total * sum_e2 + h * sum_e2) / total.square()
     ent = ent.view(logits.shape[:-1])
     return (ent, s2.view(logits.shape[:-1])) if exact_term else ent
 
