@@ -76,9 +76,9 @@ class Config:
     K: int = 8                  # vocabulary size
     G: int = 8                  # group size
     groups: int = 4             # groups per rollout batch (batch = groups * G responses of the one task)
-    steps: int = 150            # rollout batches
+    steps: int = 100            # rollout batches
     updates: int = 4            # optimizer steps per rollout batch (OPEFO: 1)
-    lr: float = 2.0
+    lr: float = 5.0
     optimizer: str = "sgd"
     init_bias: float = 2.5      # logit bonus of the correct tokens at initialisation
     init_noise: float = 0.5     # std of the random initial logits ("pretrained" preferences)
@@ -123,8 +123,8 @@ def is_correct(tokens, correct):
 
 
 def exact_accuracy(logits, correct):
-    """Probability that a sample from the policy (T, K) is correct: prod_t pi_t(correct set)."""
-    return (torch.softmax(logits.detach(), -1) * correct).sum(-1).prod().item()
+    """Probability that a sample is correct, prod_t pi_t(correct set): logits (..., T, K) -> (...)."""
+    return (torch.softmax(logits.detach(), -1) * correct).sum(-1).prod(-1)
 
 
 def pass_at_k(n, c, k):
@@ -143,6 +143,25 @@ def pearson(x, y):
     return (x @ y).item() / denom if denom > 0 else float("nan")
 
 
+def first_order_correlations(before, after, weights, lr):
+    """Pearson r between predicted and realised per-position entropy changes over all optimizer steps.
+
+    before, after: (U, T, K) tables around each of U optimizer steps; weights: (U, T * K), the step's
+    weights w = -d loss / d logp summed over the batch's tokens per (position, token). The prediction for
+    position t is sum_b entropy_math.dh_*(z_t, b, W[t, b], lr): the summed first-order changes of the
+    tokens sampled there (exact for a plain SGD step up to O(lr^2)). Steps with an all-zero gradient
+    (every group had equal rewards) are left out. Returns (r with dh_exact, r with dh_paper).
+    """
+    keep = weights.abs().sum(-1) > 0
+    before, after, weights = before[keep], after[keep], weights[keep]
+    U, T, K = before.shape
+    rows = before.unsqueeze(2).expand(U, T, K, K).reshape(-1, K)   # state z_t once per candidate token b
+    token = torch.arange(K).repeat(U * T)
+    realised = (entropy_math.entropy(after) - entropy_math.entropy(before)).reshape(-1)
+    return tuple(pearson(fn(rows, token, weights.reshape(-1), lr).view(U * T, K).sum(-1), realised)
+                 for fn in (entropy_math.dh_exact, entropy_math.dh_paper))
+
+
 def run(algo, seed, cfg):
     """Train one algorithm on the toy with one seed.
 
@@ -155,6 +174,7 @@ def run(algo, seed, cfg):
     if loss_name not in losses.LOSSES:
         raise ValueError(f"losses.LOSSES has no entry {loss_name!r} (needed by toy algorithm {algo!r})")
     loss_fn = losses.LOSSES[loss_name]
+    std_normalize = loss_name != "drgrpo"         # Dr. GRPO: A = R - mean, no std division
     knobs = dict(extra)
     if loss_name == "steer":
         knobs["lambda_min"] = cfg.lambda_min
@@ -180,17 +200,16 @@ def run(algo, seed, cfg):
     T, K = cfg.T, cfg.K
     n = cfg.groups * cfg.G
     mask = torch.ones(n, T)
-    pos = torch.arange(T).expand(n, T).reshape(-1)
+    slot = (torch.arange(T) * K).expand(n, T)     # index of (position t, token 0) in a flattened (T, K) table
     ref_logits = init_logits.expand(n, T, K)      # frozen reference = initial policy (Archer's KL)
-    entropy_curve = [entropy_math.entropy(init_logits).mean().item()]
-    accuracy_curve = [exact_accuracy(init_logits, correct)]
-    pred_exact, pred_paper, realised = [], [], []
+    tables = [init_logits]                        # the policy after every rollout step
+    before, after, weights = [], [], []           # every optimizer step: tables around it, summed weights
     clipfrac = []
 
     for _ in range(cfg.steps):
         tokens = sample_responses(logits, n, gen)
         rewards = is_correct(tokens, correct).float()
-        advantages = losses.group_advantages(rewards, cfg.G)
+        advantages = losses.group_advantages(rewards, cfg.G, std_normalize=std_normalize)
         with torch.no_grad():
             old_batch_logits = logits.detach().expand(n, T, K)
             old_logp = losses.token_logprobs(old_batch_logits, tokens)
@@ -205,19 +224,19 @@ def run(algo, seed, cfg):
                                     num_tokens=n * T, **knobs)
             loss.backward()
             clipfrac.append(metrics.get("clip_frac_low", 0.0) + metrics.get("clip_frac_high", 0.0))
-            weight = -logp.grad.reshape(-1)        # w = -d loss / d logp: the step ascends w * log pi
-            before = logits.detach().clone()
+            # w = -d loss / d logp: the step ascends sum_i w_i log pi(a_i); summed per (position, token)
+            w = torch.zeros(T * K).scatter_add_(0, (slot + tokens).reshape(-1), -logp.grad.reshape(-1))
+            before.append(logits.detach().clone())
             opt.step()
-            if weight.abs().sum() == 0:
-                continue                           # no signal in this batch: nothing to predict
-            rows = before[pos]                     # (n*T, K) the logits each token was sampled from
-            flat = tokens.reshape(-1)
-            pred_exact.append(entropy_math.dh_exact(rows, flat, weight, lr).view(n, T).sum(0))
-            pred_paper.append(entropy_math.dh_paper(rows, flat, weight, lr).view(n, T).sum(0))
-            realised.append(entropy_math.entropy(logits.detach()) - entropy_math.entropy(before))
-        entropy_curve.append(entropy_math.entropy(logits.detach()).mean().item())
-        accuracy_curve.append(exact_accuracy(logits, correct))
+            after.append(logits.detach().clone())
+            weights.append(w)
+        tables.append(logits.detach().clone())
 
+    tables = torch.stack(tables)                                          # (steps + 1, T, K)
+    entropy_curve = entropy_math.entropy(tables).mean(-1).tolist()
+    accuracy_curve = exact_accuracy(tables, correct).tolist()
+    r_exact, r_paper = first_order_correlations(torch.stack(before), torch.stack(after),
+                                                torch.stack(weights), lr)
     final = logits.detach()
     samples = sample_responses(final, cfg.eval_samples, gen)
     ok_train = is_correct(samples, correct)
@@ -226,7 +245,6 @@ def run(algo, seed, cfg):
     c_variants = ok_variants.sum(-1).tolist()
     width, n_forks = K // 2, (T + 1) // 2
     reached = [i for i, a in enumerate(accuracy_curve) if a >= 0.9]
-    realised_t = torch.cat(realised) if realised else torch.zeros(0)
     return {
         "algo": algo, "seed": seed,
         "accuracy": accuracy_curve[-1],
@@ -239,8 +257,8 @@ def run(algo, seed, cfg):
         "pass_at_k_train": {str(k): pass_at_k(cfg.eval_samples, c_train, k) for k in PASS_K},
         "distinct_correct": int(torch.unique(samples[ok_train], dim=0).shape[0]) if c_train else 0,
         "possible_correct": width ** n_forks,
-        "r_first_order_exact": pearson(torch.cat(pred_exact), realised_t) if realised else float("nan"),
-        "r_first_order_paper": pearson(torch.cat(pred_paper), realised_t) if realised else float("nan"),
+        "r_first_order_exact": r_exact,
+        "r_first_order_paper": r_paper,
         "clipfrac": sum(clipfrac) / max(len(clipfrac), 1),
         "entropy_curve": entropy_curve,
         "accuracy_curve": accuracy_curve,

@@ -1,0 +1,175 @@
+"""Tests for toy_bandit.py (budget: the whole file well under 40 s on 2 CPU cores)."""
+import json
+import math
+import sys
+import time
+
+import pytest
+import torch
+
+import losses
+import toy_bandit
+from toy_bandit import Config
+
+SHORT = Config(steps=25)          # enough steps for learning to start, fast
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The toy's tensors are tiny: one thread is fastest, and extra threads spin on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_task_has_documented_h_star_and_correct_sets():
+    correct, init, variants, h_star = toy_bandit.make_task(Config(), torch.Generator().manual_seed(0))
+    assert correct.sum(-1).tolist() == [4, 1, 4, 1, 4, 1]           # forks at even positions, K // 2 correct
+    assert h_star == pytest.approx(3 * math.log(4) / 6)
+    assert init.shape == (6, 8)
+    # variants keep 2 of the 4 correct fork tokens and never accept a token the task rejects
+    assert variants.shape == (64, 6, 8)
+    assert variants[:, 0::2].sum(-1).eq(2).all() and variants[:, 1::2].sum(-1).eq(1).all()
+    assert not (variants & ~correct).any()
+    # biased toward the correct tokens, but rewards are not always 1
+    acc = toy_bandit.exact_accuracy(init, correct).item()
+    assert 0.05 < acc < 0.5
+
+
+def test_pass_at_k_unbiased_estimator_hand_values():
+    assert toy_bandit.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert toy_bandit.pass_at_k(4, 2, 2) == pytest.approx(1 - 1 / 6)     # 1 - C(2,2)/C(4,2)
+    assert toy_bandit.pass_at_k(10, 0, 4) == 0.0
+    assert toy_bandit.pass_at_k(10, 10, 4) == 1.0
+    with pytest.raises(ValueError, match="pass@16"):
+        toy_bandit.pass_at_k(8, 3, 16)
+
+
+def test_is_correct_and_exact_accuracy_agree_with_sampling():
+    gen = torch.Generator().manual_seed(1)
+    correct, init, _, _ = toy_bandit.make_task(Config(), gen)
+    tokens = toy_bandit.sample_responses(init, 20000, gen)
+    empirical = toy_bandit.is_correct(tokens, correct).float().mean().item()
+    assert empirical == pytest.approx(toy_bandit.exact_accuracy(init, correct).item(), abs=0.01)
+
+
+def test_same_seed_gives_identical_summary_and_other_seed_differs():
+    a = toy_bandit.run("steer", 3, SHORT)
+    b = toy_bandit.run("steer", 3, SHORT)
+    c = toy_bandit.run("steer", 4, SHORT)
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    assert a["entropy_curve"] != c["entropy_curve"]
+
+
+def test_grpo_collapses_below_h_star_while_accuracy_rises():
+    """The toy's headline: default GRPO solves the task and ends below the target entropy H*."""
+    for seed in range(3):
+        r = toy_bandit.run("grpo", seed, Config())
+        assert r["accuracy"] > 0.95 and r["accuracy_curve"][0] < 0.3
+        assert r["entropy_curve"][0] > r["h_star"] > r["entropy"]
+        assert r["steps_to_90"] is not None and r["steps_to_90"] < 50
+        # SGD on a tabular policy: the summed exact first-order changes track the realised change,
+        # the paper's (1 - pi)^2 approximation less well
+        assert r["r_first_order_exact"] > 0.99
+        assert r["r_first_order_paper"] < r["r_first_order_exact"]
+
+
+def test_toy_uses_losses_registry(monkeypatch):
+    """Changing losses.LOSSES['grpo'] changes the toy's trajectory: the toy has no loss of its own."""
+    base = toy_bandit.run("grpo", 0, SHORT)
+    calls = []
+    real = losses.LOSSES["grpo"]
+
+    def frozen(**kw):
+        calls.append(kw["logp"].shape)
+        loss, metrics = real(**kw)
+        return loss * 0.0, metrics                       # no gradient: the policy must not move
+
+    monkeypatch.setitem(losses.LOSSES, "grpo", frozen)
+    frozen_run = toy_bandit.run("grpo", 0, SHORT)
+    assert len(calls) == SHORT.steps * SHORT.updates
+    assert calls[0] == (SHORT.groups * SHORT.G, SHORT.T)
+    assert frozen_run["entropy_curve"] == [frozen_run["entropy_curve"][0]] * (SHORT.steps + 1)
+    assert base["entropy_curve"] != frozen_run["entropy_curve"]
+
+
+def test_steer_knob_reaches_the_loss():
+    """STEER with lambda_min = 1 is DAPO's loss (same clip range; dual clip never binds here), so the
+    toy's trajectories coincide; the default lambda_min = 0.7 changes them."""
+    dapo = toy_bandit.run("dapo", 0, SHORT)
+    steer_one = toy_bandit.run("steer", 0, Config(steps=25, lambda_min=1.0))
+    steer = toy_bandit.run("steer", 0, SHORT)
+    assert steer_one["entropy_curve"] == pytest.approx(dapo["entropy_curve"], abs=1e-6)
+    assert steer["entropy_curve"] != pytest.approx(dapo["entropy_curve"], abs=1e-4)
+
+
+def test_opefo_takes_one_update_per_batch(monkeypatch):
+    calls = []
+    real = losses.LOSSES["opefo"]
+    monkeypatch.setitem(losses.LOSSES, "opefo", lambda **kw: calls.append(1) or real(**kw))
+    toy_bandit.run("opefo-exact", 0, Config(steps=5, updates=4))
+    assert len(calls) == 5
+
+
+def test_first_order_correlation_of_a_small_sgd_step_is_one():
+    gen = torch.Generator().manual_seed(0)
+    before = torch.randn(50, 3, 5, generator=gen)
+    weights = torch.randn(50, 3 * 5, generator=gen)
+    lr = 1e-3
+    pi = torch.softmax(before, -1)
+    w = weights.view(50, 3, 5)
+    dz = lr * (w - w.sum(-1, keepdim=True) * pi)         # sum_b W_b (e_b - pi): the SGD step on sum W log pi
+    r_exact, r_paper = toy_bandit.first_order_correlations(before, before + dz, weights, lr)
+    assert r_exact > 0.9999
+    assert r_paper < 0.99
+
+
+def test_cli_json_has_documented_fields(tmp_path, capsys):
+    path = tmp_path / "toy.json"
+    toy_bandit.main(["--algos", "grpo,opefo-exact", "--seeds", "2", "--steps", "5", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "H* = 0.693" in out and "opefo-exact" in out and "mean" in out
+    data = json.loads(path.read_text())
+    assert data["config"]["steps"] == 5 and data["wall_s"] > 0
+    assert [(r["algo"], r["seed"]) for r in data["runs"]] == [("grpo", 0), ("grpo", 1), ("opefo-exact", 0),
+                                                              ("opefo-exact", 1)]
+    fields = {"algo", "seed", "accuracy", "entropy", "h_star", "entropy_over_h_star", "steps_to_90",
+              "pass_at_k_variants", "pass_at_k_train", "distinct_correct", "possible_correct",
+              "r_first_order_exact", "r_first_order_paper", "clipfrac", "entropy_curve", "accuracy_curve"}
+    for r in data["runs"]:
+        assert set(r) == fields
+        assert set(r["pass_at_k_variants"]) == {"1", "4", "16"} == set(r["pass_at_k_train"])
+        assert len(r["entropy_curve"]) == len(r["accuracy_curve"]) == 6
+        assert 0 <= r["pass_at_k_variants"]["1"] <= r["pass_at_k_variants"]["4"] <= r["pass_at_k_variants"]["16"] <= 1
+
+
+def test_bad_flags_are_named(capsys):
+    with pytest.raises(SystemExit):
+        toy_bandit.parse_args(["--algos", "grpo,ppo"])
+    assert "--algos: unknown ppo" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        toy_bandit.parse_args(["--G", "1"])
+    assert "--G" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        toy_bandit.run("ppo", 0, SHORT)
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib -> ImportError
+    results = [toy_bandit.run("grpo", 0, Config(steps=2))]
+    with pytest.raises(SystemExit, match="matplotlib is not installed"):
+        toy_bandit.plot(results, tmp_path / "x.png")
+
+
+def test_sparkline_maps_range_onto_blocks():
+    assert toy_bandit.sparkline([0.0, 1.0], 0.0, 1.0, width=2) == "▁█"
+    assert toy_bandit.sparkline([0.0] * 10 + [1.0] * 10, 0.0, 1.0, width=4) == "▁▁██"
+
+
+def test_default_algorithms_finish_quickly():
+    """A generous bound on one seed of every default algorithm (the README reports the measured time)."""
+    start = time.perf_counter()
+    results = [toy_bandit.run(a, 0, Config()) for a in toy_bandit.DEFAULT_ALGOS]
+    assert time.perf_counter() - start < 40
+    assert {r["algo"] for r in results} == set(toy_bandit.DEFAULT_ALGOS)
