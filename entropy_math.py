@@ -30,11 +30,13 @@ factor pi_a for the one sampled token (E_{b~pi}[(l_b + H) dz_b] with dz nonzero 
 scores used inside the STEER code (|w (1-pi)(l_a + H)|) and OPEFO's flow f = -A (1-pi)^2 (l_a + H) drop
 that pi_a: f * eta * pi_a = dh_paper for w = A.
 
-Sign (four quadrants): l_a + H > 0 iff pi_a > exp(-H) ("likely" token). The approximate forms predict
-dH with sign -sign(w) sign(l_a + H): A > 0 on a likely token lowers H, A > 0 on an unlikely token raises it,
-A < 0 on a likely token raises it, A < 0 on an unlikely token lowers it. The exact form adds the term
-+eta w sum_b pi_b^2 (l_b + H), so the quadrant rule is not always right; ``python entropy_math.py`` counts how
-often it is.
+Sign (four quadrants, STEER sec. 3): l_a + H > 0 iff pi_a > exp(-H) ("likely" token). The approximate
+forms predict dH with sign -sign(w) sign(l_a + H): A > 0 on a likely token lowers H, A > 0 on an unlikely
+token raises it, A < 0 on a likely token raises it, A < 0 on an unlikely token lowers it. The exact form is
+dh_sampled_logit + eta w sum_{b != a} pi_b^2 (l_b + H). Because sum_b pi_b^2 (l_b + H) = Cov_pi(pi_b, l_b)
+>= 0, that extra term has the sign of w whenever a is unlikely: the rule is always right (to first order)
+for unlikely tokens, and can fail for likely ones when a more likely token dominates (A > 0 then takes mass
+from it and raises H). ``python entropy_math.py`` counts how often the rule holds.
 
 Use:
     import entropy_math as em
@@ -86,12 +88,13 @@ def entropy(logits):
 
 
 def _batch(logits, token, weight):
-    """Validate a batch of states and return (logp, p, H, l_a, pi_a, 1 - pi_a, w) for logits (N, V)."""
+    """Validate a batch of states; returns (logp, p, H, l_a, pi_a, 1 - pi_a, w, e_a), e_a the one-hot (N, V)
+    of the sampled tokens, for logits (N, V), token (N,), weight (N,)."""
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (N, V), got {tuple(logits.shape)}")
     n, v = logits.shape
     token = torch.as_tensor(token, device=logits.device)
-    if token.shape != (n,) or token.dtype in (torch.bool,) or torch.is_floating_point(token):
+    if token.shape != (n,) or token.dtype == torch.bool or torch.is_floating_point(token):
         raise ValueError(f"token must be an integer tensor of shape ({n},), got {tuple(token.shape)} {token.dtype}")
     if n and (token.min() < 0 or token.max() >= v):
         raise ValueError(f"token ids must lie in [0, {v}), got range [{int(token.min())}, {int(token.max())}]")
@@ -105,7 +108,8 @@ def _batch(logits, token, weight):
     l_a = logits.gather(1, idx).squeeze(1) - torch.logsumexp(logits, dim=-1)   # finite even if pi_a underflows
     pi_a = p.gather(1, idx).squeeze(1)
     one_minus_pi_a = -torch.expm1(l_a)                        # 1 - pi_a without cancellation near pi_a = 1
-    return logp, p, H, l_a, pi_a, one_minus_pi_a, weight
+    onehot = torch.zeros_like(p).scatter_(1, idx, 1.0)
+    return logp, p, H, l_a, pi_a, one_minus_pi_a, weight, onehot
 
 
 def entropy_change_true(logits, token, weight, lr, *, step="full"):
@@ -115,8 +119,7 @@ def entropy_change_true(logits, token, weight, lr, *, step="full"):
     dz = lr * w * (e_a - pi). step="sampled": only the sampled logit moves, dz_a = lr * w * (1 - pi_a)
     (the assumption behind dh_sampled_logit). Returns (N,) in the dtype of logits.
     """
-    _, p, _, _, _, one_minus_pi_a, w = _batch(logits, token, weight)
-    onehot = torch.zeros_like(p).scatter_(1, torch.as_tensor(token, device=p.device).long()[:, None], 1.0)
+    _, p, _, _, _, one_minus_pi_a, w, onehot = _batch(logits, token, weight)
     if step == "full":
         dz = lr * w[:, None] * (onehot - p)                      # gradient of w log pi_a: w (e_a - pi)
     elif step == "sampled":
@@ -134,9 +137,8 @@ def dh_exact(logits, token, weight, lr):
     Equal to dh_covariance (the covariance view under the same step), as derive() proves.
     logits (N, V), token (N,), weight (N,) -> (N,).
     """
-    logp, p, H, l_a, pi_a, one_minus_pi_a, w = _batch(logits, token, weight)
-    others = torch.ones_like(p).scatter_(1, torch.as_tensor(token, device=p.device).long()[:, None], 0.0)
-    norm_others = (others * p * p * (logp + H[:, None])).sum(-1)   # sum_{b != a} pi_b^2 (l_b + H)
+    logp, p, H, l_a, pi_a, one_minus_pi_a, w, onehot = _batch(logits, token, weight)
+    norm_others = ((1 - onehot) * p * p * (logp + H[:, None])).sum(-1)   # sum_{b != a} pi_b^2 (l_b + H)
     # methods.md sec. 2, EXACT first order, with pi_a (l_a + H) - pi_a^2 (l_a + H) = pi_a (1 - pi_a)(l_a + H)
     # written out so that near-one-hot states (pi_a -> 1) do not cancel catastrophically
     return -lr * w * (pi_a * one_minus_pi_a * (l_a + H) - norm_others)
@@ -151,7 +153,7 @@ def dh_sampled_logit(logits, token, weight, lr):
     2026, whose per-token score |w (1 - pi)(l_a + H)| is this divided by lr * pi_a.
     logits (N, V), token (N,), weight (N,) -> (N,).
     """
-    _, _, H, l_a, pi_a, one_minus_pi_a, w = _batch(logits, token, weight)
+    _, _, H, l_a, pi_a, one_minus_pi_a, w, _ = _batch(logits, token, weight)
     return -lr * w * pi_a * one_minus_pi_a * (l_a + H)         # dH/dz_a * dz_a = -pi_a (l_a + H) lr w (1 - pi_a)
 
 
@@ -164,7 +166,7 @@ def dh_paper(logits, token, weight, lr):
     the normalisation terms of the other tokens and has one (1 - pi_a) factor too many relative to
     dh_sampled_logit. Same sign as dh_sampled_logit. logits (N, V), token (N,), weight (N,) -> (N,).
     """
-    _, _, H, l_a, pi_a, one_minus_pi_a, w = _batch(logits, token, weight)
+    _, _, H, l_a, pi_a, one_minus_pi_a, w, _ = _batch(logits, token, weight)
     return -lr * w * pi_a * one_minus_pi_a ** 2 * (l_a + H)    # STEER v1 / OPEFO Omega, per sampled token
 
 
@@ -175,8 +177,7 @@ def dh_covariance(logits, token, weight, lr):
     dh_exact (computed here independently, as E_pi[l dz] - E_pi[l] E_pi[dz]).
     logits (N, V), token (N,), weight (N,) -> (N,).
     """
-    logp, p, _, _, _, _, w = _batch(logits, token, weight)
-    onehot = torch.zeros_like(p).scatter_(1, torch.as_tensor(token, device=p.device).long()[:, None], 1.0)
+    logp, p, _, _, _, _, w, onehot = _batch(logits, token, weight)
     dz = lr * w[:, None] * (onehot - p)                        # full softmax gradient step
     cov = (p * logp * dz).sum(-1) - (p * logp).sum(-1) * (p * dz).sum(-1)
     return -cov                                                # dH ~ -Cov_{b~pi}(l_b, dz_b)
@@ -362,7 +363,7 @@ def sign_quadrants(logits, token, weight, change):
 
     logits (N, V), token (N,), weight (N,). Returns a list of (label, predicted sign, count, share).
     """
-    _, _, H, l_a, _, _, w = _batch(logits, token, weight)
+    _, _, H, l_a, _, _, w, _ = _batch(logits, token, weight)
     likely = (l_a + H) > 0
     rows = []
     for label, w_sign, is_likely, predicted in QUADRANTS:
@@ -375,7 +376,7 @@ def sign_quadrants(logits, token, weight, change):
 
 def _print_derivation():
     t0 = time.perf_counter()
-    d = derive(4)
+    d = derive(3)
     print(f"== 1. Symbolic derivation (sympy, V = {d.vocab_size}, sampled token a = 0, "
           f"{time.perf_counter() - t0:.1f} s)")
     print("   softmax at logits log p + t dz, sum p = 1; residuals of each identity after simplification:")
@@ -422,7 +423,7 @@ def _print_correlations(gen, lr=1e-3):
     print("   '/pi_a' rows: the per-token score as the papers/code use it, without the sampled token's pi_a.")
     print("   N used = states whose realised change is resolvable in float64 (|dH| > 2^-40 H); the rest are")
     print("   near-one-hot states whose change is below rounding (left out of all three statistics).")
-    print(f"   {'V':>7} {'N used':>13} {'H p10/p50/p90 (nats)':>20}  {'estimate':<19}{'Pearson':>8}{'Spearman':>9}"
+    print(f"   {'V':>12} {'N used':>12} {'H p10/p50/p90':>17}  {'estimate':<19}{'Pearson':>8}{'Spearman':>9}"
           f"{'sign':>7}")
     configs = [(2, 10000, None), (10, 10000, None), (50, 10000, None), (1000, 2000, None), (151936, 64, None),
                (50, 10000, 2.0)]
@@ -437,10 +438,10 @@ def _print_correlations(gen, lr=1e-3):
         ests = {name: fn(logits, token, weight, lr) for name, fn in ESTIMATES.items()}
         ests["sampled_logit/pi_a"] = ests["sampled_logit"] / pi_a
         ests["paper/pi_a"] = ests["paper"] / pi_a
-        tag = (f"{vocab:>7} {f'{int(keep.sum())}/{n}':>13} {'/'.join(f'{v:.2f}' for v in q.tolist()):>20}"
-               + ("  s=2" if scale else ""))
+        label = f"{vocab} (s=2)" if scale else f"{vocab}"
+        tag = f"{label:>12} {f'{int(keep.sum())}/{n}':>12} {'/'.join(f'{v:.2f}' for v in q.tolist()):>17}"
         for name, est in ests.items():
-            print(f"   {(tag if name == 'exact' else ''):<47}{name:<19}{pearson(est, true):>8.4f}"
+            print(f"   {(tag if name == 'exact' else ''):<44}{name:<19}{pearson(est, true):>8.4f}"
                   f"{spearman(est, true):>9.4f}{sign_agreement(est, true):>7.3f}")
         if scale is None:
             pooled.append((logits, token, weight, true))
@@ -449,7 +450,9 @@ def _print_correlations(gen, lr=1e-3):
 
 def _print_quadrants(pooled):
     print("\n== 4. Four-quadrant sign table (resolvable states of section 3 without the reference row, all V pooled)")
-    print("   predicted sign of dH = -sign(w) sign(l_a + H); share = realised change has the predicted sign")
+    print("   predicted sign of dH = -sign(w) sign(l_a + H); share = realised change has the predicted sign.")
+    print("   Unlikely tokens: always right to first order (sum_b pi_b^2 (l_b + H) = Cov_pi(pi, l) >= 0); likely")
+    print("   tokens: wrong when a more likely token dominates and loses (A > 0) or gains (A < 0) the mass.")
     totals = {}                                              # label -> (predicted sign, count, agreeing)
     for logits, token, weight, true in pooled:
         for label, predicted, count, share in sign_quadrants(logits, token, weight, true):

@@ -248,3 +248,15 @@ def test_shapes_and_errors():
         em.entropy(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="NaN"):
         em.entropy(torch.tensor([[0.0, float("nan")]]))
+
+
+def test_quadrant_rule_always_holds_for_unlikely_tokens_to_first_order():
+    # sum_b pi_b^2 (l_b + H) = Cov_pi(pi, l) >= 0, so for unlikely tokens the exact first-order change has
+    # the quadrant rule's sign; for likely tokens the rule fails on some states
+    logits, token, weight = _states(4000, 30, seed=3)
+    rows = em.sign_quadrants(logits, token, weight, em.dh_exact(logits, token, weight, 1e-3))
+    by_label = {label.split("(")[0].strip(): (count, share) for label, _, count, share in rows}
+    for label in ("A > 0, unlikely", "A < 0, unlikely"):
+        assert by_label[label][0] > 100 and by_label[label][1] == 1.0
+    for label in ("A > 0, likely", "A < 0, likely"):
+        assert by_label[label][0] > 100 and 0.5 < by_label[label][1] < 0.99
