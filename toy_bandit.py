@@ -46,7 +46,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
@@ -83,7 +84,7 @@ class Config:
     init_bias: float = 2.5      # logit bonus of the correct tokens at initialisation
     init_noise: float = 0.5     # std of the random initial logits ("pretrained" preferences)
     lambda_min: float = 0.7     # STEER
-    opefo_lr_scale: float = field(default=None)   # OPEFO lr multiplier; None -> sqrt(updates)
+    opefo_lr_scale: Optional[float] = None   # OPEFO lr multiplier; None -> sqrt(updates)
     archer_quantile: float = 0.8
     archer_kl: float = 0.001    # Archer's KL coefficient on knowledge tokens
     eval_samples: int = 256
@@ -186,8 +187,7 @@ def run(algo, seed, cfg):
     if on_policy:
         lr *= math.sqrt(cfg.updates) if cfg.opefo_lr_scale is None else cfg.opefo_lr_scale
 
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)        # all randomness of the run comes from here
     correct, init_logits, variant_correct, h_star = make_task(cfg, gen)
     logits = torch.nn.Parameter(init_logits.clone())
     if cfg.optimizer == "sgd":
