@@ -276,18 +276,19 @@ def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, du
     return loss, ratio, clipped
 
 
-def _ppo_metrics(logp, old_logp, adv, mask, ratio, clipped_low_high, entropy=None):
-    """Clip fractions, approximate KL(pi_old || pi) (k3: r - 1 - log r) and mean entropy, over valid tokens."""
-    lo, hi = clipped_low_high
-    log_ratio = (logp - old_logp).detach().clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+def _ppo_metrics(adv, mask, ratio, lo, hi, entropy=None):
+    """Clip fractions, ratio mean, approximate KL(pi_old || pi) = E[r - 1 - log r] (k3) and mean entropy,
+    over the valid tokens; lo, hi: the lower and upper ratio bounds (floats or (B, T))."""
+    count = mask.sum().clamp(min=1)
+    r = torch.where(mask, ratio.detach(), 1.0)                # r = 1 on padding: no clip, zero KL term
     m = {
-        "clip_frac_low": _masked_mean(((adv < 0) & (ratio < lo)).float(), mask),
-        "clip_frac_high": _masked_mean(((adv > 0) & (ratio > hi)).float(), mask),
-        "approx_kl": _masked_mean(ratio.detach() - 1.0 - log_ratio, mask),
-        "ratio_mean": _masked_mean(ratio.detach(), mask),
+        "clip_frac_low": ((adv < 0) & (r < lo)).sum() / count,
+        "clip_frac_high": ((adv > 0) & (r > hi)).sum() / count,
+        "approx_kl": (r - 1.0 - r.log()).sum() / count,
+        "ratio_mean": (r.sum() - (~mask).sum()) / count,
     }
     if entropy is not None:
-        m["entropy"] = _masked_mean(entropy.float(), mask)
+        m["entropy"] = _masked_mean(entropy, mask)
     return m
 
 
@@ -310,7 +311,7 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
                                         dual_clip=dual_clip)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     pg = agg_loss(per_token, mask, agg, **agg_kw)
-    metrics = _ppo_metrics(logp, old_logp, adv, mask, ratio, (1 - clip_low, 1 + clip_high), entropy)
+    metrics = _ppo_metrics(adv, mask, ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics["pg_loss"] = pg.detach()
     loss = pg
     if kl_coef:
@@ -353,9 +354,9 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
         exact:  g = pi_a (log pi_a + H) - S2,  S2 = sum_b pi_b^2 (log pi_b + H)   (full softmax gradient)
     pi_a = exp(logp) clamped to [1e-8, 1 - 1e-8]; H and S2 from token_entropy. Non-finite entries -> 0.
     """
-    acc = _acc_dtype(logp.dtype)
-    pi = torch.exp(logp.detach().to(acc)).clamp(1e-8, 1 - 1e-8)
-    surprise = torch.log(pi) + entropy.to(acc)                    # log pi_a + H; > 0 iff pi_a > exp(-H)
+    logp = logp.detach().to(_acc_dtype(logp.dtype)).clamp(math.log(1e-8), math.log1p(-1e-8))
+    pi = torch.exp(logp)                                          # in [1e-8, 1 - 1e-8]
+    surprise = logp + entropy.to(logp.dtype)                      # log pi_a + H; > 0 iff pi_a > exp(-H)
     if form == "paper":
         g = (1 - pi).square() * surprise
     elif form == "code":
@@ -363,7 +364,7 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
     elif form == "exact":
         if exact_term is None:
             raise ValueError("form='exact' needs exact_term (B, T): token_entropy(logits, exact_term=True)[1]")
-        g = pi * surprise - exact_term.to(acc)
+        g = pi * surprise - exact_term.to(logp.dtype)
     else:
         raise ValueError(f"unknown first-order form {form!r}; choose one of {FIRST_ORDER_FORMS}")
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
@@ -431,7 +432,7 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
                         mode=mode, omega_max=omega_max)
     loss = agg_loss(lam * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
-    metrics = _ppo_metrics(logp, old_logp, adv, mask, ratio, (1 - clip_low, 1 + clip_high), entropy)
+    metrics = _ppo_metrics(adv, mask, ratio, 1 - clip_low, 1 + clip_high, entropy)
     w_min, w_max = _masked_min_max(lam, mask)
     metrics.update(pg_loss=loss.detach(), weight_mean=_masked_mean(lam, mask), weight_min=w_min,
                    weight_max=w_max, omega_max=torch.where(mask, omega_est.abs(), 0.0).max())
@@ -504,17 +505,19 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
 def response_quantile(values, mask, q):
     """Per-row quantile of the valid entries, (B, T) -> (B,), linear interpolation (torch.quantile's rule).
 
-    Rows without valid entries get +inf.
+    Only the top (1 - q) share of each row is needed, so a top-k replaces a full sort. Rows without valid
+    entries get +inf.
     """
     mask = mask.bool()
-    x = torch.where(mask, values.float(), math.inf).sort(dim=-1).values
     n = mask.sum(-1)
-    pos = (q * (n - 1).clamp(min=0)).float()
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
-    x_lo, x_hi = x.gather(-1, lo[:, None]).squeeze(-1), x.gather(-1, hi[:, None]).squeeze(-1)
-    frac = pos - lo.float()
-    out = torch.where(frac > 0, x_lo + frac * (x_hi - x_lo), x_lo)
+    pos = q * (n - 1).clamp(min=0).to(values.dtype)               # rank of the quantile, ascending
+    lo, hi = pos.floor(), pos.ceil()
+    from_top_lo, from_top_hi = (n - 1 - lo.long()).clamp(min=0), (n - 1 - hi.long()).clamp(min=0)
+    k = int(from_top_lo.max()) + 1 if mask.any() else 1
+    top = torch.where(mask, values, -math.inf).topk(k, dim=-1).values        # descending
+    x_lo = top.gather(-1, from_top_lo[:, None]).squeeze(-1)
+    x_hi = top.gather(-1, from_top_hi[:, None]).squeeze(-1)
+    out = torch.where(hi > lo, x_lo + (pos - lo) * (x_hi - x_lo), x_lo)
     return torch.where(n > 0, out, math.inf)
 
 
@@ -545,7 +548,7 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     eps = torch.where(reasoning, clip_reasoning, clip_knowledge).to(logp.dtype)     # (B, T) clip range
     per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
     loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    metrics = _ppo_metrics(logp, old_logp, adv, mask, ratio, (1 - eps, 1 + eps), entropy)
+    metrics = _ppo_metrics(adv, mask, ratio, 1 - eps, 1 + eps, entropy)
     metrics["pg_loss"] = loss.detach()
     metrics["reasoning_frac"] = _masked_mean(reasoning.float(), mask)
     if kl_knowledge or kl_reasoning:
