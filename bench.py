@@ -1,0 +1,144 @@
+"""Speed and memory figures for losses.py (issue 3), on CPU or one CUDA GPU.
+
+    python bench.py                      # all three measurements on the default device
+    python bench.py --only memory        # one of: memory, throughput, losses
+    python bench.py --device cuda
+
+1. memory      peak extra memory of token_logprobs (with autograd) + token_entropy(exact_term=True) on bf16
+               logits of shape (8, 1024, 151936), against a naive float32 log_softmax; as a fraction of the
+               logits' own size. On CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs)
+               is measured; on CUDA torch.cuda.max_memory_allocated.
+2. throughput  the token statistics' time against one plain streaming pass over the same logits
+               (logits.amax(-1): read every element once), i.e. the fraction of the memory-bandwidth bound.
+3. losses      time of steer/opefo/archer loss (forward + backward, entropy precomputed) over grpo_loss on
+               B x T = 64 x 4096 tokens.
+The figures quoted in the README come from this script; timings are the best of several repeats.
+"""
+import argparse
+import time
+
+import torch
+
+import losses
+
+SHAPE = (8, 1024, 151_936)
+
+
+def best_time(fn, device, repeats=5):
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _rss_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory allocated by fn() beyond what was in use before it, in bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:                 # reset the peak resident set (Linux)
+        f.write("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) * 1024
+
+
+def bench_memory(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(SHAPE, generator=g, device=device) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=g, device=device)
+    size = logits.numel() * logits.element_size()
+    leaf = logits.requires_grad_(True)
+
+    def ours():
+        logp = losses.token_logprobs(leaf, tokens)                # keeps only (B, T) outputs alive
+        ent, s2 = losses.token_entropy(leaf, exact_term=True)
+        return logp, ent, s2
+
+    def naive():
+        lsm = torch.log_softmax(leaf.float(), dim=-1)
+        logp = lsm.gather(-1, tokens[..., None]).squeeze(-1)
+        ent = -(lsm.exp() * lsm).sum(-1)
+        return logp, ent
+
+    for name, fn in (("chunked (losses.py)", ours), ("naive float32 log_softmax", naive)):
+        extra = peak_extra_bytes(fn, device)
+        print(f"  {name:28s} peak extra {extra / 2**30:6.2f} GiB = {extra / size:5.2f} x logits "
+              f"({size / 2**30:.2f} GiB bf16)")
+
+
+def bench_throughput(device):
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 2048 if device.type == "cpu" else 8192
+    logits = (torch.randn(n, SHAPE[-1], generator=g, device=device) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, SHAPE[-1], (n,), generator=g, device=device)
+    stream = best_time(lambda: logits.amax(-1), device)
+    logp = best_time(lambda: losses.token_logprobs(logits, tokens), device)
+    ent = best_time(lambda: losses.token_entropy(logits, exact_term=True), device)
+    gb = logits.numel() * 2 / 1e9
+    print(f"  {n} positions x V={SHAPE[-1]} bf16 ({gb:.2f} GB)")
+    print(f"  streaming pass (amax)          {stream * 1e3:8.1f} ms  {gb / stream:6.1f} GB/s")
+    print(f"  token_logprobs                 {logp * 1e3:8.1f} ms")
+    print(f"  token_entropy(exact_term)      {ent * 1e3:8.1f} ms")
+    print(f"  statistics / streaming pass    fraction of bandwidth bound = {stream / (logp + ent):.3f}")
+
+
+def bench_losses(device, B=64, T=4096):
+    g = torch.Generator(device=device).manual_seed(0)
+    old = -torch.rand(B, T, generator=g, device=device) * 3
+    logp0 = old + 0.1 * torch.randn(B, T, generator=g, device=device)
+    ref = old + 0.05 * torch.randn(B, T, generator=g, device=device)
+    adv = torch.randn(B, generator=g, device=device)
+    mask = (torch.rand(B, T, generator=g, device=device) < 0.9).float()
+    ent = torch.rand(B, T, generator=g, device=device) * 2
+    s2 = torch.rand(B, T, generator=g, device=device) * 0.1
+    batch = dict(old_logp=old, advantages=adv, mask=mask, entropy=ent, exact_term=s2, ref_logp=ref)
+
+    def step(name, **kw):
+        logp = logp0.clone().requires_grad_(True)
+        loss, _ = losses.LOSSES[name](logp=logp, **batch, **kw)
+        loss.backward()
+
+    base = best_time(lambda: step("grpo"), device, repeats=9)
+    print(f"  grpo_loss forward+backward on {B}x{T}: {base * 1e3:.2f} ms")
+    for name, kw in (("dapo", {}), ("drgrpo", {}), ("steer", {}), ("steer", {"omega": "exact"}),
+                     ("opefo", {}), ("opefo", {"flow": "exact"}), ("archer", {})):
+        t = best_time(lambda: step(name, **kw), device, repeats=9)
+        label = name + "".join(f" {k}={v}" for k, v in kw.items())
+        print(f"  {label:22s} {t * 1e3:8.2f} ms  ratio to grpo {t / base:5.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--only", choices=["memory", "throughput", "losses"], help="run one measurement")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}")
+    for what, fn in (("memory", bench_memory), ("throughput", bench_throughput), ("losses", bench_losses)):
+        if args.only in (None, what):
+            print(f"[{what}]")
+            fn(device)
+
+
+if __name__ == "__main__":
+    main()
