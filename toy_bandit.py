@@ -1,6 +1,6 @@
 """Entropy collapse in seconds: a tabular softmax policy trained with GRPO, DAPO, STEER, OPEFO and Archer.
 
-The first thing to run:  ``python toy_bandit.py``  (every algorithm, 3 seeds, well under 30 s on 2 cores).
+The first thing to run:  ``python toy_bandit.py``  (every algorithm, 3 seeds: about 15 s of CPU on 2 cores).
 
 The task. A "response" is T tokens from a vocabulary of K; the policy is one free logit row per position,
 a (T, K) ``nn.Parameter`` (the tabular setting of the STEER paper's entropy analysis, methods.md section 2).
@@ -38,6 +38,7 @@ Choices (the issue left them open):
   Steps whose gradient is exactly zero (every group had equal rewards) are left out. Pearson r per run.
 - No dynamic sampling and no overlong penalty (all responses have length T): every algorithm sees the same
   batches, and groups with equal rewards just contribute zero advantage.
+- ``--algos drgrpo`` (not in the default set): Dr. GRPO's loss with unnormalised advantages A = R - mean.
 - The labels of the correct tokens carry no meaning in a tabular policy, so they are fixed: tokens
   0 .. K//2 - 1 at forks, token 0 at knowledge positions.
 """
@@ -68,6 +69,24 @@ ALGOS = {
 DEFAULT_ALGOS = ("grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
 ON_POLICY = {"opefo"}          # losses that take exactly one update per rollout batch
 PASS_K = (1, 4, 16)
+HELP = {
+    "T": "response length (positions; even ones are forks)",
+    "K": "vocabulary size (forks have K // 2 correct tokens)",
+    "G": "group size",
+    "groups": "groups per rollout batch",
+    "steps": "rollout batches",
+    "updates": "optimizer steps per rollout batch (OPEFO always 1)",
+    "lr": "learning rate",
+    "optimizer": "sgd (the first-order analysis' setting) or adam",
+    "init_bias": "initial logit bonus of the correct tokens",
+    "init_noise": "std of the random initial logits",
+    "lambda_min": "STEER: smallest token weight",
+    "opefo_lr_scale": "OPEFO lr multiplier (None: sqrt(updates), as in the OPEFO paper)",
+    "archer_quantile": "Archer: per-response entropy quantile separating reasoning tokens",
+    "archer_kl": "Archer: KL coefficient on knowledge tokens",
+    "eval_samples": "samples of the final policy for pass@k and distinct answers",
+    "variants": "held-out task variants for pass@k",
+}
 
 
 @dataclass
@@ -324,7 +343,7 @@ def format_report(results, cfg, wall_s):
     for a, (h, acc) in curves.items():
         lines.append(f"{a:<12} H {sparkline(h, 0.0, h_hi)} {h[0]:.2f}->{h[-1]:.2f}   "
                      f"acc {sparkline(acc, 0.0, 1.0)} {acc[0]:.2f}->{acc[-1]:.2f}")
-    lines.append(f"\n{len(results)} runs in {wall_s:.1f} s")
+    lines.append(f"\n{len(results)} run{'s' * (len(results) != 1)} in {wall_s:.1f} s")
     return "\n".join(lines)
 
 
@@ -359,11 +378,11 @@ def parse_args(argv=None):
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if name == "optimizer":
-            p.add_argument(flag, default=value, choices=("sgd", "adam"))
+            p.add_argument(flag, default=value, choices=("sgd", "adam"), help=HELP[name])
         elif name == "opefo_lr_scale":
-            p.add_argument(flag, type=float, default=None, help="OPEFO lr multiplier (default sqrt(updates))")
+            p.add_argument(flag, type=float, default=None, help=HELP[name])
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, help=HELP[name])
     p.add_argument("--plot", metavar="FILE.png", help="draw entropy and accuracy curves (needs matplotlib)")
     p.add_argument("--json", metavar="FILE", help="write the summary (and per-step curves) as JSON")
     args = p.parse_args(argv)
@@ -375,6 +394,9 @@ def parse_args(argv=None):
         p.error("--seeds, --steps, --updates and --groups must be >= 1 and --G >= 2")
     if args.T < 1 or args.K < 2:
         p.error(f"--T must be >= 1 and --K >= 2, got T={args.T}, K={args.K}")
+    if args.eval_samples < max(PASS_K) or args.variants < 1 or args.lr <= 0:
+        p.error(f"--eval-samples must be >= {max(PASS_K)}, --variants >= 1 and --lr > 0; got "
+                f"{args.eval_samples}, {args.variants}, {args.lr}")
     cfg = Config(**{k: getattr(args, k) for k in asdict(defaults)})
     return algos, args.seeds, cfg, args
 

@@ -104,6 +104,16 @@ def test_steer_knob_reaches_the_loss():
     assert steer["entropy_curve"] != pytest.approx(dapo["entropy_curve"], abs=1e-4)
 
 
+def test_drgrpo_uses_unnormalised_advantages(monkeypatch):
+    seen = []
+    real = losses.group_advantages
+    monkeypatch.setattr(losses, "group_advantages",
+                        lambda r, g, **kw: seen.append(kw.get("std_normalize", True)) or real(r, g, **kw))
+    toy_bandit.run("drgrpo", 0, Config(steps=2))
+    toy_bandit.run("grpo", 0, Config(steps=2))
+    assert seen == [False, False, True, True]
+
+
 def test_opefo_takes_one_update_per_batch(monkeypatch):
     calls = []
     real = losses.LOSSES["opefo"]
@@ -151,6 +161,9 @@ def test_bad_flags_are_named(capsys):
     with pytest.raises(SystemExit):
         toy_bandit.parse_args(["--G", "1"])
     assert "--G" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        toy_bandit.parse_args(["--eval-samples", "8"])
+    assert "--eval-samples must be >= 16" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown algorithm"):
         toy_bandit.run("ppo", 0, SHORT)
 
