@@ -22,12 +22,14 @@ Where each formula comes from (equation numbers refer to the arXiv versions name
     opefo_loss           OPEFO arXiv 2605.11491 (entropy flow f, balance lambda*, on-policy REINFORCE)
     archer_loss          Archer arXiv 2507.15778 sec. 3 (per-response entropy quantile, dual-token clip and KL)
 
-The first-order entropy change that STEER and OPEFO estimate (see entropy_math.py for the derivation):
-a gradient step of size eta on w * log pi(a|s) changes the entropy of a tabular softmax by
-    paper form   -eta w (1 - pi_a)^2 (log pi_a + H)      (STEER v1, OPEFO; an approximation)
-    code form    -eta w (1 - pi_a) (log pi_a + H)        (released STEER code; only logit a moves)
-    exact form   -eta w [pi_a (log pi_a + H) - S2]       (full softmax gradient; exact to O(eta^2))
-where S2 = sum_b pi_b^2 (log pi_b + H). `first_order_term` returns the bracket (the factor after -eta w).
+The first-order entropy change that STEER and OPEFO estimate (entropy_math.py derives and tests it): a
+gradient step of size eta on w * log pi(a|s) changes the entropy at s of a tabular softmax by
+    exact        dH = -eta w [pi_a (log pi_a + H) - S2] + O(eta^2),   S2 = sum_b pi_b^2 (log pi_b + H)
+The papers score each token without the factor pi_a that the chain rule dH/dz_a = -pi_a (log pi_a + H)
+puts in front, and with an approximate logit step:
+    paper score  (1 - pi_a)^2 (log pi_a + H)     (STEER v1, OPEFO)
+    code score   (1 - pi_a)   (log pi_a + H)     (released STEER code)
+`first_order_term` returns one of these three factors g, so that each token's estimate is -w g.
 
 Usage
     from losses import LOSSES, group_advantages, token_logprobs, token_entropy
@@ -345,13 +347,18 @@ FIRST_ORDER_FORMS = ("paper", "code", "exact")
 
 
 def first_order_term(logp, entropy, exact_term=None, form="paper"):
-    """The tabular first-order entropy-change factor g per sampled token, (B, T), no gradient.
+    """The first-order entropy-change factor g per sampled token, (B, T), no gradient.
 
-    A step of size eta on w * log pi(a|s) changes the entropy by dH ~= -eta * w * g, with
-        paper:  g = (1 - pi_a)^2 (log pi_a + H)     (STEER v1 / OPEFO; drops the other tokens' terms)
-        code:   g = (1 - pi_a) (log pi_a + H)       (released STEER code, whose metric A/pi_old * pi(1-pi)(l+H)
-                                                     is r A g; exact if only the sampled logit moved)
-        exact:  g = pi_a (log pi_a + H) - S2,  S2 = sum_b pi_b^2 (log pi_b + H)   (full softmax gradient)
+    The estimate of a token's entropy change is -w g (eta dropped), with w the weight on log pi(a):
+        exact:  g = pi_a (log pi_a + H) - S2,  S2 = sum_b pi_b^2 (log pi_b + H)
+                the realised first-order change of a full-softmax step at that state, per unit eta w
+                (= entropy_math.dh_exact / (eta w))
+        paper:  g = (1 - pi_a)^2 (log pi_a + H)   (STEER v1's Omega and OPEFO's flow;
+                = entropy_math.dh_paper / (eta w pi_a))
+        code:   g = (1 - pi_a) (log pi_a + H)     (released STEER code, whose score A/pi_old * pi (1-pi)(l+H)
+                is r A g; = entropy_math.dh_sampled_logit / (eta w pi_a))
+    The paper and code scores omit the factor pi_a, so they weigh unlikely tokens more than their
+    realised entropy change does; "exact" is in the units of the realised change.
     pi_a = exp(logp) clamped to [1e-8, 1 - 1e-8]; H and S2 from token_entropy. Non-finite entries -> 0.
     """
     logp = logp.detach().to(_acc_dtype(logp.dtype)).clamp(math.log(1e-8), math.log1p(-1e-8))
