@@ -1,4 +1,4 @@
-"""Shared test set-up: every test runs on CPU, seeded, with a small thread count.
+"""Shared test set-up: every test runs on CPU, seeded, on one thread.
 
 Tests that read the real benchmark files use the `shared_data` fixture, which skips with a reason when
 ../shared/data is absent (a fresh clone of the project has no ../shared).
@@ -37,4 +37,4 @@ def shared_data():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)          # tiny tensors: one thread avoids contention overhead
