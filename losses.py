@@ -12,15 +12,21 @@ Conventions
     entropy, exact_term      : (B, T) from `token_entropy` on the behaviour policy (no gradient).
     Every loss returns (loss, metrics): a scalar to minimise and a dict of plain floats.
 
-Where each formula comes from (equation numbers refer to the arXiv versions named here)
-    group_advantages     GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1.2; Dr. GRPO arXiv 2503.20783 (no std)
-    ppo_clip_loss        PPO clipped surrogate; clip-higher from DAPO arXiv 2503.14476 eq. 10; dual clip
-    agg_loss             token-mean (DAPO eq. 12), seq-mean-token-mean (GRPO eq. 3), Dr. GRPO's constant norm
-    kl_penalty           k1/k2/k3 estimators (GRPO eq. 4 uses k3)
-    token_entropy        H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H)
-    steer_loss           STEER arXiv 2510.10150 sec. 3-4 (Omega, exponential / linear reweighting)
-    opefo_loss           OPEFO arXiv 2605.11491 (entropy flow f, balance lambda*, on-policy REINFORCE)
-    archer_loss          Archer arXiv 2507.15778 sec. 3 (per-response entropy quantile, dual-token clip and KL)
+Where each formula comes from (equation numbers as checked in the arXiv versions named)
+    group_advantages   GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1.2 (outcome supervision);
+                       Dr. GRPO arXiv 2503.20783 sec. 3.1-3.2 (no std division)
+    ppo_clip_loss      GRPO eq. 3; clip-higher eps_low/eps_high: DAPO arXiv 2503.14476 eq. 10 (sec. 3.1);
+                       dual clip as in verl (cap the loss of A < 0 tokens at c |A|)
+    agg_loss           seq-mean-token-mean: GRPO eq. 3; token-mean: DAPO eq. 12 (sec. 3.3);
+                       constant normaliser: Dr. GRPO sec. 3.2
+    kl_penalty         k3: GRPO eq. 4
+    token_entropy      H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H) (entropy_math.py)
+    steer_loss         STEER arXiv 2510.10150: the token-level entropy-change estimate Omega and the
+                       exponential reweighting lambda = lambda_min ** (|Omega| / max |Omega|)
+    opefo_loss         OPEFO arXiv 2605.11491: entropy flow f, balance lambda* = (N - P) / (N + P),
+                       strictly on-policy REINFORCE
+    archer_loss        Archer arXiv 2507.15778 v2 sec. 4.1: eqs. 2-5 (per-response entropy quantile,
+                       token-conditioned clip range and KL coefficient, joint objective)
 
 The first-order entropy change that STEER and OPEFO estimate (entropy_math.py derives and tests it): a
 gradient step of size eta on w * log pi(a|s) changes the entropy at s of a tabular softmax by
@@ -232,7 +238,7 @@ def token_entropy(logits, *, exact_term=False, chunk_size=None):
     logits: (..., V). Returns H (...) float32 (float64 for float64 logits):
         H = -sum_b pi_b log pi_b = log S - sum_b e_b z_b / S,  with z = logits - max, e = exp(z), S = sum e.
     With exact_term=True returns (H, S2) where S2 = sum_b pi_b^2 (log pi_b + H), the extra reduction that
-    the exact first-order entropy change needs (entropy_math.dh_exact; methods.md sec. 2), from the same pass:
+    the exact first-order entropy change needs (entropy_math.dh_exact), from the same pass:
         S2 = (sum e^2 z - log S sum e^2) / S^2 + H sum e^2 / S^2.
     -inf logits (masked vocabulary entries) contribute exactly zero.
     """
@@ -297,7 +303,7 @@ def _ppo_metrics(adv, mask, ratio, lo, hi, entropy=None):
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
               agg="token-mean", ref_logp=None, kl_coef=0.0, kl_kind="k3", entropy=None,
               num_tokens=None, num_seqs=None, norm_length=None):
-    """GRPO (arXiv 2402.03300 eq. 3): clipped surrogate on group advantages, optional KL to a reference.
+    """GRPO (arXiv 2402.03300 eq. 3-4): clipped surrogate on group advantages, optional KL to a reference.
 
     logp (B, T) with gradient; old_logp, ref_logp (B, T); advantages (B,) or (B, T); mask (B, T).
     loss = agg( max(-A r, -A clip(r, 1-clip_low, 1+clip_high)) ) + kl_coef * agg( KL_kind(pi || pi_ref) )
@@ -326,15 +332,15 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
 
 
 def dapo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.28, agg="token-mean", **kw):
-    """DAPO (arXiv 2503.14476): GRPO with clip-higher (0.2 / 0.28), token-mean over the batch, no KL.
+    """DAPO (arXiv 2503.14476 eq. 8): GRPO with clip-higher (0.2 / 0.28, eq. 10), token-mean (eq. 12), no KL.
 
-    Dynamic sampling and the soft overlong penalty are data-side and live in the trainer.
+    Dynamic sampling (eq. 11) and the soft overlong penalty (eq. 13) act on the data and live in the trainer.
     """
     return grpo_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, agg=agg, **kw)
 
 
 def drgrpo_loss(logp, old_logp, advantages, mask, *, agg="seq-mean-token-sum-norm", **kw):
-    """Dr. GRPO (arXiv 2503.20783): token sums divided by a constant (num_seqs * norm_length).
+    """Dr. GRPO (arXiv 2503.20783 sec. 3.2): token sums divided by a constant (num_seqs * norm_length).
 
     Pair it with group_advantages(..., std_normalize=False). Set norm_length to the generation budget
     (max new tokens) so that the normaliser does not depend on the batch.
@@ -532,41 +538,43 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
                 clip_reasoning=0.5, clip_knowledge=0.2, dual_clip=10.0, kl_knowledge=0.001,
                 kl_reasoning=0.0, kl_kind="k3", agg="token-mean", num_tokens=None, num_seqs=None,
                 norm_length=None):
-    """Archer (arXiv 2507.15778 sec. 3): dual-token constraints in one update.
+    """Archer (arXiv 2507.15778 v2, sec. 4.1): dual-token constraints in one update.
 
-    tau_i = quantile_rho({H_{i,t}}_t) over each response's valid tokens (rho = 0.8).
-    Reasoning tokens: H >= tau_i (~20%), clip range +-clip_reasoning (0.5), KL coefficient kl_reasoning (0).
-    Knowledge tokens: H < tau_i, clip range +-clip_knowledge (0.2), KL coefficient kl_knowledge (0.001).
-    loss = agg(PPO-clip with per-token range, dual clip 10) + kl_knowledge * mean_{knowledge}(k3)
-                                                           + kl_reasoning * mean_{reasoning}(k3)
-    The KL means are taken over this call's tokens of each type. (The official code marks reasoning
-    tokens with a strict H > tau; ties are measure-zero in practice.)
+    tau_i = Quantile_rho({H_{i,t}}_t) over each response's valid tokens, rho = 0.8          (eq. 2)
+    omega_{i,t} = 1[H_{i,t} >= tau_i]: reasoning tokens (~20%); the rest are knowledge tokens.
+    eps(e)  = omega clip_reasoning + (1 - omega) clip_knowledge   (0.5 / 0.2, both sides)   (eq. 3)
+    beta(e) = omega kl_reasoning   + (1 - omega) kl_knowledge     (0 / 0.001)               (eq. 4)
+    loss = agg( PPO-clip with range eps(e) and dual clip 10  +  beta(e) KL_k3(pi || pi_ref) )   (eq. 5)
+    The KL sits inside the same token aggregation as the policy term, as in eq. 5, so micro-batching with
+    num_tokens stays exact. (The official code instead averages the KL over the knowledge tokens only, an
+    effective coefficient about 1 / rho_k = 1.25 times larger, and marks reasoning tokens with a strict >.)
     entropy (B, T): the behaviour policy's token entropy; ref_logp (B, T): the frozen base model's.
-    Metrics: grpo_loss's plus reasoning_frac, kl_knowledge, kl_reasoning (the unweighted KL means).
+    Metrics: grpo_loss's plus reasoning_frac and kl_knowledge / kl_reasoning (unweighted KL means per type).
     """
     _check_tokens("logp", logp, mask)
     _check_tokens("old_logp", old_logp, mask)
     _check_tokens("entropy", entropy, mask)
     mask = mask.bool()
     adv = _broadcast_advantages(advantages, mask)
-    tau = response_quantile(entropy, mask, quantile)                                 # (B,)
-    reasoning = mask & (entropy.float() >= tau[:, None])
-    knowledge = mask & ~reasoning
-    eps = torch.where(reasoning, clip_reasoning, clip_knowledge).to(logp.dtype)     # (B, T) clip range
+    tau = response_quantile(entropy, mask, quantile)                                 # (B,)  eq. 2
+    reasoning = mask & (entropy >= tau[:, None].to(entropy.dtype))                   # omega
+    eps = torch.where(reasoning, clip_reasoning, clip_knowledge).to(logp.dtype)     # eq. 3
     per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
-    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     metrics = _ppo_metrics(adv, mask, ratio, 1 - eps, 1 + eps, entropy)
-    metrics["pg_loss"] = loss.detach()
     metrics["reasoning_frac"] = _masked_mean(reasoning.float(), mask)
+    metrics["pg_loss"] = agg_loss(per_token.detach(), mask, agg, **agg_kw)
     if kl_knowledge or kl_reasoning:
         if ref_logp is None:
             raise ValueError("Archer's KL terms need ref_logp (B, T) from the frozen base model "
                              "(or set kl_knowledge=0 and kl_reasoning=0)")
         _check_tokens("ref_logp", ref_logp, mask)
         kl = kl_penalty(logp, ref_logp, kl_kind)
-        kl_k, kl_r = _masked_mean(kl, knowledge), _masked_mean(kl, reasoning)
-        loss = loss + kl_knowledge * kl_k + kl_reasoning * kl_r
-        metrics.update(kl_knowledge=kl_k.detach(), kl_reasoning=kl_r.detach())
+        beta = torch.where(reasoning, kl_reasoning, kl_knowledge).to(kl.dtype)         # eq. 4
+        per_token = per_token + beta * kl
+        metrics.update(kl_knowledge=_masked_mean(kl.detach(), mask & ~reasoning),
+                       kl_reasoning=_masked_mean(kl.detach(), reasoning))
+    loss = agg_loss(per_token, mask, agg, **agg_kw)                                  # eq. 5
     return loss, _to_floats(metrics)
 
 
