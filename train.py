@@ -1,0 +1,948 @@
+"""The RLVR training loop: GRPO, DAPO, Dr. GRPO, STEER, OPEFO and Archer on one machine, end to end.
+
+It composes the other files: rollout.py samples G responses per prompt and scores their tokens,
+verifier.py turns each response into a 0/1 reward, losses.py gives group advantages and the six losses.
+One step (methods note sections 1-5):
+    sample prompts -> generate G each -> verify -> group advantages (drop all-equal groups: DAPO's dynamic
+    sampling without the refill, also Archer's default) -> old log-probs, entropy and the exact-term S2
+    (no grad) [-> reference log-probs when a KL term needs them] -> the chosen loss over U mini-batches,
+    each split into micro-batches with gradient accumulation, normalised by the mini-batch's totals
+    (num_tokens / num_seqs, so the gradient does not depend on the micro-batch size) -> clip -> step.
+
+Algorithm-specific wiring (where the papers or their code leave a choice):
+    STEER   omega_max, the M of lambda = lambda_min ** (m / M), is computed once per mini-batch from the
+            behaviour policy's statistics ("global batch scope of M", methods note section 3), so the weights
+            do not depend on the micro-batch size. The released code takes M per micro-batch.
+    OPEFO   one optimizer step per rollout batch (--updates-per-batch is forced to 1) and the flow totals
+            (P, N) of lambda* are computed over the whole batch and passed to every micro-batch.
+    Archer  the KL means over knowledge / reasoning tokens are made batch-global when micro-batching by
+            scaling each micro-batch's coefficient with its share of those tokens.
+    GRPO    a frozen reference model is loaded only when --kl-coef > 0 (Archer: when its KL is on).
+
+The tiny lab (--preset tiny; the default on a machine without CUDA): a character-level tokenizer, a
+~0.1M-parameter Qwen2 built in code, synthetic arithmetic problems ("7+3*4" -> "3*4=12 7+12=19 \\boxed{19}"),
+a cached supervised warm start that leaves the model at moderate accuracy, then RL. Runs offline on CPU.
+
+Outputs in the run directory: config.json, metrics.jsonl (one line per step; step 0 holds the evaluation of
+the starting model), samples.jsonl, checkpoints/step_NNNNNN (save_pretrained + optimizer, RNG and data-order
+state; written to a temporary folder and renamed, then the `latest` pointer is replaced atomically) and,
+with --plot, curves.png. --resume DIR continues a run bit-for-bit on CPU (same metrics except timings).
+
+--measure-entropy-change re-computes the entropy on each mini-batch after its update and logs the Pearson /
+Spearman correlation between each token's predicted first-order change (exact, STEER-code and paper forms,
+losses.first_order_term) and the realised change (the STEER paper's estimator-accuracy experiment, here with
+shared parameters). The per-token weight w on log pi is read off the autograd graph (w = -dLoss/dlogp), so it
+includes clipping, ratios, STEER / OPEFO weights and KL terms exactly. With AdamW the update is not a plain
+gradient step (per-parameter scaling), so the predictions hold only up to that preconditioning; use
+--optimizer sgd to test the first-order formulas on a plain step.
+
+Run:
+    python train.py --algo grpo                         # tiny lab on CPU (about 3 minutes on 2 cores)
+    python train.py --algo steer --preset qwen-0.5b-gsm8k --out runs/steer-gsm8k
+    python train.py --resume runs/steer-gsm8k
+    python train.py --help
+"""
+import argparse
+import contextlib
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import losses
+import rollout
+import verifier
+from entropy_math import pearson, sign_agreement, spearman
+
+ALGOS = ("grpo", "dapo", "drgrpo", "steer", "opefo", "archer")
+CACHE_DIR = Path(".cache") / "tiny_lab"
+
+# ------------------------------------------------------------------------------------------- presets
+# Every tunable flag defaults to None; the preset fills it, then ALGO_DEFAULTS, then BASE_DEFAULTS.
+BASE_DEFAULTS = dict(
+    prompts_per_step=8, group_size=8, max_new_tokens=1024, temperature=1.0, top_p=1.0, lr=1e-6, steps=100,
+    updates_per_batch=2, micro_batch_size=8, max_grad_norm=1.0, optimizer="adamw", eval_interval=20,
+    eval_k=8, eval_size=None, eval_temperature=1.0, save_interval=20, log_samples=2, seed=0,
+    dataset_split="train", eval_split="test", answer_format="auto", bf16=False, gradient_checkpointing=False,
+    tiny_sft_steps=400,
+)
+PRESETS = {
+    "tiny": dict(prompts_per_step=8, group_size=8, max_new_tokens=24, lr=5e-4, steps=100, updates_per_batch=2,
+                 micro_batch_size=64, eval_interval=20, eval_k=8, eval_size=128, save_interval=50),
+    "qwen-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B", dataset="DigitalLearningGmbH/MATH-lighteval",
+                           eval_dataset="HuggingFaceH4/MATH-500", dataset_split="train", eval_split="test",
+                           prompts_per_step=8, group_size=8, max_new_tokens=1024, lr=1e-6, steps=500,
+                           micro_batch_size=8, eval_interval=50, eval_k=4, bf16=True, gradient_checkpointing=True),
+    "qwen-0.5b-gsm8k": dict(model="Qwen/Qwen2.5-0.5B-Instruct", dataset="openai/gsm8k:main",
+                            eval_dataset="openai/gsm8k:main", dataset_split="train", eval_split="test",
+                            prompts_per_step=8, group_size=8, max_new_tokens=512, lr=1e-6, steps=200,
+                            micro_batch_size=16, eval_interval=50, eval_k=4, eval_size=500, bf16=True,
+                            gradient_checkpointing=True),
+}
+# Dr. GRPO: no std in the advantage; DAPO and Archer drop all-equal groups; OPEFO is strictly on-policy.
+ALGO_DEFAULTS = {
+    "grpo": dict(drop_equal_groups=False),
+    "dapo": dict(drop_equal_groups=True),
+    "drgrpo": dict(drop_equal_groups=False),
+    "steer": dict(drop_equal_groups=False),
+    "opefo": dict(drop_equal_groups=False),
+    "archer": dict(drop_equal_groups=True),
+}
+# CLI flag -> keyword of the loss (per algorithm where the names differ). None defaults = the loss's own.
+LOSS_KNOBS = {
+    "clip_low": "clip_low", "clip_high": "clip_high", "dual_clip": "dual_clip", "agg": "agg",
+    "kl_coef": "kl_coef", "lambda_min": "lambda_min", "first_order_form": {"steer": "omega", "opefo": "flow"},
+    "archer_quantile": "quantile", "clip_reasoning": "clip_reasoning", "clip_knowledge": "clip_knowledge",
+    "kl_knowledge": "kl_knowledge",
+}
+LOSS_FUNCS = {"grpo": losses.grpo_loss, "dapo": losses.grpo_loss, "drgrpo": losses.grpo_loss,
+              "steer": losses.steer_loss, "opefo": losses.opefo_loss, "archer": losses.archer_loss}
+# loss metrics that are partial sums when micro-batching (global normalisers): summed, the rest token-averaged
+SUMMED_METRICS = ("pg_loss", "kl", "weighted_flow")
+# metrics whose values depend on the machine's speed, not on the run's numbers (ignored by resume checks)
+TIMING_KEYS = ("time/", "tokens_per_s", "peak_mem_mb")
+
+
+# ------------------------------------------------------------------------------------------- tiny lab
+TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=192, max_position_embeddings=128)
+TINY_DATA = dict(max_operand=10, ops="+-*", train_size=20000, eval_size=256, seed=1234)
+TINY_SFT = dict(batch_size=64, lr=3e-3, seed=0)
+# the tiny tokenizer's chat template keeps only the user message (the tiny model cannot read a system
+# prompt) and appends "=" as the generation prompt, so a prompt is e.g. "7+3*4="
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
+                      "{% endfor %}{% if add_generation_prompt %}={% endif %}")
+
+
+def tiny_tokenizer():
+    """Character-level PreTrainedTokenizerFast: <pad>=0, <eos>=1, <unk>=2, then printable ASCII and newline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # one token per char
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                  unk_token="<unk>", clean_up_tokenization_spaces=False, padding_side="left")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_problem(rng, max_operand, ops):
+    """One synthetic problem "a o1 b o2 c" (o from `ops`, a subset of "+-*"; operands in [0, max_operand))
+    -> (problem, solution, answer).
+
+    The solution shows the two intermediate results in precedence order and ends with \\boxed{answer}.
+    """
+    a, b, c = (rng.randrange(max_operand) for _ in range(3))
+    o1, o2 = rng.choice(ops), rng.choice(ops)
+    apply = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+    if o2 == "*" and o1 != "*":                                 # b*c first
+        x = b * c
+        steps = [f"{b}*{c}={x}", f"{a}{o1}{x}={apply[o1](a, x)}"]
+        y = apply[o1](a, x)
+    else:                                                       # left to right
+        x = apply[o1](a, b)
+        y = apply[o2](x, c)
+        steps = [f"{a}{o1}{b}={x}", f"{x}{o2}{c}={y}"]
+    return f"{a}{o1}{b}{o2}{c}", " ".join(steps) + f" \\boxed{{{y}}}", str(y)
+
+
+def tiny_datasets():
+    """(train, eval) lists of {"problem", "answer", "solution", "source"}; eval problems never occur in train."""
+    rng = random.Random(TINY_DATA["seed"])
+    held_out, seen = [], set()
+    while len(held_out) < TINY_DATA["eval_size"]:
+        p, s, a = tiny_problem(rng, TINY_DATA["max_operand"], TINY_DATA["ops"])
+        if p not in seen:
+            seen.add(p)
+            held_out.append({"problem": p, "answer": a, "solution": s, "source": f"tiny-eval:{len(held_out)}"})
+    train = []
+    while len(train) < TINY_DATA["train_size"]:
+        p, s, a = tiny_problem(rng, TINY_DATA["max_operand"], TINY_DATA["ops"])
+        if p not in seen:
+            train.append({"problem": p, "answer": a, "solution": s, "source": f"tiny-train:{len(train)}"})
+    return train, held_out
+
+
+def tiny_warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
+    """Path of the warm-started tiny model (model + tokenizer, save_pretrained format), built once and cached.
+
+    Supervised next-token training on the solutions (loss on the response tokens only) for sft_steps steps
+    of TINY_SFT["batch_size"] problems. The cache key hashes every setting that changes the weights.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    key = json.dumps(dict(model=TINY_MODEL, data=TINY_DATA, sft=TINY_SFT, steps=sft_steps,
+                          torch=torch.__version__.split("+")[0]), sort_keys=True)
+    path = Path(cache_root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (path / "config.json").exists():
+        return path
+    log(f"tiny lab: building the warm-started model ({sft_steps} supervised steps) in {path}")
+    tok = tiny_tokenizer()
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SFT["seed"])
+        config = Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             bos_token_id=tok.eos_token_id, tie_word_embeddings=True, **TINY_MODEL)
+        model = Qwen2ForCausalLM(config)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+        train, _ = tiny_datasets()
+        rng = random.Random(TINY_SFT["seed"])
+        opt = torch.optim.AdamW(model.parameters(), lr=TINY_SFT["lr"], weight_decay=0.0)
+        model.train()
+        for _ in range(sft_steps):
+            batch = rng.sample(train, TINY_SFT["batch_size"])
+            prompts = [tok(rollout.format_prompt(tok, b["problem"]), add_special_tokens=False)["input_ids"]
+                       for b in batch]
+            answers = [tok(b["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                       for b in batch]
+            width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+            ids = torch.full((len(batch), width), tok.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (p, a) in enumerate(zip(prompts, answers)):
+                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+                labels[i, len(p):len(p) + len(a)] = torch.tensor(a)         # loss on the response only
+                attn[i, :len(p) + len(a)] = 1
+            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, path)                                     # atomic; a concurrent builder may have won
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- datasets
+def _gsm8k_answer(text):
+    """The number after GSM8K's "####" marker (thousands separators removed), or None."""
+    if "####" not in text:
+        return None
+    value = text.rsplit("####", 1)[1].strip().replace(",", "")
+    return value or None
+
+
+def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_format="auto"):
+    """Map one dataset row (dict) to {"problem", "answer", "source"}; raise ValueError naming `where` and the field.
+
+    problem_field default: the first of "problem", "question" present. answer_field default: "answer" if
+    present, else "solution". answer_format:
+        plain  the field's value as text (JSON numbers such as AMC23's 27.0 become "27.0")
+        gsm8k  the number after "####"
+        boxed  the last \\boxed{...} of the field (verifier.extract_answer), e.g. Minerva's solution
+        auto   gsm8k if the text contains "####", boxed for a "solution" field, plain otherwise
+    """
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    pf = problem_field or next((f for f in ("problem", "question") if f in row), "problem")
+    af = answer_field or ("answer" if "answer" in row else "solution")
+    problem = row.get(pf)
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"{where}: field {pf!r} (the problem) is missing or empty; "
+                         f"fields present: {sorted(row)} (choose one with --problem-field)")
+    raw = row.get(af)
+    if raw is None or isinstance(raw, (dict, list, bool)) or (isinstance(raw, str) and not raw.strip()):
+        raise ValueError(f"{where}: field {af!r} (the answer) is missing, empty or not text/number: {raw!r}; "
+                         f"fields present: {sorted(row)} (choose one with --answer-field)")
+    text = raw if isinstance(raw, str) else json.dumps(raw)
+    fmt = answer_format
+    if fmt == "auto":
+        fmt = "gsm8k" if "####" in text else "boxed" if af == "solution" else "plain"
+    if fmt == "gsm8k":
+        answer = _gsm8k_answer(text)
+    elif fmt == "boxed":
+        answer = verifier.extract_answer(text)
+    elif fmt == "plain":
+        answer = text.strip()
+    else:
+        raise ValueError(f"unknown --answer-format {answer_format!r}; choose auto, plain, gsm8k or boxed")
+    if not answer:
+        raise ValueError(f"{where}: field {af!r} has no {fmt} answer in {text[-80:]!r}")
+    return {"problem": problem, "answer": answer, "source": where}
+
+
+def load_items(spec, split, *, problem_field=None, answer_field=None, answer_format="auto"):
+    """Problems from a local JSON Lines file (path ending .jsonl/.json) or a Hub dataset "name[:config]".
+
+    Every row must be usable: a bad row raises ValueError naming the file, the 1-based row and the field.
+    """
+    fields = dict(problem_field=problem_field, answer_field=answer_field, answer_format=answer_format)
+    path = Path(spec)
+    if path.suffix in (".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {spec} not found")
+        items = []
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, row {n}: not valid JSON ({e.msg})") from None
+                items.append(row_to_item(row, f"{path}, row {n}", **fields))
+        if not items:
+            raise ValueError(f"dataset file {path} has no rows")
+        return items
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # the hub is unreachable, the name is wrong, or the split does not exist
+        raise SystemExit(f"cannot load dataset {spec!r} (split {split!r}) from the Hugging Face Hub: "
+                         f"{type(e).__name__}: {str(e)[:200]}\nOffline alternatives: a local JSON Lines file "
+                         f"(--dataset path/to/file.jsonl with --problem-field/--answer-field), or --preset tiny.")
+    return [row_to_item(dict(row), f"{spec}[{split}], row {n}", **fields) for n, row in enumerate(ds, 1)]
+
+
+def load_model(name_or_path, *, device, bf16=False, gradient_checkpointing=False, trainable=True):
+    """(model, tokenizer) from a Hub name or local folder, SDPA attention; a clear error when unreachable.
+
+    Weights stay float32 (the master copy AdamW updates); --bf16 runs the forward passes under autocast.
+    A frozen reference (trainable=False) is stored in bf16 when bf16 is on, to halve its memory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch.bfloat16 if (bf16 and not trainable) else torch.float32,
+            attn_implementation="sdpa")
+    except OSError as e:
+        raise SystemExit(f"cannot load model {name_or_path!r}: {str(e)[:300]}\nOffline alternatives: a local "
+                         f"folder written by save_pretrained (--model path/to/model), or --preset tiny.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    if trainable:
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.eval().requires_grad_(False)
+    return model, tok
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk, system_prompt, autocast):
+    """Held-out accuracy: avg@k and unbiased pass@j (j = 1, 2, 4, .. <= k) from k samples at `temperature`,
+    and greedy accuracy. Items whose gold the verifier cannot parse are skipped and counted.
+
+    Sampling uses torch's global RNG: the caller forks it so that evaluation does not change training.
+    """
+    model.eval()
+    correct, greedy, skipped = [], [], 0
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=system_prompt) for it in part]
+        with torch.no_grad(), autocast():
+            sampled = rollout.generate(model, tok, prompts, group_size=k, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p)
+            greedy_ro = rollout.generate(model, tok, prompts, group_size=1, max_new_tokens=max_new_tokens,
+                                         temperature=0.0)
+        for j, it in enumerate(part):
+            verdicts = [verifier.score(c, it["answer"]).correct for c in sampled.completions[j * k:(j + 1) * k]]
+            if any(v is None for v in verdicts):
+                skipped += 1
+                continue
+            correct.append(sum(verdicts))
+            greedy.append(bool(verifier.score(greedy_ro.completions[j], it["answer"]).correct))
+    out = {"eval/skipped_gold": skipped, "eval/n": len(correct)}
+    if correct:
+        out[f"eval/avg@{k}"] = sum(c / k for c in correct) / len(correct)
+        j = 1
+        while j <= k:
+            out[f"eval/pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(correct)
+            j *= 2
+        out["eval/greedy_acc"] = sum(greedy) / len(greedy)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- one RL step
+def loss_kwargs(cfg):
+    """The loss knobs the user set, renamed to the chosen loss's keywords; an error for a knob it does not take."""
+    algo = cfg["algo"]
+    takes = set(inspect.signature(LOSS_FUNCS[algo]).parameters)
+    kwargs = {}
+    for flag, target in LOSS_KNOBS.items():
+        if cfg.get(flag) is None:
+            continue
+        name = target.get(algo) if isinstance(target, dict) else target
+        if name is None or name not in takes:
+            raise SystemExit(f"--{flag.replace('_', '-')} does not apply to --algo {algo}")
+        kwargs[name] = cfg[flag]
+    if algo == "drgrpo":
+        kwargs.setdefault("norm_length", cfg["max_new_tokens"])   # Dr. GRPO's constant: the generation budget
+    return kwargs
+
+
+def loss_default(algo, name):
+    """Default value of keyword `name` of the algorithm's loss function."""
+    return inspect.signature(LOSS_FUNCS[algo]).parameters[name].default
+
+
+def needs_reference(cfg):
+    """A frozen reference model is needed for Archer's KL (on unless both coefficients are 0) and GRPO's kl_coef."""
+    kw = loss_kwargs(cfg)
+    if cfg["algo"] == "archer":
+        return bool(kw.get("kl_knowledge", loss_default("archer", "kl_knowledge"))
+                    or kw.get("kl_reasoning", loss_default("archer", "kl_reasoning")))
+    return bool(kw.get("kl_coef", 0.0))
+
+
+def _take(batch, rows):
+    """Rows `rows` (list of int) of every (N, ...) tensor in dict `batch`."""
+    idx = torch.as_tensor(rows, device=batch["mask"].device)
+    return {k: (v.index_select(0, idx) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _mean_metrics(parts):
+    """Average of a list of (weight, metrics dict) pairs, key by key."""
+    total, acc = {}, {}
+    for w, m in parts:
+        for k, v in m.items():
+            acc[k] = acc.get(k, 0.0) + w * v
+            total[k] = total.get(k, 0.0) + w
+    return {k: acc[k] / total[k] for k in acc if total[k] > 0}
+
+
+def update(model, optimizer, batch, cfg, stats_fn, autocast):
+    """The loss over U mini-batches (one optimizer step each) of the kept responses; returns a metrics dict.
+
+    batch: input_ids, attention_mask (N, P+R); mask (N, R); advantages (N,); old_logp, entropy, exact_term
+    and optionally ref_logp (N, R); prompt_length. Mini-batches are whole groups; micro-batches of at most
+    cfg["micro_batch_size"] rows accumulate gradients with the mini-batch's num_tokens / num_seqs.
+    A non-finite loss or gradient norm skips that optimizer step (parameters untouched) and is counted.
+    """
+    algo, g = cfg["algo"], cfg["group_size"]
+    kwargs = loss_kwargs(cfg)
+    n = batch["mask"].shape[0]
+    groups = list(range(n // g))
+    n_mini = 1 if algo == "opefo" else min(cfg["updates_per_batch"], len(groups))
+    minis = [sum(([i * g + j for j in range(g)] for i in groups[m::n_mini]), []) for m in range(n_mini)]
+    parts, skipped, grad_norms, measured = [], 0, [], []
+    if algo == "opefo":        # lambda* from the whole batch's flow (pi = pi_old: one on-policy step)
+        flow = losses.entropy_flow(batch["old_logp"], batch["advantages"], batch["mask"], batch["entropy"],
+                                   batch["exact_term"], kwargs.get("flow", loss_default("opefo", "flow")))
+        _, pos, neg = losses.opefo_balance(flow)
+        kwargs["flow_totals"] = (float(pos), float(neg))
+    for rows in minis:
+        mb = _take(batch, rows)
+        mask = mb["mask"].bool()
+        totals = dict(num_tokens=int(mask.sum()), num_seqs=len(rows))
+        extra = {}
+        if algo == "steer":    # M over the whole mini-batch, from the behaviour policy (r = 1)
+            form = kwargs.get("omega", loss_default("steer", "omega"))
+            omega = mb["advantages"][:, None] * losses.first_order_term(mb["old_logp"], mb["entropy"],
+                                                                        mb["exact_term"], form)
+            extra["omega_max"] = float(torch.where(mask, omega.abs(), 0.0).max())
+        if algo == "archer":   # token type per response, independent of the micro-batch split
+            tau = losses.response_quantile(mb["entropy"], mask, kwargs.get("quantile", loss_default("archer", "quantile")))
+            reasoning = mask & (mb["entropy"] >= tau[:, None])
+            n_reason, n_know = int(reasoning.sum()), int((mask & ~reasoning).sum())
+        before = stats_fn(mb, with_entropy=True) if cfg["measure_entropy_change"] else None
+        weights = torch.zeros_like(mb["mask"])
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        step_parts, loss_sum, finite = [], 0.0, True
+        for s in range(0, len(rows), cfg["micro_batch_size"]):
+            sub = list(range(s, min(s + cfg["micro_batch_size"], len(rows))))
+            mu = _take(mb, sub)
+            call = dict(kwargs, **extra)
+            if algo == "archer":
+                mu_reason = reasoning[sub]
+                for key, count, part in (("kl_knowledge", n_know, mu["mask"].bool() & ~mu_reason),
+                                         ("kl_reasoning", n_reason, mu_reason)):
+                    coef = call.get(key, loss_default("archer", key))      # mean over this call -> batch mean
+                    call[key] = coef * int(part.sum()) / count if count else 0.0
+            with autocast():
+                logp = stats_fn(mu, with_grad=True, with_entropy=False)["logp"]
+            if cfg["measure_entropy_change"]:
+                logp.retain_grad()
+            loss, metrics = losses.LOSSES[algo](
+                logp=logp, old_logp=mu["old_logp"], advantages=mu["advantages"], mask=mu["mask"],
+                entropy=mu["entropy"], exact_term=mu["exact_term"], ref_logp=mu.get("ref_logp"), **totals, **call)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            if cfg["measure_entropy_change"]:
+                weights[sub] = -logp.grad.detach()          # w = -dLoss/dlogp per token
+            loss_sum += float(loss.detach())
+            step_parts.append((int(mu["mask"].sum()), metrics))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"]) if finite else None
+        if not finite or not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)           # skip: parameters untouched
+            skipped += 1
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        grad_norms.append(float(norm))
+        merged = _mean_metrics(step_parts)
+        for key in SUMMED_METRICS:         # partial sums under the mini-batch's normalisers: add them up
+            if key in merged:
+                merged[key] = sum(m[key] for _, m in step_parts)
+        parts.append((1.0, dict(merged, loss=loss_sum)))
+        if before is not None:
+            after = stats_fn(mb, with_entropy=True)
+            measured.append(_entropy_change_terms(before, after, weights, mask))
+    out = {f"loss/{k}": v for k, v in _mean_metrics(parts).items()}
+    out.update({"updates": len(parts), "skipped_nonfinite": skipped,
+                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")})
+    if measured:
+        out.update(_entropy_change_report(measured))
+    return out
+
+
+def _entropy_change_terms(before, after, weights, mask):
+    """Per valid token: realised entropy change and the three first-order predictions (scale-free, eta dropped).
+
+    predicted = -w * g with g = losses.first_order_term(form) at the pre-update policy (methods note sec. 2).
+    """
+    realised = (after["entropy"] - before["entropy"])[mask]
+    pred = {form: (-weights * losses.first_order_term(before["logp"], before["entropy"], before["exact_term"],
+                                                      form))[mask]
+            for form in losses.FIRST_ORDER_FORMS}
+    return realised, pred
+
+
+def _entropy_change_report(measured):
+    """Pearson / Spearman / sign agreement between realised and predicted per-token entropy changes."""
+    realised = torch.cat([r for r, _ in measured]).double()
+    out = {"dH/realised_mean": float(realised.mean()), "dH/tokens": realised.numel()}
+    for form in losses.FIRST_ORDER_FORMS:
+        pred = torch.cat([p[form] for _, p in measured]).double()
+        if realised.numel() > 2 and pred.std() > 0 and realised.std() > 0:
+            out[f"dH/pearson_{form}"] = pearson(pred, realised)
+            out[f"dH/spearman_{form}"] = spearman(pred, realised)
+            out[f"dH/sign_agree_{form}"] = sign_agreement(pred, realised)
+    return out
+
+
+def rl_step(state, cfg, items):
+    """One RL step on the prompts `items`; returns (metrics dict, sample records)."""
+    model, tok, ref_model = state["model"], state["tok"], state["ref_model"]
+    autocast, g = state["autocast"], cfg["group_size"]
+    timings = {}
+    t = time.perf_counter()
+    prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=cfg["system_prompt"]) for it in items]
+    model.eval()
+    with torch.no_grad(), autocast():
+        ro = rollout.generate(model, tok, prompts, group_size=g, max_new_tokens=cfg["max_new_tokens"],
+                              temperature=cfg["temperature"], top_p=cfg["top_p"])
+    timings["generate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scores = [verifier.score(c, items[int(i)]["answer"]) for c, i in zip(ro.completions, ro.prompt_index.tolist())]
+    timings["score"] = time.perf_counter() - t
+    rewards = torch.tensor([s.reward for s in scores])
+    bad_gold = [any(scores[i * g + j].correct is None for j in range(g)) for i in range(len(items))]
+    adv = losses.group_advantages(rewards, g, std_normalize=cfg["algo"] != "drgrpo").to(ro.response_mask.device)
+    all_equal = (rewards.view(-1, g) == rewards.view(-1, g)[:, :1]).all(1).tolist()
+    keep_groups = [i for i in range(len(items))
+                   if not bad_gold[i] and not (cfg["drop_equal_groups"] and all_equal[i])]
+    lengths = ro.response_length.float()
+    valid_resp = ro.response_mask.sum()
+    metrics = {
+        "reward": float(rewards.mean()), "accuracy": sum(s.correct is True for s in scores) / len(scores),
+        "response_length": float(lengths.mean()), "truncation_rate": float(ro.truncated.float().mean()),
+        "groups_kept": len(keep_groups), "groups_all_equal": sum(all_equal),
+        "skipped_unparseable_gold": sum(bad_gold),
+        "timed_out_verifications": sum(bool(s.timed_out) for s in scores),
+    }
+    records = [{"prompt": items[i // g]["problem"], "gold": items[i // g]["answer"],
+                "completion": ro.completions[i], "answer": scores[i].answer, "reward": scores[i].reward}
+               for i in range(0, min(cfg["log_samples"], len(items)) * g, g)]
+
+    def stats_fn(b, with_grad=False, with_entropy=True, net=None):
+        with torch.set_grad_enabled(with_grad), autocast():
+            return rollout.response_stats(net or model, b["input_ids"], b["attention_mask"], b["prompt_length"],
+                                          b["mask"], temperature=cfg["temperature"], with_grad=with_grad,
+                                          with_entropy=with_entropy, micro_batch_size=cfg["micro_batch_size"])
+
+    t = time.perf_counter()
+    model.eval()
+    full = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.response_mask,
+            "prompt_length": ro.prompt_length}
+    old = stats_fn(full)
+    metrics["entropy"] = float((old["entropy"] * ro.response_mask).sum() / valid_resp.clamp(min=1))
+    rows = [i * g + j for i in keep_groups for j in range(g)]
+    timings["stats"] = time.perf_counter() - t
+    if rows:
+        batch = _take(dict(full, advantages=adv, old_logp=old["logp"], entropy=old["entropy"],
+                           exact_term=old["exact_term"]), rows)
+        if ref_model is not None:
+            t = time.perf_counter()
+            batch["ref_logp"] = stats_fn(batch, with_entropy=False, net=ref_model)["logp"]
+            timings["stats"] += time.perf_counter() - t
+        t = time.perf_counter()
+        metrics.update(update(model, state["optimizer"], batch, cfg, stats_fn, autocast))
+        timings["update"] = time.perf_counter() - t
+        metrics["update_tokens"] = int(batch["mask"].sum())
+    else:
+        metrics.update(updates=0, skipped_nonfinite=0, update_tokens=0)
+        timings["update"] = 0.0
+    gen_tokens = int(valid_resp)
+    metrics["tokens_per_s/generate"] = gen_tokens / max(timings["generate"], 1e-9)
+    metrics["tokens_per_s/step"] = gen_tokens / max(sum(timings.values()), 1e-9)
+    metrics.update({f"time/{k}": v for k, v in timings.items()})
+    return metrics, records
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def rng_state(data_rng, order):
+    """Every RNG the run draws from: torch (CPU and CUDA), python's global random, and the data order
+    (the data-order RNG and the unvisited rest of the current epoch's shuffled order)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "data": data_rng.getstate(),
+            "order": list(order), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(saved, data_rng):
+    """Restore what rng_state saved; returns the data order to continue with."""
+    torch.set_rng_state(saved["torch"])
+    random.setstate(saved["python"])
+    data_rng.setstate(saved["data"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    return list(saved["order"])
+
+
+def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order):
+    """checkpoints/step_NNNNNN with model + tokenizer (save_pretrained) and trainer_state.pt, atomically.
+
+    Written into a temporary folder, renamed into place, then the `latest` pointer file is replaced with
+    os.replace; older checkpoints are removed only after that. A crash at any point leaves the previous
+    checkpoint as `latest`.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(data_rng, order)},
+               tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    for old in root.glob("step_*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir):
+    """Path of the checkpoint named by checkpoints/latest, or None."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").exists() else None
+
+
+def _truncate_jsonl(path, last_step):
+    """Keep only the lines of a JSON Lines log whose "step" is <= last_step (the resumed run rewrites the rest)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# ------------------------------------------------------------------------------------------- driver
+def build_parser():
+    p = argparse.ArgumentParser(description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--algo", choices=ALGOS, default="grpo", help="loss / algorithm")
+    a("--preset", choices=sorted(PRESETS), help="settings bundle; default: tiny without CUDA")
+    a("--model", help="Hub name or local folder of the policy (not with --preset tiny)")
+    a("--dataset", help="training problems: a .jsonl file or a Hub dataset name[:config]")
+    a("--eval-dataset", help="held-out problems, same forms as --dataset")
+    a("--dataset-split", help="Hub split of --dataset")
+    a("--eval-split", help="Hub split of --eval-dataset")
+    a("--problem-field", help="row field holding the problem (default: problem or question)")
+    a("--answer-field", help="row field holding the gold (default: answer, else solution)")
+    a("--answer-format", choices=("auto", "plain", "gsm8k", "boxed"), help="how to read the gold from its field")
+    a("--prompts-per-step", type=int, help="prompts sampled per RL step")
+    a("--group-size", type=int, help="responses per prompt (G)")
+    a("--max-new-tokens", type=int, help="generation budget per response")
+    a("--temperature", type=float, help="sampling temperature (also scales the scored logits)")
+    a("--top-p", type=float, help="nucleus sampling threshold for rollouts")
+    a("--lr", type=float, help="learning rate")
+    a("--optimizer", choices=("adamw", "sgd"), help="AdamW (default) or plain SGD (for first-order checks)")
+    a("--steps", type=int, help="RL steps (with --resume: the new total)")
+    a("--updates-per-batch", type=int, help="optimizer steps (mini-batches) per rollout batch; 1 for OPEFO")
+    a("--micro-batch-size", type=int, help="sequences per forward/backward (gradient accumulation)")
+    a("--max-grad-norm", type=float, help="gradient clipping norm")
+    a("--drop-equal-groups", action=argparse.BooleanOptionalAction, default=None,
+      help="drop groups whose rewards are all equal (default: on for dapo, archer)")
+    a("--clip-low", type=float, help="PPO clip epsilon below 1 (grpo/dapo/drgrpo/steer)")
+    a("--clip-high", type=float, help="PPO clip epsilon above 1 (grpo/dapo/drgrpo/steer)")
+    a("--dual-clip", type=float, help="dual-clip constant c for negative advantages")
+    a("--agg", choices=losses.AGG_MODES, help="loss aggregation mode")
+    a("--kl-coef", type=float, help="GRPO's k3 KL coefficient to the frozen start model")
+    a("--lambda-min", type=float, help="STEER's smallest token weight")
+    a("--first-order-form", choices=losses.FIRST_ORDER_FORMS, help="STEER Omega / OPEFO flow form")
+    a("--archer-quantile", type=float, help="Archer's per-response entropy quantile rho")
+    a("--clip-reasoning", type=float, help="Archer's clip range on high-entropy tokens")
+    a("--clip-knowledge", type=float, help="Archer's clip range on low-entropy tokens")
+    a("--kl-knowledge", type=float, help="Archer's KL coefficient on low-entropy tokens")
+    a("--eval-interval", type=int, help="evaluate every N steps (0: only at start and end)")
+    a("--eval-k", type=int, help="samples per held-out problem for avg@k / pass@k")
+    a("--eval-size", type=int, help="use the first N held-out problems")
+    a("--eval-temperature", type=float, help="sampling temperature of avg@k / pass@k")
+    a("--save-interval", type=int, help="checkpoint every N steps (and at the end)")
+    a("--log-samples", type=int, help="prompts per step written to samples.jsonl")
+    a("--system-prompt", default=rollout.DEFAULT_SYSTEM_PROMPT, help="system message of the chat template")
+    a("--seed", type=int, help="seed of sampling and data order")
+    a("--out", help="run directory (default runs/<algo>-seed<seed>)")
+    a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast forward passes")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute activations in the backward pass")
+    a("--measure-entropy-change", action="store_true", help="log predicted vs realised per-token entropy change")
+    a("--plot", action="store_true", help="write curves.png (needs matplotlib)")
+    a("--tiny-sft-steps", type=int, help="supervised warm-start steps of the tiny lab (cached)")
+    a("--cache-dir", default=str(CACHE_DIR), help="tiny-lab warm-start cache")
+    return p
+
+
+def resolve_config(args, log=print):
+    """Fill None flags from the preset, the algorithm's defaults and BASE_DEFAULTS; validate."""
+    cfg = vars(args).copy()
+    if cfg["preset"] is None and cfg["model"] is None:
+        cfg["preset"] = "tiny" if not torch.cuda.is_available() else "qwen-0.5b-gsm8k"
+        log(f"no --preset or --model: using --preset {cfg['preset']}"
+            + (" (the offline tiny lab, since CUDA is not available)" if cfg["preset"] == "tiny" else ""))
+    if cfg["preset"] == "tiny" and cfg["model"]:
+        raise SystemExit("--model does not apply to --preset tiny (the tiny lab builds its own model)")
+    for source in (PRESETS.get(cfg["preset"], {}), ALGO_DEFAULTS[cfg["algo"]], BASE_DEFAULTS):
+        for k, v in source.items():
+            if cfg.get(k) is None:
+                cfg[k] = v
+    if cfg["algo"] == "opefo" and cfg["updates_per_batch"] != 1:
+        cfg["updates_per_batch"] = 1          # OPEFO is strictly on-policy: one step per rollout batch
+    for k in ("prompts_per_step", "group_size", "max_new_tokens", "steps", "updates_per_batch",
+              "micro_batch_size", "eval_k"):
+        if cfg[k] < 1:
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if cfg["temperature"] <= 0:
+        raise SystemExit("--temperature must be > 0 for RL rollouts")
+    if cfg["preset"] != "tiny" and not cfg.get("dataset"):
+        raise SystemExit("--dataset is required with --model (a .jsonl file or a Hub dataset name)")
+    loss_kwargs(cfg)                          # raises on a knob the loss does not take
+    if cfg["out"] is None:
+        cfg["out"] = str(Path("runs") / f"{cfg['algo']}-seed{cfg['seed']}")
+    return cfg
+
+
+def _fields(cfg):
+    """The dataset field-mapping flags as load_items keywords."""
+    return dict(problem_field=cfg["problem_field"], answer_field=cfg["answer_field"],
+                answer_format=cfg["answer_format"])
+
+
+def _eval_summary(row):
+    """One line with the evaluation figures of a metrics row."""
+    return ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items()
+                     if k.startswith("eval/") and k not in ("eval/n", "eval/skipped_gold", "time/eval"))
+
+
+def _autocast_factory(device, bf16):
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _peak_mem_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
+
+
+def plot_curves(run_dir):
+    """curves.png: reward, accuracy, entropy per step and held-out avg@k."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    train = [r for r in rows if "reward" in r]
+    evals = [r for r in rows if any(k.startswith("eval/avg@") for k in r)]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("reward", "entropy")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train])
+        ax.set(title=key, xlabel="step")
+    avg = next((k for k in evals[0] if k.startswith("eval/avg@")), None) if evals else None
+    if avg:
+        axes[2].plot([r["step"] for r in evals], [r[avg] for r in evals], marker="o", label=avg)
+        axes[2].plot([r["step"] for r in evals], [r["eval/greedy_acc"] for r in evals], marker="s", label="greedy")
+        axes[2].legend()
+    axes[2].set(title="held-out accuracy", xlabel="step")
+    fig.tight_layout()
+    fig.savefig(Path(run_dir) / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").exists():
+            raise SystemExit(f"--resume {run_dir}: no config.json there")
+        cfg = json.loads((run_dir / "config.json").read_text())
+        if args.steps is not None:
+            cfg["steps"] = args.steps
+        cfg["resume"] = str(run_dir)
+    else:
+        cfg = resolve_config(args)
+        run_dir = Path(cfg["out"])
+    if cfg["plot"]:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("--plot needs matplotlib, which is not installed: pip install matplotlib")
+    return train(cfg, run_dir)
+
+
+def train(cfg, run_dir):
+    """Run (or resume) the loop described in the module docstring; returns the list of metric rows written."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    def log(msg):
+        print(msg, file=sys.stderr)
+
+    data_rng = random.Random(cfg["seed"])
+    random.seed(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+
+    # data and starting model
+    if cfg["preset"] == "tiny":
+        start_model = str(tiny_warm_start(cfg["tiny_sft_steps"], cfg["cache_dir"], log))
+        train_items, eval_items = tiny_datasets()
+        if cfg.get("dataset"):
+            train_items = load_items(cfg["dataset"], cfg["dataset_split"], **_fields(cfg))
+    else:
+        start_model = cfg["model"]
+        train_items = load_items(cfg["dataset"], cfg["dataset_split"], **_fields(cfg))
+        eval_items = []
+    if cfg.get("eval_dataset"):
+        eval_items = load_items(cfg["eval_dataset"], cfg["eval_split"], **_fields(cfg))
+    if cfg["eval_size"]:
+        eval_items = eval_items[:cfg["eval_size"]]
+    cfg["start_model"] = start_model
+
+    ckpt = latest_checkpoint(run_dir) if cfg.get("resume") else None
+    if cfg.get("resume") and ckpt is None:
+        raise SystemExit(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    model, tok = load_model(str(ckpt / "model") if ckpt else start_model, device=device, bf16=cfg["bf16"],
+                            gradient_checkpointing=cfg["gradient_checkpointing"])
+    ref_model = None
+    if needs_reference(cfg):
+        ref_model, _ = load_model(start_model, device=device, bf16=cfg["bf16"], trainable=False)
+    opt_cls = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.SGD
+    opt_kw = dict(weight_decay=0.0) if cfg["optimizer"] == "adamw" else {}
+    optimizer = opt_cls(model.parameters(), lr=cfg["lr"], **opt_kw)
+    start_step, order = 0, []
+    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+    if ckpt:
+        saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        order = set_rng_state(saved["rng"], data_rng)
+        start_step = saved["step"]
+        _truncate_jsonl(metrics_path, start_step)
+        _truncate_jsonl(samples_path, start_step)
+        log(f"resuming {run_dir} from step {start_step}")
+    else:
+        for path in (metrics_path, samples_path):
+            path.write_text("")
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
+    autocast = _autocast_factory(device, cfg["bf16"])
+    state = dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, autocast=autocast)
+
+    def run_eval(step):
+        if not eval_items:
+            return {}
+        t = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # evaluation never moves the training RNG
+            out = evaluate(model, tok, eval_items, k=cfg["eval_k"], temperature=cfg["eval_temperature"],
+                           top_p=cfg["top_p"], max_new_tokens=cfg["max_new_tokens"],
+                           chunk=max(1, cfg["prompts_per_step"] * cfg["group_size"] // cfg["eval_k"]),
+                           system_prompt=cfg["system_prompt"], autocast=autocast)
+        out["time/eval"] = time.perf_counter() - t
+        return out
+
+    rows = []
+
+    def write(path, record):
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    if start_step == 0:
+        row = {"step": 0, **run_eval(0)}
+        write(metrics_path, row)
+        rows.append(row)
+        log(f"step 0 (start model): {_eval_summary(row)}")
+    from tqdm import tqdm
+    bar = tqdm(range(start_step + 1, cfg["steps"] + 1), initial=start_step, total=cfg["steps"],
+               disable=None, desc=cfg["algo"])
+    for step in bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        items = []
+        for _ in range(cfg["prompts_per_step"]):   # epochs over a shuffled order, drawn from data_rng
+            if not order:
+                order = list(range(len(train_items)))
+                data_rng.shuffle(order)
+            items.append(train_items[order.pop()])
+        metrics, records = rl_step(state, cfg, items)
+        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
+            metrics.update(run_eval(step))
+        metrics["peak_mem_mb"] = _peak_mem_mb(device)
+        row = {"step": step, **metrics}
+        write(metrics_path, row)
+        for r in records:
+            write(samples_path, {"step": step, **r})
+        rows.append(row)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
+        if step % cfg["save_interval"] == 0 or step == cfg["steps"]:
+            t = time.perf_counter()
+            save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order)
+            log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
+    if rows and "eval/n" in rows[-1]:
+        log(f"step {rows[-1]['step']}: {_eval_summary(rows[-1])}")
+    if cfg["plot"]:
+        plot_curves(run_dir)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
