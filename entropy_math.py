@@ -73,7 +73,7 @@ def _stats(logits):
         raise ValueError("some row of logits is entirely -inf (no token left after masking)")
     logp = torch.log_softmax(logits, dim=-1)
     p = logp.exp()
-    logp = torch.where(p > 0, logp, torch.zeros_like(logp))
+    logp = logp.masked_fill(p == 0, 0.0)                     # 0 log 0 := 0 (masked or underflowed)
     H = -(p * logp).sum(-1)                                   # H = -sum_b pi_b l_b
     return logp, p, H
 
