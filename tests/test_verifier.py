@@ -1,6 +1,6 @@
 """Tests for verifier.py: extraction, equivalence by phenomenon, the notes' accept / reject / decide cases, the real
 benchmark files (skipped without ../shared/data), hostile inputs, a fuzz run, threads, and an optional comparison
-with math-verify. Budget given: the whole file under ~60 s on 2 cores (the fuzz test ~20 s at most; it runs in ~5 s).
+with math-verify. Budget given: the whole file under ~60 s on 2 cores (the fuzz test ~20 s at most; it runs in ~1.5 s; the file in ~10 s).
 """
 import json
 import random
