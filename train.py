@@ -15,8 +15,8 @@ Algorithm-specific wiring (where the papers or their code leave a choice):
             do not depend on the micro-batch size. The released code takes M per micro-batch.
     OPEFO   one optimizer step per rollout batch (--updates-per-batch is forced to 1) and the flow totals
             (P, N) of lambda* are computed over the whole batch and passed to every micro-batch.
-    Archer  the KL means over knowledge / reasoning tokens are made batch-global when micro-batching by
-            scaling each micro-batch's coefficient with its share of those tokens.
+    Archer  the token types come from each response's own entropy quantile, so they do not depend on the
+            split; its KL sits inside the token aggregation (losses.py), so num_tokens keeps it exact.
     GRPO    a frozen reference model is loaded only when --kl-coef > 0 (Archer: when its KL is on).
 
 The tiny lab (--preset tiny; the default on a machine without CUDA): a character-level tokenizer, a
@@ -74,7 +74,7 @@ BASE_DEFAULTS = dict(
     updates_per_batch=2, micro_batch_size=8, max_grad_norm=1.0, optimizer="adamw", eval_interval=20,
     eval_k=8, eval_size=None, eval_temperature=1.0, save_interval=20, log_samples=2, seed=0,
     dataset_split="train", eval_split="test", answer_format="auto", bf16=False, gradient_checkpointing=False,
-    tiny_sft_steps=400,
+    tiny_sft_steps=600,
 )
 PRESETS = {
     "tiny": dict(prompts_per_step=8, group_size=8, max_new_tokens=24, lr=5e-4, steps=100, updates_per_batch=2,
@@ -116,7 +116,7 @@ TIMING_KEYS = ("time/", "tokens_per_s", "peak_mem_mb")
 # ------------------------------------------------------------------------------------------- tiny lab
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=192, max_position_embeddings=128)
-TINY_DATA = dict(max_operand=10, ops="+-*", train_size=20000, eval_size=256, seed=1234)
+TINY_DATA = dict(max_operand=10, ops="+-", train_size=20000, eval_size=256, seed=1234)
 TINY_SFT = dict(batch_size=64, lr=3e-3, seed=0)
 # the tiny tokenizer's chat template keeps only the user message (the tiny model cannot read a system
 # prompt) and appends "=" as the generation prompt, so a prompt is e.g. "7+3*4="
@@ -248,7 +248,8 @@ def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_for
         plain  the field's value as text (JSON numbers such as AMC23's 27.0 become "27.0")
         gsm8k  the number after "####"
         boxed  the last \\boxed{...} of the field (verifier.extract_answer), e.g. Minerva's solution
-        auto   gsm8k if the text contains "####", boxed for a "solution" field, plain otherwise
+        auto   gsm8k if the text contains "####", boxed if it contains \\boxed or the field is "solution",
+               plain otherwise
     """
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -265,7 +266,7 @@ def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_for
     text = raw if isinstance(raw, str) else json.dumps(raw)
     fmt = answer_format
     if fmt == "auto":
-        fmt = "gsm8k" if "####" in text else "boxed" if af == "solution" else "plain"
+        fmt = "gsm8k" if "####" in text else "boxed" if ("\\boxed" in text or af == "solution") else "plain"
     if fmt == "gsm8k":
         answer = _gsm8k_answer(text)
     elif fmt == "boxed":
@@ -460,10 +461,6 @@ def update(model, optimizer, batch, cfg, stats_fn, autocast):
             omega = mb["advantages"][:, None] * losses.first_order_term(mb["old_logp"], mb["entropy"],
                                                                         mb["exact_term"], form)
             extra["omega_max"] = float(torch.where(mask, omega.abs(), 0.0).max())
-        if algo == "archer":   # token type per response, independent of the micro-batch split
-            tau = losses.response_quantile(mb["entropy"], mask, kwargs.get("quantile", loss_default("archer", "quantile")))
-            reasoning = mask & (mb["entropy"] >= tau[:, None])
-            n_reason, n_know = int(reasoning.sum()), int((mask & ~reasoning).sum())
         before = stats_fn(mb, with_entropy=True) if cfg["measure_entropy_change"] else None
         weights = torch.zeros_like(mb["mask"])
         model.train()
@@ -473,12 +470,6 @@ def update(model, optimizer, batch, cfg, stats_fn, autocast):
             sub = list(range(s, min(s + cfg["micro_batch_size"], len(rows))))
             mu = _take(mb, sub)
             call = dict(kwargs, **extra)
-            if algo == "archer":
-                mu_reason = reasoning[sub]
-                for key, count, part in (("kl_knowledge", n_know, mu["mask"].bool() & ~mu_reason),
-                                         ("kl_reasoning", n_reason, mu_reason)):
-                    coef = call.get(key, loss_default("archer", key))      # mean over this call -> batch mean
-                    call[key] = coef * int(part.sum()) / count if count else 0.0
             with autocast():
                 logp = stats_fn(mu, with_grad=True, with_entropy=False)["logp"]
             if cfg["measure_entropy_change"]:
