@@ -1,8 +1,8 @@
 """First-order entropy change of a tabular softmax policy after one policy-gradient step.
 
-The analysis behind STEER (arXiv 2510.10150, section 3: the token-level entropy-change estimate Omega and
+The analysis behind STEER (arXiv 2510.10150: the token-level entropy-change estimate Omega and
 its four-quadrant reading) and OPEFO (arXiv 2605.11491, the per-token "entropy flow"), together with the
-covariance view of Cui et al. (arXiv 2505.22617, section 3). See methods.md section 2 of the project notes.
+covariance view of Cui et al. (arXiv 2505.22617, sec. 3.1, Lemma 1).
 
 Setting (tabular softmax). One state with free logits z (V,), pi = softmax(z), l_b = log pi_b,
 H = -sum_b pi_b l_b. A token a was sampled; one gradient-ascent step of size eta (``lr``) on w * log pi(a),
@@ -30,7 +30,7 @@ factor pi_a for the one sampled token (E_{b~pi}[(l_b + H) dz_b] with dz nonzero 
 scores used inside the STEER code (|w (1-pi)(l_a + H)|) and OPEFO's flow f = -A (1-pi)^2 (l_a + H) drop
 that pi_a: f * eta * pi_a = dh_paper for w = A.
 
-Sign (four quadrants, STEER sec. 3): l_a + H > 0 iff pi_a > exp(-H) ("likely" token). The approximate
+Sign (STEER's four quadrants): l_a + H > 0 iff pi_a > exp(-H) ("likely" token). The approximate
 forms predict dH with sign -sign(w) sign(l_a + H): A > 0 on a likely token lowers H, A > 0 on an unlikely
 token raises it, A < 0 on a likely token raises it, A < 0 on an unlikely token lowers it. The exact form is
 dh_sampled_logit + eta w sum_{b != a} pi_b^2 (l_b + H). Because sum_b pi_b^2 (l_b + H) = Cov_pi(pi_b, l_b)
@@ -139,7 +139,7 @@ def dh_exact(logits, token, weight, lr):
     """
     logp, p, H, l_a, pi_a, one_minus_pi_a, w, onehot = _batch(logits, token, weight)
     norm_others = ((1 - onehot) * p * p * (logp + H[:, None])).sum(-1)   # sum_{b != a} pi_b^2 (l_b + H)
-    # methods.md sec. 2, EXACT first order, with pi_a (l_a + H) - pi_a^2 (l_a + H) = pi_a (1 - pi_a)(l_a + H)
+    # EXACT first order, with pi_a (l_a + H) - pi_a^2 (l_a + H) = pi_a (1 - pi_a)(l_a + H)
     # written out so that near-one-hot states (pi_a -> 1) do not cancel catastrophically
     return -lr * w * (pi_a * one_minus_pi_a * (l_a + H) - norm_others)
 
@@ -160,7 +160,7 @@ def dh_sampled_logit(logits, token, weight, lr):
 def dh_paper(logits, token, weight, lr):
     """The papers' first-order entropy change, "(1-pi)^2 power": dH ~ -lr w pi_a (1 - pi_a)^2 (l_a + H).
 
-    From Omega = -eta E_{a~pi}[w (1 - pi_a)^2 (l_a + H)] in STEER v1 (arXiv 2510.10150, sec. 3) and OPEFO's
+    From Omega = -eta E_{a~pi}[w (1 - pi_a)^2 (l_a + H)] in STEER v1 (arXiv 2510.10150) and OPEFO's
     entropy flow (arXiv 2605.11491); the pi_a is the expectation's weight of the sampled token (OPEFO's
     per-token flow f = -A (1 - pi)^2 (l_a + H) leaves it out). Assumption: none that makes it exact; it drops
     the normalisation terms of the other tokens and has one (1 - pi_a) factor too many relative to

@@ -9,7 +9,7 @@ What it does
   and returns a `Rollout` with the token ids, the masks, the decoded completions and a truncated flag.
 - `response_stats` computes, for the response tokens only, the log-probabilities log pi(o_t | s_t) that the
   ratios r_t of every loss need, and (without gradient) the full-vocabulary entropy H(s_t) and the extra
-  term sum_b pi_b^2 (log pi_b + H) of the exact first-order entropy change (methods note section 2), which
+  term sum_b pi_b^2 (log pi_b + H) of the exact first-order entropy change (entropy_math.dh_exact), which
   STEER (arXiv 2510.10150, section 3), OPEFO (arXiv 2605.11491) and Archer (arXiv 2507.15778, token
   classification by entropy) use.
 

@@ -3,7 +3,7 @@
 The first thing to run:  ``python toy_bandit.py``  (every algorithm, 3 seeds: about 15 s of CPU on 2 cores).
 
 The task. A "response" is T tokens from a vocabulary of K; the policy is one free logit row per position,
-a (T, K) ``nn.Parameter`` (the tabular setting of the STEER paper's entropy analysis, methods.md section 2).
+a (T, K) ``nn.Parameter`` (the tabular setting of the STEER paper's entropy analysis; see entropy_math.py).
 Even positions are *forks* with K // 2 correct tokens (several ways to solve the problem), odd positions are
 *knowledge* positions with exactly one correct token. The verifiable reward is 1 iff every token is correct.
 A policy that always solves the task and keeps every fork open has the entropy
