@@ -64,25 +64,34 @@ def _check_tokens(name, x, ref):
 
 
 def _broadcast_advantages(advantages, mask):
-    """(B,) or (B, T) advantages -> (B, T) float32."""
+    """(B,) or (B, T) advantages -> float32 (B, 1) or (B, T), broadcastable against (B, T) tensors."""
     if advantages.dim() == 1 and advantages.shape[0] == mask.shape[0]:
-        return advantages.float()[:, None].expand(mask.shape)
+        return advantages.float()[:, None]
     if advantages.shape == mask.shape:
         return advantages.float()
     raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({mask.shape[0]},) "
                      f"or (B, T) = {tuple(mask.shape)}")
 
 
-def _masked_mean(x, mask):
-    """Mean of x over mask (0-d tensor; 0 when the mask is empty)."""
-    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+def _masks(mask):
+    """mask (B, T) of 0/1 or bool -> (valid bool, valid float32, number of valid tokens clamped at 1).
+
+    Float masks and products keep the per-token arithmetic cheap (on a CPU, boolean selects cost
+    several times an elementwise product).
+    """
+    valid = mask.bool()
+    return valid, valid.float(), valid.sum().clamp(min=1)
 
 
-def _masked_min_max(x, mask):
-    """(min, max) of x over mask as 0-d tensors; (0, 0) when the mask is empty."""
-    if not mask.any():
-        return x.new_zeros(()), x.new_zeros(())
-    return torch.where(mask, x, math.inf).min(), torch.where(mask, x, -math.inf).max()
+def _masked_mean(x, mf, count):
+    """Mean of x (finite) over the float mask mf: sum(x mf) / count."""
+    return (x * mf).sum() / count
+
+
+def _masked_min(x, mf):
+    """Min of x (finite, |x| < 1e29) over the float mask mf; 0 when the mask is empty."""
+    low = (x + (1.0 - mf) * 1e30).min()
+    return torch.where(low > 1e29, 0.0, low)
 
 
 def _to_floats(metrics):
@@ -266,37 +275,32 @@ def token_entropy(logits, *, exact_term=False, chunk_size=None):
 
 # --------------------------------------------------------------------------------------- PPO surrogate
 def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
-    """Per-token clipped surrogate as a loss, (B, T), and the token-wise clip indicators.
+    """Per-token clipped surrogate as a loss, (B, T), and the ratio r (B, T).
 
     r = exp(clamp(logp - old_logp, +-20));  loss = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high)).
     Dual clip (c > 1): for A < 0 the loss is capped at c |A|.  clip_low / clip_high may be floats or
-    (B, T) tensors (Archer's per-token ranges). `advantages` is already (B, T).
-    Returns (loss, ratio, clipped) where `clipped` (B, T) bool is where the gradient is cut (I_clip = 0).
+    (B, T) tensors (Archer's per-token ranges). advantages: (B, 1) or (B, T), broadcast against logp.
     """
     ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-    lo, hi = 1.0 - clip_low, 1.0 + clip_high
-    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, lo, hi))
-    clipped = ((advantages > 0) & (ratio > hi)) | ((advantages < 0) & (ratio < lo))
+    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
     if dual_clip is not None:
-        capped = (advantages < 0) & (ratio > dual_clip)
-        loss = torch.where(capped, -advantages * dual_clip, loss)
-        clipped = clipped | capped
-    return loss, ratio, clipped
+        cap = torch.where(advantages < 0, -advantages * dual_clip, math.inf)      # c |A| for A < 0
+        loss = torch.minimum(loss, cap)
+    return loss, ratio
 
 
-def _ppo_metrics(adv, mask, ratio, lo, hi, entropy=None):
+def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
     """Clip fractions, ratio mean, approximate KL(pi_old || pi) = E[r - 1 - log r] (k3) and mean entropy,
     over the valid tokens; lo, hi: the lower and upper ratio bounds (floats or (B, T))."""
-    count = mask.sum().clamp(min=1)
-    r = torch.where(mask, ratio.detach(), 1.0)                # r = 1 on padding: no clip, zero KL term
+    r = ratio.detach() * mf + (1.0 - mf)                    # r = 1 on padding: no clip, zero KL term
     m = {
         "clip_frac_low": ((adv < 0) & (r < lo)).sum() / count,
         "clip_frac_high": ((adv > 0) & (r > hi)).sum() / count,
         "approx_kl": (r - 1.0 - r.log()).sum() / count,
-        "ratio_mean": (r.sum() - (~mask).sum()) / count,
+        "ratio_mean": _masked_mean(r, mf, count),
     }
     if entropy is not None:
-        m["entropy"] = _masked_mean(entropy, mask)
+        m["entropy"] = _masked_mean(entropy, mf, count)
     return m
 
 
@@ -313,13 +317,13 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
     """
     _check_tokens("logp", logp, mask)
     _check_tokens("old_logp", old_logp, mask)
-    mask = mask.bool()
+    mask, mf, count = _masks(mask)
     adv = _broadcast_advantages(advantages, mask)
-    per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
-                                        dual_clip=dual_clip)
+    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     pg = agg_loss(per_token, mask, agg, **agg_kw)
-    metrics = _ppo_metrics(adv, mask, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics["pg_loss"] = pg.detach()
     loss = pg
     if kl_coef:
@@ -395,28 +399,28 @@ def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp",
                           clamped to [lambda_min, 1]; the largest |Omega| gets lambda_min.
     linear:               min-max rescale of m onto [lambda_max, lambda_min], descending.
     omega_max: a caller-supplied M (e.g. the max over the whole mini-batch when the loss is called on
-    micro-batches); default: the max over this call's valid tokens. Weights are detached.
+    micro-batches); default: the max over this call's valid tokens. Detached; 0 on masked positions.
     """
-    mask = mask.bool()
+    mf = mask.to(omega.dtype)
     if mode == "symmetric":
-        m = omega.abs()
+        m = omega.detach().abs() * mf
     elif mode == "asymmetric":
-        m = (-omega).clamp(min=0)
+        m = (-omega.detach()).clamp(min=0) * mf
     else:
         raise ValueError(f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
-    m = torch.where(mask, m, 0.0).detach()
     big = m.max() if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
     if mapping == "exp":
-        lam = torch.pow(lambda_min, m / big.clamp(min=scale_floor)).clamp(min=lambda_min)
+        scale = math.log(lambda_min) / big.clamp(min=scale_floor)
+        lam = torch.exp(m * scale).clamp(min=lambda_min)              # lambda_min ** (m / M)
     elif mapping == "linear":
-        small = torch.where(mask, m, math.inf).min() if mask.any() else m.new_zeros(())
+        small = torch.where(mask.bool(), m, math.inf).min() if mask.any() else m.new_zeros(())
         frac = ((m - small) / (big - small).clamp(min=1e-12)).clamp(0, 1)
         lam = lambda_max - (lambda_max - lambda_min) * frac
     else:
         raise ValueError(f"unknown STEER mapping {mapping!r}; choose exp or linear")
     if mode == "asymmetric":
         lam = torch.where(omega < 0, lam, 1.0)
-    return torch.where(mask, lam, 0.0)
+    return lam * mf
 
 
 def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, lambda_min=0.7,
@@ -436,19 +440,19 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     _check_tokens("logp", logp, mask)
     _check_tokens("old_logp", old_logp, mask)
     _check_tokens("entropy", entropy, mask)
-    mask = mask.bool()
+    mask, mf, count = _masks(mask)
     adv = _broadcast_advantages(advantages, mask)
-    per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
-                                        dual_clip=dual_clip)
-    omega_est = -(ratio.detach() * adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
-    lam = steer_weights(omega_est, mask, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
+    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip)
+    omega_est = (ratio.detach() * -adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
+    lam = steer_weights(omega_est, mf, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
                         mode=mode, omega_max=omega_max)
     loss = agg_loss(lam * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mask, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    w_min, w_max = _masked_min_max(lam, mask)
-    metrics.update(pg_loss=loss.detach(), weight_mean=_masked_mean(lam, mask), weight_min=w_min,
-                   weight_max=w_max, omega_max=torch.where(mask, omega_est.abs(), 0.0).max())
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), weight_mean=lam.sum() / count,
+                   weight_min=_masked_min(lam, mf),
+                   weight_max=lam.max(), omega_max=(omega_est.abs() * mf).max())
     return loss, _to_floats(metrics)
 
 
@@ -460,19 +464,16 @@ def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper")
     Zero on masked positions.
     """
     adv = _broadcast_advantages(advantages, mask)
-    f = -adv * first_order_term(logp, entropy, exact_term, flow)
-    return torch.where(mask.bool(), f, 0.0)
+    return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mask.to(adv.dtype)
 
 
-def opefo_balance(f, mask=None):
-    """lambda* = (N - P) / (N + P) from the flow f (B, T): P = sum of f > 0, N = sum of |f| for f < 0.
+def opefo_balance(f):
+    """lambda* = (N - P) / (N + P) from the flow f (B, T) (zero on padding, as entropy_flow returns it):
+    P = sum of f over S+ = {f > 0}, N = sum of |f| over S- = {f < 0}.
 
-    Returns (lambda*, P, N) as 0-d tensors; lambda* = 0 when N + P = 0. With weights 1 + lambda* on
-    S+ = {f > 0} and 1 - lambda* on S- = {f < 0} the weighted net flow is zero:
-    (1 + l) P - (1 - l) N = 0.
+    Returns (lambda*, P, N) as 0-d tensors; lambda* = 0 when N + P = 0. With weights 1 + lambda* on S+
+    and 1 - lambda* on S- the weighted net flow is zero: (1 + l) P - (1 - l) N = 0.
     """
-    if mask is not None:
-        f = torch.where(mask.bool(), f, 0.0)
     pos, neg = f.clamp(min=0).sum(), (-f).clamp(min=0).sum()
     return _lambda_star(pos, neg), pos, neg
 
@@ -497,20 +498,20 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
     """
     _check_tokens("logp", logp, mask)
     _check_tokens("entropy", entropy, mask)
-    mask = mask.bool()
+    mask, mf, count = _masks(mask)
     adv = _broadcast_advantages(advantages, mask)
-    f = entropy_flow(logp, adv, mask, entropy, exact_term, flow)
+    f = entropy_flow(logp, advantages, mf, entropy, exact_term, flow)
     if flow_totals is None:
         lam, pos, neg = opefo_balance(f)
     else:
         pos, neg = (torch.as_tensor(v, dtype=torch.float32, device=f.device) for v in flow_totals)
         lam = _lambda_star(pos, neg)
-    w = torch.where(f > 0, 1 + lam, torch.where(f < 0, 1 - lam, 1.0))
-    loss = agg_loss(-w * adv * logp, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+    w = 1.0 + lam * torch.sign(f)                                   # 1 + lambda* on S+, 1 - lambda* on S-
+    loss = agg_loss(-(w * adv) * logp, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
     metrics = {"pg_loss": loss.detach(), "lambda_star": lam, "flow_pos": pos, "flow_neg": neg,
-               "frac_pos": _masked_mean((f > 0).float(), mask), "weighted_flow": (w * f).sum(),
-               "entropy": _masked_mean(entropy.float(), mask)}
+               "frac_pos": (f > 0).sum() / count, "weighted_flow": (w * f).sum(),
+               "entropy": _masked_mean(entropy, mf, count)}
     return loss, _to_floats(metrics)
 
 
@@ -518,16 +519,17 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
 def response_quantile(values, mask, q):
     """Per-row quantile of the valid entries, (B, T) -> (B,), linear interpolation (torch.quantile's rule).
 
-    Only the top (1 - q) share of each row is needed, so a top-k replaces a full sort. Rows without valid
-    entries get +inf.
+    values: finite (B, T). Only the top (1 - q) share of each row is needed, so a top-k replaces a full
+    sort. Rows without valid entries get +inf.
     """
-    mask = mask.bool()
-    n = mask.sum(-1)
+    valid = mask.bool()
+    n = valid.sum(-1)
     pos = q * (n - 1).clamp(min=0).to(values.dtype)               # rank of the quantile, ascending
     lo, hi = pos.floor(), pos.ceil()
     from_top_lo, from_top_hi = (n - 1 - lo.long()).clamp(min=0), (n - 1 - hi.long()).clamp(min=0)
-    k = int(from_top_lo.max()) + 1 if mask.any() else 1
-    top = torch.where(mask, values, -math.inf).topk(k, dim=-1).values        # descending
+    k = int(from_top_lo.max()) + 1 if valid.any() else 1
+    padded = values - (1.0 - valid.to(values.dtype)) * 1e30                # padding sorts last
+    top = padded.topk(k, dim=-1).values                                     # descending
     x_lo = top.gather(-1, from_top_lo[:, None]).squeeze(-1)
     x_hi = top.gather(-1, from_top_hi[:, None]).squeeze(-1)
     out = torch.where(hi > lo, x_lo + (pos - lo) * (x_hi - x_lo), x_lo)
@@ -554,15 +556,15 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     _check_tokens("logp", logp, mask)
     _check_tokens("old_logp", old_logp, mask)
     _check_tokens("entropy", entropy, mask)
-    mask = mask.bool()
+    mask, mf, count = _masks(mask)
     adv = _broadcast_advantages(advantages, mask)
     tau = response_quantile(entropy, mask, quantile)                                 # (B,)  eq. 2
-    reasoning = mask & (entropy >= tau[:, None].to(entropy.dtype))                   # omega
-    eps = torch.where(reasoning, clip_reasoning, clip_knowledge).to(logp.dtype)     # eq. 3
-    per_token, ratio, _ = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
+    rf = (entropy >= tau[:, None].to(entropy.dtype)).to(mf.dtype) * mf             # omega: reasoning
+    eps = clip_knowledge + (clip_reasoning - clip_knowledge) * rf                   # eq. 3
+    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mask, ratio, 1 - eps, 1 + eps, entropy)
-    metrics["reasoning_frac"] = _masked_mean(reasoning.float(), mask)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - eps, 1 + eps, entropy)
+    metrics["reasoning_frac"] = rf.sum() / count
     metrics["pg_loss"] = agg_loss(per_token.detach(), mask, agg, **agg_kw)
     if kl_knowledge or kl_reasoning:
         if ref_logp is None:
@@ -570,10 +572,11 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
                              "(or set kl_knowledge=0 and kl_reasoning=0)")
         _check_tokens("ref_logp", ref_logp, mask)
         kl = kl_penalty(logp, ref_logp, kl_kind)
-        beta = torch.where(reasoning, kl_reasoning, kl_knowledge).to(kl.dtype)         # eq. 4
+        beta = kl_knowledge + (kl_reasoning - kl_knowledge) * rf                    # eq. 4
         per_token = per_token + beta * kl
-        metrics.update(kl_knowledge=_masked_mean(kl.detach(), mask & ~reasoning),
-                       kl_reasoning=_masked_mean(kl.detach(), reasoning))
+        kf = mf - rf                                                                 # knowledge tokens
+        metrics.update(kl_knowledge=_masked_mean(kl.detach(), kf, kf.sum().clamp(min=1)),
+                       kl_reasoning=_masked_mean(kl.detach(), rf, rf.sum().clamp(min=1)))
     loss = agg_loss(per_token, mask, agg, **agg_kw)                                  # eq. 5
     return loss, _to_floats(metrics)
 

@@ -192,8 +192,8 @@ def test_steer_gradient_is_weight_times_grpo_gradient(omega):
     loss, _ = steer_loss(logp, b["old_logp"], b["advantages"], b["mask"], b["entropy"],
                          exact_term=b["exact_term"], omega=omega)
     (g_steer,) = torch.autograd.grad(loss, logp)
-    per_tok, ratio, _ = losses.ppo_clip_loss(logp, b["old_logp"], b["advantages"][:, None].expand(-1, 7),
-                                             clip_low=0.2, clip_high=0.28, dual_clip=10.0)
+    per_tok, ratio = losses.ppo_clip_loss(logp, b["old_logp"], b["advantages"][:, None].expand(-1, 7),
+                                          clip_low=0.2, clip_high=0.28, dual_clip=10.0)
     (g_base,) = torch.autograd.grad(agg_loss(per_tok, b["mask"]), logp)
     adv = b["advantages"][:, None].expand(-1, 7)
     om = -(ratio.detach() * adv) * first_order_term(logp, b["entropy"], b["exact_term"], omega)
