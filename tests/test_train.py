@@ -248,3 +248,9 @@ def test_cli_validation(capsys):
     assert not train.needs_reference(cfg)
     for action in train.build_parser()._actions:
         assert action.help, action.dest
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)      # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        train.main(["--plot", "--out", str(tmp_path / "p")])
