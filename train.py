@@ -77,8 +77,8 @@ BASE_DEFAULTS = dict(
     tiny_sft_steps=600,
 )
 PRESETS = {
-    "tiny": dict(prompts_per_step=8, group_size=8, max_new_tokens=32, lr=1e-4, steps=100, updates_per_batch=2,
-                 micro_batch_size=64, eval_interval=20, eval_k=8, eval_size=128, save_interval=50),
+    "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4, steps=100, updates_per_batch=2,
+                 micro_batch_size=64, eval_interval=20, eval_k=8, eval_size=256, save_interval=50),
     "qwen-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B", dataset="DigitalLearningGmbH/MATH-lighteval",
                            eval_dataset="HuggingFaceH4/MATH-500", dataset_split="train", eval_split="test",
                            prompts_per_step=8, group_size=8, max_new_tokens=1024, lr=1e-6, steps=500,
