@@ -20,7 +20,7 @@ Algorithm-specific wiring (where the papers or their code leave a choice):
     GRPO    a frozen reference model is loaded only when --kl-coef > 0 (Archer: when its KL is on).
 
 The tiny lab (--preset tiny; the default on a machine without CUDA): a character-level tokenizer, a
-~0.1M-parameter Qwen2 built in code, synthetic arithmetic problems ("7+3*4" -> "3*4=12 7+12=19 \\boxed{19}"),
+~0.1M-parameter Qwen2 built in code, synthetic arithmetic problems ("7+3-4" -> "7+3=10 10-4=6 \\boxed{6}"),
 a cached supervised warm start that leaves the model at moderate accuracy, then RL. Runs offline on CPU.
 
 Outputs in the run directory: config.json, metrics.jsonl (one line per step; step 0 holds the evaluation of
@@ -510,13 +510,15 @@ def update(model, optimizer, batch, cfg, stats_fn, autocast):
 
 
 def _entropy_change_terms(before, after, weights, mask):
-    """Per valid token: realised entropy change and the three first-order predictions (scale-free, eta dropped).
-
-    predicted = -w * g with g = losses.first_order_term(form) at the pre-update policy (methods note sec. 2).
+    """Per token that carries gradient (valid, w != 0): realised entropy change and the three first-order
+    predictions -w * g, g = losses.first_order_term(form) at the pre-update policy (methods note sec. 2;
+    eta dropped: correlations are scale-free). Tokens with w = 0 (zero advantage, clipped) are left out:
+    their only change is the spill-over through shared parameters, which no tabular form predicts.
     """
-    realised = (after["entropy"] - before["entropy"])[mask]
+    carries = mask & (weights != 0)
+    realised = (after["entropy"] - before["entropy"])[carries]
     pred = {form: (-weights * losses.first_order_term(before["logp"], before["entropy"], before["exact_term"],
-                                                      form))[mask]
+                                                      form))[carries]
             for form in losses.FIRST_ORDER_FORMS}
     return realised, pred
 
