@@ -9,7 +9,9 @@
                logits' own size. On CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs)
                is measured; on CUDA torch.cuda.max_memory_allocated.
 2. throughput  the token statistics' time against one plain streaming pass over the same logits
-               (logits.amax(-1): read every element once), i.e. the fraction of the memory-bandwidth bound.
+               (logits.amax(-1): read every element once), i.e. the fraction of the memory-bandwidth bound,
+               and against one float32 exp over them (every exact entropy needs each element's exp: on a
+               CPU that, not memory bandwidth, is the bound).
 3. losses      time of steer/opefo/archer loss (forward + backward, entropy precomputed) over grpo_loss on
                B x T = 64 x 4096 tokens.
 The figures quoted in the README come from this script; timings are the best of several repeats.
@@ -26,6 +28,7 @@ SHAPE = (8, 1024, 151_936)
 
 def best_time(fn, device, repeats=5):
     fn()
+    fn()                                            # warm caches and clocks
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -87,18 +90,27 @@ def bench_memory(device):
 
 def bench_throughput(device):
     g = torch.Generator(device=device).manual_seed(0)
-    n = 2048 if device.type == "cpu" else 8192
+    n = 512 if device.type == "cpu" else 8192
     logits = (torch.randn(n, SHAPE[-1], generator=g, device=device) * 3).to(torch.bfloat16)
     tokens = torch.randint(0, SHAPE[-1], (n,), generator=g, device=device)
     stream = best_time(lambda: logits.amax(-1), device)
+    work = torch.empty(losses.CHUNK_BYTES // (4 * SHAPE[-1]), SHAPE[-1], device=device)
+
+    def exp_pass():
+        for s in range(0, n, work.shape[0]):
+            chunk = logits[s:s + work.shape[0]]
+            work[:chunk.shape[0]].copy_(chunk).exp_()
+    exp_only = best_time(exp_pass, device)
     logp = best_time(lambda: losses.token_logprobs(logits, tokens), device)
     ent = best_time(lambda: losses.token_entropy(logits, exact_term=True), device)
     gb = logits.numel() * 2 / 1e9
     print(f"  {n} positions x V={SHAPE[-1]} bf16 ({gb:.2f} GB)")
     print(f"  streaming pass (amax)          {stream * 1e3:8.1f} ms  {gb / stream:6.1f} GB/s")
+    print(f"  float32 exp pass (chunked)     {exp_only * 1e3:8.1f} ms")
     print(f"  token_logprobs                 {logp * 1e3:8.1f} ms")
     print(f"  token_entropy(exact_term)      {ent * 1e3:8.1f} ms")
-    print(f"  statistics / streaming pass    fraction of bandwidth bound = {stream / (logp + ent):.3f}")
+    print(f"  streaming pass / statistics    fraction of the bandwidth bound = {stream / (logp + ent):.3f}")
+    print(f"  exp pass / statistics          fraction of the exp bound       = {exp_only / (logp + ent):.3f}")
 
 
 def bench_losses(device, B=64, T=4096):
