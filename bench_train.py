@@ -178,7 +178,7 @@ def main(argv=None):
     batch.update(old_logp=old["logp"], entropy=old["entropy"], exact_term=old["exact_term"],
                  advantages=torch.randn(n_seq, generator=g).to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
-    out, t_upd, m_upd = timed(device, lambda: train.update(model, optimizer, batch, cfg, stats_fn, autocast))
+    out, t_upd, m_upd = timed(device, lambda: train.update(model, optimizer, batch, cfg, stats_fn))
     flops = update_flops(config, n_seq, ro.prompt_length, ro.input_ids.shape[1] - ro.prompt_length)
     total_tokens = n_seq * ro.input_ids.shape[1]
 

@@ -86,7 +86,7 @@ PRESETS = {
     "qwen-0.5b-gsm8k": dict(model="Qwen/Qwen2.5-0.5B-Instruct", dataset="openai/gsm8k:main",
                             eval_dataset="openai/gsm8k:main", dataset_split="train", eval_split="test",
                             prompts_per_step=8, group_size=8, max_new_tokens=512, lr=1e-6, steps=200,
-                            micro_batch_size=16, eval_interval=50, eval_k=4, eval_size=500, bf16=True,
+                            micro_batch_size=8, eval_interval=50, eval_k=4, eval_size=500, bf16=True,
                             gradient_checkpointing=True),
 }
 # Dr. GRPO: no std in the advantage; DAPO and Archer drop all-equal groups; OPEFO is strictly on-policy.
@@ -431,13 +431,15 @@ def _mean_metrics(parts):
     return {k: acc[k] / total[k] for k in acc if total[k] > 0}
 
 
-def update(model, optimizer, batch, cfg, stats_fn, autocast):
+def update(model, optimizer, batch, cfg, stats_fn):
     """The loss over U mini-batches (one optimizer step each) of the kept responses; returns a metrics dict.
 
     batch: input_ids, attention_mask (N, P+R); mask (N, R); advantages (N,); old_logp, entropy, exact_term
     and optionally ref_logp (N, R); prompt_length. Mini-batches are whole groups; micro-batches of at most
     cfg["micro_batch_size"] rows accumulate gradients with the mini-batch's num_tokens / num_seqs.
     A non-finite loss or gradient norm skips that optimizer step (parameters untouched) and is counted.
+    stats_fn(b, with_grad=False, with_entropy=True) -> rollout.response_stats of the batch dict b (the caller
+    sets temperature, precision and forward micro-batching).
     """
     algo, g = cfg["algo"], cfg["group_size"]
     kwargs = loss_kwargs(cfg)
@@ -470,8 +472,7 @@ def update(model, optimizer, batch, cfg, stats_fn, autocast):
             sub = list(range(s, min(s + cfg["micro_batch_size"], len(rows))))
             mu = _take(mb, sub)
             call = dict(kwargs, **extra)
-            with autocast():
-                logp = stats_fn(mu, with_grad=True, with_entropy=False)["logp"]
+            logp = stats_fn(mu, with_grad=True, with_entropy=False)["logp"]
             if cfg["measure_entropy_change"]:
                 logp.retain_grad()
             loss, metrics = losses.LOSSES[algo](
@@ -593,7 +594,7 @@ def rl_step(state, cfg, items):
             batch["ref_logp"] = stats_fn(batch, with_entropy=False, net=ref_model)["logp"]
             timings["stats"] += time.perf_counter() - t
         t = time.perf_counter()
-        metrics.update(update(model, state["optimizer"], batch, cfg, stats_fn, autocast))
+        metrics.update(update(model, state["optimizer"], batch, cfg, stats_fn))
         timings["update"] = time.perf_counter() - t
         metrics["update_tokens"] = int(batch["mask"].sum())
     else:

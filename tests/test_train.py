@@ -107,7 +107,7 @@ def test_micro_batching_gives_the_same_update(tmp_path, cache):
             def stats_fn(b, with_grad=False, with_entropy=True):
                 return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"],
                                                     b["mask"], with_grad=with_grad, with_entropy=with_entropy)
-            out = train.update(model, opt, batch, cfg, stats_fn, train.contextlib.nullcontext)
+            out = train.update(model, opt, batch, cfg, stats_fn)
             results.append((out["loss/loss"], torch.cat([p.detach().flatten() for p in model.parameters()])))
         (loss_a, par_a), (loss_b, par_b) = results
         assert loss_a == pytest.approx(loss_b, rel=1e-5, abs=1e-7), algo
