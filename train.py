@@ -37,7 +37,7 @@ gradient step (per-parameter scaling), so the predictions hold only up to that p
 --optimizer sgd to test the first-order formulas on a plain step.
 
 Run:
-    python train.py --algo grpo                         # tiny lab on CPU (about 3 minutes on 2 cores)
+    python train.py --algo grpo                         # tiny lab on CPU (about 70 s on 2 idle cores)
     python train.py --algo steer --preset qwen-0.5b-gsm8k --out runs/steer-gsm8k
     python train.py --resume runs/steer-gsm8k
     python train.py --help
@@ -671,10 +671,11 @@ def _truncate_jsonl(path, last_step):
 
 # ------------------------------------------------------------------------------------------- driver
 def build_parser():
-    p = argparse.ArgumentParser(description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer). "
+                                "A flag left unset takes the preset's value, then the algorithm's, then "
+                                "BASE_DEFAULTS (all in train.py); unset loss knobs keep losses.py's defaults.")
     a = p.add_argument
-    a("--algo", choices=ALGOS, default="grpo", help="loss / algorithm")
+    a("--algo", choices=ALGOS, default="grpo", help="loss / algorithm (default grpo)")
     a("--preset", choices=sorted(PRESETS), help="settings bundle; default: tiny without CUDA")
     a("--model", help="Hub name or local folder of the policy (not with --preset tiny)")
     a("--dataset", help="training problems: a .jsonl file or a Hub dataset name[:config]")
@@ -714,7 +715,8 @@ def build_parser():
     a("--eval-temperature", type=float, help="sampling temperature of avg@k / pass@k")
     a("--save-interval", type=int, help="checkpoint every N steps (and at the end)")
     a("--log-samples", type=int, help="prompts per step written to samples.jsonl")
-    a("--system-prompt", default=rollout.DEFAULT_SYSTEM_PROMPT, help="system message of the chat template")
+    a("--system-prompt", default=rollout.DEFAULT_SYSTEM_PROMPT, help="system message of the chat template "
+      "(default: rollout.DEFAULT_SYSTEM_PROMPT; the tiny lab's template ignores it)")
     a("--seed", type=int, help="seed of sampling and data order")
     a("--out", help="run directory (default runs/<algo>-seed<seed>)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
@@ -724,7 +726,7 @@ def build_parser():
     a("--measure-entropy-change", action="store_true", help="log predicted vs realised per-token entropy change")
     a("--plot", action="store_true", help="write curves.png (needs matplotlib)")
     a("--tiny-sft-steps", type=int, help="supervised warm-start steps of the tiny lab (cached)")
-    a("--cache-dir", default=str(CACHE_DIR), help="tiny-lab warm-start cache")
+    a("--cache-dir", default=str(CACHE_DIR), help=f"tiny-lab warm-start cache (default {CACHE_DIR})")
     return p
 
 
