@@ -192,7 +192,7 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
     gradient); all are 0 where response_mask is 0.
     The backbone runs with position_ids = cumsum(attention_mask) - 1 (clamped at 0), so left padding does
     not move a sample's positions; hidden states at P-1 .. P+R-2 go through the lm_head, the logits are
-    divided by temperature (in the model's dtype; losses.py upcasts chunk by chunk), and
+    divided by temperature in place (in the model's dtype; losses.py upcasts chunk by chunk), and
     losses.token_logprobs / losses.token_entropy reduce over the vocabulary in chunks of chunk_size
     positions (None: losses.py's default working set). micro_batch_size splits the N rows into forward passes of at most
     that many rows (bounds activation memory, mainly useful with with_grad=False).
@@ -228,7 +228,9 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
             hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state                      # (n, P+R, D)
             # position t predicts token t+1: response token j (column P+j) comes from position P-1+j
-            logits = lm_head(hidden[:, prompt_length - 1:total - 1]) / temperature     # (n, R, V)
+            logits = lm_head(hidden[:, prompt_length - 1:total - 1])                    # (n, R, V)
+            if temperature != 1.0:
+                logits.div_(temperature)      # in place: no second (n, R, V) tensor (linear keeps no output)
             logps.append(losses.token_logprobs(logits, ids[:, prompt_length:], chunk_size=chunk_size))
         if with_entropy:
             with torch.no_grad():
