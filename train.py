@@ -2,7 +2,7 @@
 
 It composes the other files: rollout.py samples G responses per prompt and scores their tokens,
 verifier.py turns each response into a 0/1 reward, losses.py gives group advantages and the six losses.
-One step (methods note sections 1-5):
+One step (GRPO, DeepSeekMath sec. 4.1; the variations are the losses in losses.py):
     sample prompts -> generate G each -> verify -> group advantages (drop all-equal groups: DAPO's dynamic
     sampling without the refill, also Archer's default) -> old log-probs, entropy and the exact-term S2
     (no grad) [-> reference log-probs when a KL term needs them] -> the chosen loss over U mini-batches,
@@ -11,7 +11,7 @@ One step (methods note sections 1-5):
 
 Algorithm-specific wiring (where the papers or their code leave a choice):
     STEER   omega_max, the M of lambda = lambda_min ** (m / M), is computed once per mini-batch from the
-            behaviour policy's statistics ("global batch scope of M", methods note section 3), so the weights
+            behaviour policy's statistics (the "global batch scope" of M), so the weights
             do not depend on the micro-batch size. The released code takes M per micro-batch.
     OPEFO   one optimizer step per rollout batch (--updates-per-batch is forced to 1) and the flow totals
             (P, N) of lambda* are computed over the whole batch and passed to every micro-batch.
@@ -512,7 +512,7 @@ def update(model, optimizer, batch, cfg, stats_fn):
 
 def _entropy_change_terms(before, after, weights, mask):
     """Per token that carries gradient (valid, w != 0): realised entropy change and the three first-order
-    predictions -w * g, g = losses.first_order_term(form) at the pre-update policy (methods note sec. 2;
+    predictions -w * g, g = losses.first_order_term(form) at the pre-update policy (entropy_math.py;
     eta dropped: correlations are scale-free). Tokens with w = 0 (zero advantage, clipped) are left out:
     their only change is the spill-over through shared parameters, which no tabular form predicts.
     """

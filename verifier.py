@@ -2,9 +2,9 @@
 
 This is the reward r(x, y) in {0, 1} that every trainer in this project optimises (GRPO / DAPO / Dr. GRPO and the
 entropy-aware variants STEER, arXiv 2510.10150; OPEFO, arXiv 2605.11491; Archer, arXiv 2507.15778: all of them use a
-rule-based "is the final answer correct" reward and none prescribes a grader). The design rules follow
-notes/verifier.md: gold first, None when the gold cannot be understood, no eval() of model text, every call bounded
-in time without signals.
+rule-based "is the final answer correct" reward, each with its own grader; this one is ours). Design rules: gold
+first, None when the gold cannot be understood, no eval() of model text, every call bounded in time without
+signals.
 
 Pipeline
   1. extract_answer: last \\boxed{...} / \\fbox{...} (nested braces, `\\boxed 5`) in the final region of the
