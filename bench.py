@@ -1,7 +1,7 @@
 """Speed and memory figures for losses.py (issue 3), on CPU or one CUDA GPU.
 
     python bench.py                      # all three measurements on the default device
-    python bench.py --only memory        # one of: memory, throughput, losses
+    python bench.py --only memory        # one of: memory, throughput, losses, scripts
     python bench.py --device cuda
 
 1. memory      peak extra memory of token_logprobs (with autograd) + token_entropy(exact_term=True) on bf16
@@ -14,9 +14,13 @@
                CPU that, not memory bandwidth, is the bound).
 3. losses      time of steer/opefo/archer loss (forward + backward, entropy precomputed) over grpo_loss on
                B x T = 64 x 4096 tokens.
+4. scripts     wall time of `python toy_bandit.py` and `python entropy_math.py` with their defaults (the
+               tests only assert a generous bound on the toy).
 The figures quoted in the README come from this script; timings are the best of several repeats.
 """
 import argparse
+import subprocess
+import sys
 import time
 
 import torch
@@ -138,15 +142,23 @@ def bench_losses(device, B=64, T=4096):
         print(f"  {label:22s} {t * 1e3:8.2f} ms  ratio to grpo {t / base:5.2f}")
 
 
+def bench_scripts(device):
+    for script in ("toy_bandit.py", "entropy_math.py"):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, script], check=True, stdout=subprocess.DEVNULL)
+        print(f"  python {script:18s} {time.perf_counter() - start:6.1f} s wall (defaults, CPU)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--only", choices=["memory", "throughput", "losses"], help="run one measurement")
+    p.add_argument("--only", choices=["memory", "throughput", "losses", "scripts"], help="run one measurement")
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
-    for what, fn in (("memory", bench_memory), ("throughput", bench_throughput), ("losses", bench_losses)):
+    for what, fn in (("memory", bench_memory), ("throughput", bench_throughput), ("losses", bench_losses),
+                     ("scripts", bench_scripts)):
         if args.only in (None, what):
             print(f"[{what}]")
             fn(device)

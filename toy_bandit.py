@@ -154,15 +154,6 @@ def pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def pearson(x, y):
-    """Pearson correlation of two 1-D tensors (nan when either is constant or too short)."""
-    if x.numel() < 3:
-        return float("nan")
-    x, y = x - x.mean(), y - y.mean()
-    denom = (x.norm() * y.norm()).item()
-    return (x @ y).item() / denom if denom > 0 else float("nan")
-
-
 def first_order_correlations(before, after, weights, lr):
     """Pearson r between predicted and realised per-position entropy changes over all optimizer steps.
 
@@ -178,8 +169,9 @@ def first_order_correlations(before, after, weights, lr):
     rows = before.unsqueeze(2).expand(U, T, K, K).reshape(-1, K)   # state z_t once per candidate token b
     token = torch.arange(K).repeat(U * T)
     realised = (entropy_math.entropy(after) - entropy_math.entropy(before)).reshape(-1)
-    return tuple(pearson(fn(rows, token, weights.reshape(-1), lr).view(U * T, K).sum(-1), realised)
+    predicted = (fn(rows, token, weights.reshape(-1), lr).view(U * T, K).sum(-1)
                  for fn in (entropy_math.dh_exact, entropy_math.dh_paper))
+    return tuple(entropy_math.pearson(p, realised) for p in predicted)
 
 
 def run(algo, seed, cfg):
