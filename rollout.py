@@ -214,7 +214,7 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
     if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size < 1):
         raise ValueError(f"response_stats: micro_batch_size must be a positive int or None, got {micro_batch_size!r}")
 
-    backbone = model.get_decoder()
+    backbone = model.base_model                 # the decoder stack without the lm_head
     lm_head = model.get_output_embeddings()
     device = next(model.parameters()).device
     valid = response_mask.to(device).bool()
