@@ -10,6 +10,7 @@
                is measured; on CUDA torch.cuda.max_memory_allocated.
 2. throughput  the token statistics' time against one plain streaming pass over the same logits
                (logits.amax(-1): read every element once), i.e. the fraction of the memory-bandwidth bound,
+               for token_logprobs + token_entropy and for the one-pass token_stats,
                and against one float32 exp over them (every exact entropy needs each element's exp: on a
                CPU that, not memory bandwidth, is the bound).
 3. losses      time of steer/opefo/archer loss (forward + backward, entropy precomputed) over grpo_loss on
@@ -108,14 +109,18 @@ def bench_throughput(device):
     exp_only = best_time(exp_pass, device)
     logp = best_time(lambda: losses.token_logprobs(logits, tokens), device)
     ent = best_time(lambda: losses.token_entropy(logits, exact_term=True), device)
+    fused = best_time(lambda: losses.token_stats(logits, tokens), device)
     gb = logits.numel() * 2 / 1e9
     print(f"  {n} positions x V={SHAPE[-1]} bf16 ({gb:.2f} GB)")
     print(f"  streaming pass (amax)          {stream * 1e3:8.1f} ms  {gb / stream:6.1f} GB/s")
     print(f"  float32 exp pass (chunked)     {exp_only * 1e3:8.1f} ms")
     print(f"  token_logprobs                 {logp * 1e3:8.1f} ms")
     print(f"  token_entropy(exact_term)      {ent * 1e3:8.1f} ms")
+    print(f"  token_stats (logp, H, S2)      {fused * 1e3:8.1f} ms  (one pass, no gradient)")
     print(f"  streaming pass / statistics    fraction of the bandwidth bound = {stream / (logp + ent):.3f}")
     print(f"  exp pass / statistics          fraction of the exp bound       = {exp_only / (logp + ent):.3f}")
+    print(f"  the same two for token_stats                                   = {stream / fused:.3f}, "
+          f"{exp_only / fused:.3f}")
 
 
 def bench_losses(device, B=64, T=4096):

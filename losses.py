@@ -241,6 +241,30 @@ def token_logprobs(logits, tokens, *, chunk_size=None):
 
 
 @torch.no_grad()
+def _entropy_pass(flat, rows, exact_term, tokens=None):
+    """One chunked pass over flat logits (N, V): H (N,), S2 (N,) or None, log pi(tokens) (N,) or None."""
+    ent = torch.empty(flat.shape[0], dtype=_acc_dtype(flat.dtype), device=flat.device)
+    s2 = torch.empty_like(ent) if exact_term else None
+    logp = torch.empty_like(ent) if tokens is not None else None
+    lowest = torch.finfo(ent.dtype).min
+    for s, chunk, (z, e, t) in _row_chunks(flat, rows, 3):
+        n = chunk.shape[0]
+        z.copy_(chunk)
+        z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=lowest)            # shift; -inf -> finite
+        torch.exp(z, out=e)                                                 # e = S pi
+        total = e.sum(-1)
+        log_total = total.log()
+        h = log_total - torch.mul(e, z, out=t).sum(-1) / total              # H = log S - E_pi[z]
+        ent[s:s + n] = h
+        if tokens is not None:
+            logp[s:s + n] = z.gather(-1, tokens[s:s + n, None]).squeeze(-1) - log_total   # z_a - log S
+        if exact_term:
+            sum_e2 = e.square_().sum(-1)
+            sum_e2z = torch.mul(e, z, out=t).sum(-1)
+            s2[s:s + n] = (sum_e2z - log_total * sum_e2 + h * sum_e2) / total.square()
+    return ent, s2, logp
+
+
 def token_entropy(logits, *, exact_term=False, chunk_size=None):
     """Full-vocabulary entropy per position, computed in float32 chunks, without gradient.
 
@@ -252,25 +276,23 @@ def token_entropy(logits, *, exact_term=False, chunk_size=None):
     -inf logits (masked vocabulary entries) contribute exactly zero.
     """
     flat = logits.reshape(-1, logits.shape[-1])
-    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
-    ent = torch.empty(flat.shape[0], dtype=_acc_dtype(flat.dtype), device=flat.device)
-    s2 = torch.empty_like(ent) if exact_term else None
-    lowest = torch.finfo(ent.dtype).min
-    for s, chunk, (z, e, t) in _row_chunks(flat, rows, 3):
-        n = chunk.shape[0]
-        z.copy_(chunk)
-        z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=lowest)            # shift; -inf -> finite
-        torch.exp(z, out=e)                                                 # e = S pi
-        total = e.sum(-1)
-        log_total = total.log()
-        h = log_total - torch.mul(e, z, out=t).sum(-1) / total              # H = log S - E_pi[z]
-        ent[s:s + n] = h
-        if exact_term:
-            sum_e2 = e.square_().sum(-1)
-            sum_e2z = torch.mul(e, z, out=t).sum(-1)
-            s2[s:s + n] = (sum_e2z - log_total * sum_e2 + h * sum_e2) / total.square()
-    ent = ent.view(logits.shape[:-1])
-    return (ent, s2.view(logits.shape[:-1])) if exact_term else ent
+    ent, s2, _ = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), exact_term)
+    shape = logits.shape[:-1]
+    return (ent.view(shape), s2.view(shape)) if exact_term else ent.view(shape)
+
+
+def token_stats(logits, tokens, *, chunk_size=None):
+    """log pi(tokens), H and S2 per position in one chunked pass, without gradient: (logp, H, S2), each (...).
+
+    logits: (..., V); tokens: (...) long. The same numbers as token_logprobs (detached) and
+    token_entropy(exact_term=True), for the behaviour policy's statistics, at the cost of one pass.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
+                         "expected logits (..., V) and tokens (...)")
+    flat = logits.reshape(-1, logits.shape[-1])
+    ent, s2, logp = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), True, tokens.reshape(-1))
+    return logp.view(tokens.shape), ent.view(tokens.shape), s2.view(tokens.shape)
 
 
 # --------------------------------------------------------------------------------------- PPO surrogate

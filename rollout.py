@@ -192,10 +192,11 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
     gradient); all are 0 where response_mask is 0.
     The backbone runs with position_ids = cumsum(attention_mask) - 1 (clamped at 0), so left padding does
     not move a sample's positions; hidden states at P-1 .. P+R-2 go through the lm_head, the logits are
-    divided by temperature in place (in the model's dtype; losses.py upcasts chunk by chunk), and
-    losses.token_logprobs / losses.token_entropy reduce over the vocabulary in chunks of chunk_size
-    positions (None: losses.py's default working set). micro_batch_size splits the N rows into forward passes of at most
-    that many rows (bounds activation memory, mainly useful with with_grad=False).
+    divided by temperature in place (in the model's dtype; losses.py upcasts chunk by chunk), and losses.py
+    reduces over the vocabulary in chunks of chunk_size positions (None: its default working set):
+    token_stats (one pass for logp, H and S2) without gradient, token_logprobs (+ token_entropy) with it.
+    micro_batch_size splits the N rows into forward passes of at most that many rows (bounds activation
+    memory, mainly useful with with_grad=False).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"response_stats: input_ids must be (N, P+R), got shape {tuple(input_ids.shape)}")
@@ -231,10 +232,15 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
             logits = lm_head(hidden[:, prompt_length - 1:total - 1])                    # (n, R, V)
             if temperature != 1.0:
                 logits.div_(temperature)      # in place: no second (n, R, V) tensor (linear keeps no output)
-            logps.append(losses.token_logprobs(logits, ids[:, prompt_length:], chunk_size=chunk_size))
+            targets = ids[:, prompt_length:]
+            if with_entropy and not with_grad:      # behaviour-policy statistics: one pass over the logits
+                lp, ent, ex = losses.token_stats(logits, targets, chunk_size=chunk_size)
+            else:
+                lp = losses.token_logprobs(logits, targets, chunk_size=chunk_size)
+                if with_entropy:
+                    ent, ex = losses.token_entropy(logits.detach(), exact_term=True, chunk_size=chunk_size)
+        logps.append(lp)
         if with_entropy:
-            with torch.no_grad():
-                ent, ex = losses.token_entropy(logits.detach(), exact_term=True, chunk_size=chunk_size)
             entropies.append(ent)
             exact_terms.append(ex)
         del hidden, logits

@@ -477,3 +477,19 @@ def test_every_loss_splits_into_micro_batches_exactly(name):
     (g_micro,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(total, whole)
     torch.testing.assert_close(g_micro, g_whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_token_stats_is_the_two_functions_in_one_pass(dtype):
+    b = random_batch(B=3, T=4, V=41, seed=6)
+    logits = b["logits"].to(dtype)
+    logp, h, s2 = losses.token_stats(logits, b["tokens"], chunk_size=5)
+    h_ref, s2_ref = token_entropy(logits, exact_term=True, chunk_size=5)
+    lp_ref = token_logprobs(logits, b["tokens"], chunk_size=5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(logp, lp_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    torch.testing.assert_close(s2, s2_ref, rtol=0, atol=0)
+    assert not logp.requires_grad
+    with pytest.raises(ValueError, match="disagree"):
+        losses.token_stats(logits, b["tokens"][:, :2])
