@@ -20,7 +20,8 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
     agg_loss           seq-mean-token-mean: GRPO eq. 3; token-mean: DAPO eq. 12 (sec. 3.3);
                        constant normaliser: Dr. GRPO sec. 3.2
     kl_penalty         k3: GRPO eq. 4
-    token_entropy      H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H) (entropy_math.py)
+    token_entropy      H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H) (entropy_math.py);
+                       token_stats: log pi(a), H and S2 in one pass
     steer_loss         STEER arXiv 2510.10150: the token-level entropy-change estimate Omega and the
                        exponential reweighting lambda = lambda_min ** (|Omega| / max |Omega|)
     opefo_loss         OPEFO arXiv 2605.11491: entropy flow f, balance lambda* = (N - P) / (N + P),
@@ -38,9 +39,10 @@ puts in front, and with an approximate logit step:
 `first_order_term` returns one of these three factors g, so that each token's estimate is -w g.
 
 Usage
-    from losses import LOSSES, group_advantages, token_logprobs, token_entropy
-    adv = group_advantages(rewards, group_size=8)                       # (B,)
-    entropy, s2 = token_entropy(old_logits, exact_term=True)           # (B, T) each, no grad
+    from losses import LOSSES, group_advantages, token_logprobs, token_stats
+    adv = group_advantages(rewards, group_size=8)                         # (B,)
+    old_logp, entropy, s2 = token_stats(old_logits, response_ids)        # (B, T) each, one pass, no grad
+    logp = token_logprobs(logits, response_ids)                          # (B, T), with gradient
     loss, metrics = LOSSES["steer"](logp=logp, old_logp=old_logp, advantages=adv, mask=mask,
                                     entropy=entropy, exact_term=s2)
     loss.backward()
