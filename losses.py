@@ -328,6 +328,18 @@ def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
     return m
 
 
+def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip):
+    """The common start of grpo_loss and steer_loss: shape checks, masks (valid, float, count), advantages
+    broadcast to (B, 1) or (B, T), and the per-token clipped surrogate with its ratio."""
+    _check_tokens("logp", logp, mask)
+    _check_tokens("old_logp", old_logp, mask)
+    mask, mf, count = _masks(mask)
+    adv = _broadcast_advantages(advantages, mask)
+    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip)
+    return mask, mf, count, adv, per_token, ratio
+
+
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
               agg="token-mean", ref_logp=None, kl_coef=0.0, kl_kind="k3", entropy=None,
               num_tokens=None, num_seqs=None, norm_length=None):
@@ -339,12 +351,8 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
     `entropy` (B, T), if given, only feeds the "entropy" metric.
     Metrics: clip_frac_low, clip_frac_high, approx_kl (to pi_old), ratio_mean, pg_loss, [kl], [entropy].
     """
-    _check_tokens("logp", logp, mask)
-    _check_tokens("old_logp", old_logp, mask)
-    mask, mf, count = _masks(mask)
-    adv = _broadcast_advantages(advantages, mask)
-    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip)
+    mask, mf, count, adv, per_token, ratio = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high,
+                                                         dual_clip)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     pg = agg_loss(per_token, mask, agg, **agg_kw)
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
@@ -461,13 +469,9 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     entropy, exact_term (B, T): the behaviour policy's H and S2 (token_entropy); pi_a is the current one.
     Metrics: grpo_loss's plus weight_mean / weight_min / weight_max / omega_max.
     """
-    _check_tokens("logp", logp, mask)
-    _check_tokens("old_logp", old_logp, mask)
     _check_tokens("entropy", entropy, mask)
-    mask, mf, count = _masks(mask)
-    adv = _broadcast_advantages(advantages, mask)
-    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip)
+    mask, mf, count, adv, per_token, ratio = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high,
+                                                         dual_clip)
     omega_est = (ratio.detach() * -adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
     lam = steer_weights(omega_est, mf, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
                         mode=mode, omega_max=omega_max)
