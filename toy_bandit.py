@@ -17,7 +17,7 @@ computes group advantages (losses.group_advantages, per group), and takes ``upda
 same batch (PPO-style epochs on the full batch, so clipping matters). OPEFO is strictly on-policy: one
 update per batch, with the learning rate multiplied by sqrt(updates) as the OPEFO paper does to compensate
 (--opefo-lr-scale). Losses come from losses.LOSSES, log-probs and entropies from losses.token_logprobs /
-losses.token_entropy on the (B, T, K) logits; nothing of the methods is re-implemented here.
+losses.token_stats on the (B, T, K) logits; nothing of the methods is re-implemented here.
 
 Choices (the issue left them open):
 - Optimizer: plain SGD by default. The first-order entropy analysis (entropy_math.py) is for an SGD step on
@@ -223,8 +223,7 @@ def run(algo, seed, cfg):
         advantages = losses.group_advantages(rewards, cfg.G, std_normalize=std_normalize)
         with torch.no_grad():
             old_batch_logits = logits.detach().expand(n, T, K)
-            old_logp = losses.token_logprobs(old_batch_logits, tokens)
-            entropy, exact_term = losses.token_entropy(old_batch_logits, exact_term=True)
+            old_logp, entropy, exact_term = losses.token_stats(old_batch_logits, tokens)   # one pass
             ref_logp = losses.token_logprobs(ref_logits, tokens)
         for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
