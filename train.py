@@ -784,7 +784,7 @@ def _peak_mem_mb(device):
 
 
 def plot_curves(run_dir):
-    """curves.png: reward, accuracy, entropy per step and held-out avg@k."""
+    """curves.png: reward and entropy per step, held-out avg@k and greedy accuracy at each evaluation."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
