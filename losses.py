@@ -11,6 +11,10 @@ Conventions
     advantages               : (B,) one per response (broadcast over its tokens) or (B, T).
     entropy, exact_term      : (B, T) from `token_entropy` on the behaviour policy (no gradient).
     Every loss returns (loss, metrics): a scalar to minimise and a dict of plain floats.
+    Masked positions may hold anything (NaN, inf, garbage): they contribute exactly zero to the value and
+    the gradient. An empty batch (B = 0) gives a zero loss. float64 inputs are computed in float64.
+    num_tokens / num_seqs: the whole batch's valid tokens and rows with a valid token (batch_totals), for
+    exact gradient accumulation over micro-batches. Knobs out of range raise a ValueError naming them.
 
 Where each formula comes from (equation numbers as checked in the arXiv versions named)
     group_advantages   GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1.2 (outcome supervision);
@@ -60,29 +64,70 @@ CHUNK_BYTES = 8 * 2**20     # float32 bytes per work buffer in token_logprobs / 
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _check_tokens(name, x, ref):
+def _check_tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_tokens(name, x, ref, like="mask"):
+    _check_tensor(name, x)
     if x.shape != ref.shape:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (B, T) like mask")
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (B, T) like {like}")
 
 
-def _broadcast_advantages(advantages, mask):
-    """(B,) or (B, T) advantages -> float32 (B, 1) or (B, T), broadcastable against (B, T) tensors."""
-    if advantages.dim() == 1 and advantages.shape[0] == mask.shape[0]:
-        return advantages.float()[:, None]
-    if advantages.shape == mask.shape:
-        return advantages.float()
-    raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({mask.shape[0]},) "
-                     f"or (B, T) = {tuple(mask.shape)}")
+def _check_knob(name, value, ok, rule):
+    """A knob outside its range: one ValueError naming it, e.g. "lambda_min=0 must be in (0, 1]"."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be {rule}")
 
 
-def _masks(mask):
-    """mask (B, T) of 0/1 or bool -> (valid bool, valid float32, number of valid tokens clamped at 1).
+def _check_clip(clip_low, clip_high, dual_clip):
+    """PPO clip knobs: clip_low in [0, 1) (a ratio bound 1 - clip_low > 0), clip_high >= 0, dual_clip > 1."""
+    _check_knob("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1)")
+    _check_knob("clip_high", clip_high, clip_high >= 0, ">= 0")
+    if dual_clip is not None:
+        _check_knob("dual_clip", dual_clip, dual_clip > 1, "> 1 (or None)")
 
-    Float masks and products keep the per-token arithmetic cheap (on a CPU, boolean selects cost
-    several times an elementwise product).
+
+def _positive(name, value):
+    """A caller-supplied count or length: must be > 0 (a 0 would otherwise be a silent 1)."""
+    v = value.item() if isinstance(value, torch.Tensor) else value
+    _check_knob(name, v, v > 0, "> 0")
+    return value
+
+
+def _batch(mask, advantages, **tensors):
+    """Validate and clean the batch tensors of a loss.
+
+    mask (B, T); advantages (B,) or (B, T); tensors: name -> (B, T) tensor or None. Returns
+    (valid bool (B, T), mf (B, T) float, count, adv (B, T), cleaned tensors in the same order).
+    Every masked position of every tensor is replaced by 0 with torch.where, so padding that holds NaN
+    or inf contributes exactly zero to the value and to the gradient (a product 0 * NaN would not).
+    The float dtype is float32, or float64 when any input is float64 (promote_types with float32).
     """
+    _check_tensor("mask", mask)
+    _check_tensor("advantages", advantages)
+    for name, x in tensors.items():
+        if x is not None:
+            _check_tokens(name, x, mask)
     valid = mask.bool()
-    return valid, valid.float(), valid.sum().clamp(min=1)
+    dtype = _acc_dtype(advantages.dtype)
+    for x in tensors.values():
+        if x is not None and torch.is_floating_point(x):
+            dtype = torch.promote_types(dtype, _acc_dtype(x.dtype))
+    if advantages.dim() == 1 and advantages.shape[0] == mask.shape[0]:
+        advantages = advantages[:, None]
+    elif advantages.shape != mask.shape:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({mask.shape[0]},) "
+                         f"or (B, T) = {tuple(mask.shape)}")
+    adv = torch.where(valid, advantages.to(dtype), 0.0)
+    cleaned = [None if x is None else torch.where(valid, x, 0.0) for x in tensors.values()]
+    return valid, valid.to(dtype), valid.sum().clamp(min=1), adv, cleaned
+
+
+def _max0(x):
+    """Max of x (masked entries already 0, values >= 0); 0 for an empty tensor."""
+    return x.amax() if x.numel() else x.new_zeros(())
 
 
 def _masked_mean(x, mf, count):
@@ -92,6 +137,8 @@ def _masked_mean(x, mf, count):
 
 def _masked_min(x, mf):
     """Min of x (finite, |x| < 1e29) over the float mask mf; 0 when the mask is empty."""
+    if x.numel() == 0:
+        return x.new_zeros(())
     low = (x + (1.0 - mf) * 1e30).min()
     return torch.where(low > 1e29, 0.0, low)
 
@@ -132,26 +179,40 @@ def agg_loss(per_token, mask, mode="token-mean", *, num_tokens=None, num_seqs=No
     seq-mean-token-sum       (1/num_seqs) sum_i sum_t l
     seq-mean-token-sum-norm  sum_{i,t} l / (num_seqs * norm_length)   (Dr. GRPO; norm_length defaults to T)
 
-    For gradient accumulation pass the whole batch's totals: num_tokens (valid tokens) for token-mean and
-    num_seqs (responses) for the seq-* modes; the sum of the micro-batch losses then equals the loss of
-    the whole batch. Masked positions contribute exactly zero, even where per_token is not finite.
+    num_tokens: the number of valid tokens; num_seqs: the number of rows with at least one valid token
+    (rows that are all padding are left out, as verl does); both default to this call's counts. For
+    gradient accumulation pass the whole batch's totals (batch_totals(mask) on the whole batch): the sum
+    of the micro-batch losses then equals the loss of the whole batch. Both must be > 0.
+    seq-mean-token-sum-norm divides by num_seqs * norm_length, as TRL's dr_grpo does (B times the maximum
+    completion length); verl's mode of that name divides the token sum by the constant alone, a loss B
+    times larger. Both are valid; num_seqs=1 with norm_length=your constant gives verl's.
+    Masked positions contribute exactly zero, even where per_token is not finite.
     """
     _check_tokens("per_token", per_token, mask)
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
     mask = mask.bool()
     x = torch.where(mask, per_token, 0.0)
-    if num_seqs is None:
-        num_seqs = mask.shape[0]
     if mode == "token-mean":
-        denom = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, device=x.device)
-        return x.sum() / denom.clamp(min=1)
+        denom = mask.sum().clamp(min=1) if num_tokens is None else _positive("num_tokens", num_tokens)
+        return x.sum() / denom
+    seqs = mask.any(-1).sum().clamp(min=1) if num_seqs is None else _positive("num_seqs", num_seqs)
     if mode == "seq-mean-token-mean":
-        return (x.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(num_seqs, 1)
+        return (x.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / seqs
     if mode == "seq-mean-token-sum":
-        return x.sum() / max(num_seqs, 1)
-    if mode == "seq-mean-token-sum-norm":
-        length = mask.shape[-1] if norm_length is None else norm_length
-        return x.sum() / (max(num_seqs, 1) * length)
-    raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGG_MODES}")
+        return x.sum() / seqs
+    length = mask.shape[-1] if norm_length is None else _positive("norm_length", norm_length)
+    return x.sum() / (seqs * length)
+
+
+def batch_totals(mask):
+    """The whole batch's normalisers for agg_loss, from its mask (B, T): {"num_tokens", "num_seqs"} as ints.
+
+    num_tokens: valid tokens; num_seqs: rows with at least one valid token. Compute them once per
+    mini-batch and pass them to every micro-batch's loss.
+    """
+    valid = mask.bool()
+    return {"num_tokens": int(valid.sum()), "num_seqs": int(valid.any(-1).sum())}
 
 
 # --------------------------------------------------------------------------------------------- KL
@@ -160,6 +221,8 @@ def kl_penalty(logp, ref_logp, kind="k3"):
 
     x = clamp(ref_logp - logp, +-20):  k1 = -x;  k2 = x^2 / 2;  k3 = exp(x) - x - 1 (>= 0, clamped to 10).
     """
+    _check_tensor("logp", logp)
+    _check_tokens("ref_logp", ref_logp, logp, like="logp")
     x = (ref_logp - logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     if kind == "k1":
         return -x
@@ -186,7 +249,7 @@ def _row_chunks(flat, rows, n_buffers):
     Reusing the buffers keeps the working set small (it stays in cache on a CPU) and avoids a fresh
     allocation, with its page faults, per chunk.
     """
-    rows = min(rows, flat.shape[0])
+    rows = max(1, min(rows, flat.shape[0]))                   # an empty batch: no chunk at all
     acc = _acc_dtype(flat.dtype)
     buffers = [torch.empty(rows, flat.shape[-1], dtype=acc, device=flat.device) for _ in range(n_buffers)]
     for s in range(0, flat.shape[0], rows):
@@ -328,16 +391,17 @@ def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
     return m
 
 
-def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip):
-    """The common start of grpo_loss and steer_loss: shape checks, masks (valid, float, count), advantages
-    broadcast to (B, 1) or (B, T), and the per-token clipped surrogate with its ratio."""
-    _check_tokens("logp", logp, mask)
-    _check_tokens("old_logp", old_logp, mask)
-    mask, mf, count = _masks(mask)
-    adv = _broadcast_advantages(advantages, mask)
+def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, **tensors):
+    """The common start of the PPO-clip losses: checks, cleaned (B, T) inputs (masked positions set to 0,
+    see _batch), masks (valid, float, count), advantages (B, T), and the per-token clipped surrogate with
+    its ratio. tensors: further (B, T) inputs (entropy, exact_term, ...) to check and clean, returned as a list.
+    """
+    _check_clip(clip_low, clip_high, dual_clip)
+    valid, mf, count, adv, (logp, old_logp, *rest) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
+                                                            **tensors)
     per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip)
-    return mask, mf, count, adv, per_token, ratio
+    return valid, mf, count, adv, per_token, ratio, logp, rest
 
 
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -351,8 +415,8 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
     `entropy` (B, T), if given, only feeds the "entropy" metric.
     Metrics: clip_frac_low, clip_frac_high, approx_kl (to pi_old), ratio_mean, pg_loss, [kl], [entropy].
     """
-    mask, mf, count, adv, per_token, ratio = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high,
-                                                         dual_clip)
+    mask, mf, count, adv, per_token, ratio, logp, (entropy, ref_logp) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy, ref_logp=ref_logp)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     pg = agg_loss(per_token, mask, agg, **agg_kw)
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
@@ -429,24 +493,31 @@ def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp",
     (only tokens that lower entropy are attenuated).
     exp (paper default):  lambda = lambda_min ** (m / max(M, scale_floor)),  M = max m over valid tokens,
                           clamped to [lambda_min, 1]; the largest |Omega| gets lambda_min.
-    linear:               min-max rescale of m onto [lambda_max, lambda_min], descending.
+    linear:               min-max rescale of m onto [lambda_max, lambda_min], descending; when every valid
+                          m is equal (one valid token, say) every token gets (lambda_min + lambda_max) / 2,
+                          a neutral weight, as the official code gives.
     omega_max: a caller-supplied M (e.g. the max over the whole mini-batch when the loss is called on
     micro-batches); default: the max over this call's valid tokens. Detached; 0 on masked positions.
+    lambda_min in (0, 1]; lambda_max >= lambda_min.
     """
-    mf = mask.to(omega.dtype)
+    _check_knob("lambda_min", lambda_min, 0 < lambda_min <= 1, "in (0, 1]")
+    _check_knob("lambda_max", lambda_max, lambda_max >= lambda_min, f">= lambda_min={lambda_min}")
+    valid = mask.bool()
+    mf = valid.to(omega.dtype)
     if mode == "symmetric":
-        m = omega.detach().abs() * mf
+        m = torch.where(valid, omega.detach().abs(), 0.0)
     elif mode == "asymmetric":
-        m = (-omega.detach()).clamp(min=0) * mf
+        m = torch.where(valid, (-omega.detach()).clamp(min=0), 0.0)
     else:
         raise ValueError(f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
-    big = m.max() if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
+    big = _max0(m) if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
     if mapping == "exp":
         scale = math.log(lambda_min) / big.clamp(min=scale_floor)
         lam = torch.exp(m * scale).clamp(min=lambda_min)              # lambda_min ** (m / M)
     elif mapping == "linear":
-        small = torch.where(mask.bool(), m, math.inf).min() if mask.any() else m.new_zeros(())
+        small = torch.where(valid, m, math.inf).amin() if valid.any() else m.new_zeros(())
         frac = ((m - small) / (big - small).clamp(min=1e-12)).clamp(0, 1)
+        frac = torch.where(big > small, frac, 0.5)                   # all equal: the midpoint (official code)
         lam = lambda_max - (lambda_max - lambda_min) * frac
     else:
         raise ValueError(f"unknown STEER mapping {mapping!r}; choose exp or linear")
@@ -469,9 +540,9 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     entropy, exact_term (B, T): the behaviour policy's H and S2 (token_entropy); pi_a is the current one.
     Metrics: grpo_loss's plus weight_mean / weight_min / weight_max / omega_max.
     """
-    _check_tokens("entropy", entropy, mask)
-    mask, mf, count, adv, per_token, ratio = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high,
-                                                         dual_clip)
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, per_token, ratio, logp, (entropy, exact_term) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy, exact_term=exact_term)
     omega_est = (ratio.detach() * -adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
     lam = steer_weights(omega_est, mf, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
                         mode=mode, omega_max=omega_max)
@@ -480,7 +551,7 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics.update(pg_loss=loss.detach(), weight_mean=lam.sum() / count,
                    weight_min=_masked_min(lam, mf),
-                   weight_max=lam.max(), omega_max=(omega_est.abs() * mf).max())
+                   weight_max=_max0(lam), omega_max=_max0(omega_est.abs() * mf))
     return loss, _to_floats(metrics)
 
 
@@ -489,10 +560,13 @@ def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper")
     """OPEFO's entropy flow f_{i,t} (B, T), no gradient: each token's first-order entropy contribution.
 
     paper: f = -A (1 - pi)^2 (log pi + H);  exact: f = -A [pi (log pi + H) - S2]  (see first_order_term).
-    Zero on masked positions.
+    Zero on masked positions, whatever logp, advantages, entropy or exact_term hold there.
     """
-    adv = _broadcast_advantages(advantages, mask)
-    return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mask.to(adv.dtype)
+    _check_tensor("logp", logp)
+    _check_tensor("entropy", entropy)
+    valid, mf, _, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
+                                                            exact_term=exact_term)
+    return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mf
 
 
 def opefo_balance(f):
@@ -524,15 +598,15 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
     Metrics: pg_loss, lambda_star, flow_pos (P), flow_neg (N), frac_pos (share of valid tokens in S+),
     weighted_flow (sum of w f over this call, 0 up to rounding when flow_totals is None), entropy.
     """
-    _check_tokens("logp", logp, mask)
-    _check_tokens("entropy", entropy, mask)
-    mask, mf, count = _masks(mask)
-    adv = _broadcast_advantages(advantages, mask)
-    f = entropy_flow(logp, advantages, mf, entropy, exact_term, flow)
+    _check_tensor("logp", logp)
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
+                                                               exact_term=exact_term)
+    f = entropy_flow(logp, adv, mf, entropy, exact_term, flow)
     if flow_totals is None:
         lam, pos, neg = opefo_balance(f)
     else:
-        pos, neg = (torch.as_tensor(v, dtype=torch.float32, device=f.device) for v in flow_totals)
+        pos, neg = (torch.as_tensor(v, dtype=f.dtype, device=f.device) for v in flow_totals)
         lam = _lambda_star(pos, neg)
     w = 1.0 + lam * torch.sign(f)                                   # 1 + lambda* on S+, 1 - lambda* on S-
     loss = agg_loss(-(w * adv) * logp, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -578,14 +652,24 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     The KL sits inside the same token aggregation as the policy term, as in eq. 5, so micro-batching with
     num_tokens stays exact. (The official code instead averages the KL over the knowledge tokens only, an
     effective coefficient about 1 / rho_k = 1.25 times larger, and marks reasoning tokens with a strict >.)
+    Two more differences from the official code, both chosen here:
+    - the reasoning/knowledge split comes from the `entropy` argument, the behaviour policy's entropy
+      (fixed for the whole rollout batch); the official code takes it from the current policy's entropy,
+      recomputed at every micro-batch of each of its 3 PPO epochs, so the split drifts as pi moves;
+    - token-mean by default; the official code runs one response per micro-batch, so its token mean is
+      per response, seq-mean-token-mean in effect (agg="seq-mean-token-mean" reproduces that).
     entropy (B, T): the behaviour policy's token entropy; ref_logp (B, T): the frozen base model's.
+    quantile in [0, 1]; clip_reasoning, clip_knowledge in [0, 1); dual_clip > 1 or None. The per-token
+    clip range and KL coefficient are built in the inputs' precision (float64 stays float64).
     Metrics: grpo_loss's plus reasoning_frac and kl_knowledge / kl_reasoning (unweighted KL means per type).
     """
-    _check_tokens("logp", logp, mask)
-    _check_tokens("old_logp", old_logp, mask)
-    _check_tokens("entropy", entropy, mask)
-    mask, mf, count = _masks(mask)
-    adv = _broadcast_advantages(advantages, mask)
+    _check_knob("quantile", quantile, 0 <= quantile <= 1, "in [0, 1]")
+    _check_knob("clip_reasoning", clip_reasoning, 0 <= clip_reasoning < 1, "in [0, 1)")
+    _check_knob("clip_knowledge", clip_knowledge, 0 <= clip_knowledge < 1, "in [0, 1)")
+    _check_clip(0.0, 0.0, dual_clip)
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, (logp, old_logp, entropy, ref_logp) = _batch(
+        mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
     tau = response_quantile(entropy, mask, quantile)                                 # (B,)  eq. 2
     rf = (entropy >= tau[:, None].to(entropy.dtype)).to(mf.dtype) * mf             # omega: reasoning
     eps = clip_knowledge + (clip_reasoning - clip_knowledge) * rf                   # eq. 3
@@ -598,7 +682,6 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
         if ref_logp is None:
             raise ValueError("Archer's KL terms need ref_logp (B, T) from the frozen base model "
                              "(or set kl_knowledge=0 and kl_reasoning=0)")
-        _check_tokens("ref_logp", ref_logp, mask)
         kl = kl_penalty(logp, ref_logp, kl_kind)
         beta = kl_knowledge + (kl_reasoning - kl_knowledge) * rf                    # eq. 4
         per_token = per_token + beta * kl

@@ -15,8 +15,9 @@ def random_batch(B=4, T=7, V=13, seed=0, dtype=torch.float32):
     logits = torch.randn(B, T, V, generator=g, dtype=dtype) * 2
     tokens = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T)
-    mask[0, T - 2:] = 0
-    mask[-1, T - 4:] = 0
+    if B:
+        mask[0, T - 2:] = 0
+        mask[-1, T - 4:] = 0
     logp = token_logprobs(logits, tokens).detach()
     old_logp = logp + 0.3 * torch.randn(B, T, generator=g, dtype=logp.dtype)
     adv = torch.randn(B, generator=g)
@@ -493,3 +494,155 @@ def test_token_stats_is_the_two_functions_in_one_pass(dtype):
     assert not logp.requires_grad
     with pytest.raises(ValueError, match="disagree"):
         losses.token_stats(logits, b["tokens"][:, :2])
+
+
+# ------------------------------------------------------------------- robustness where the file is copied
+def garbage_under_mask(b, value=math.nan):
+    """The batch with `value` in every masked position of every (B, T) input and (B, T) advantages."""
+    pad = b["mask"] == 0
+    out = dict(b)
+    out["advantages"] = b["advantages"][:, None].expand_as(b["mask"]).clone()
+    for key in ("logp", "old_logp", "advantages", "entropy", "exact_term"):
+        out[key] = out[key].clone().masked_fill(pad, value)
+    return out
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", ALL)
+def test_garbage_under_the_mask_changes_neither_loss_nor_gradient(name, value):
+    b = random_batch()
+    clean = dict(b, advantages=b["advantages"][:, None].expand_as(b["mask"]).clone())
+    dirty = garbage_under_mask(b, value)
+    results = []
+    for batch in (clean, dirty):
+        logp = batch["logp"].clone().requires_grad_(True)
+        loss, metrics = call(name, batch, logp)
+        (g,) = torch.autograd.grad(loss, logp)
+        results.append((loss, g, metrics))
+    (l0, g0, m0), (l1, g1, m1) = results
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    assert l1.item() == l0.item() and torch.equal(g1, g0)
+    assert (g1[b["mask"] == 0] == 0).all()
+    assert m1 == m0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_batch_gives_zero_loss_and_empty_gradient(name):
+    b = random_batch(B=0)
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, metrics = call(name, b, logp)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == 0.0 and g.shape == (0, 7)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+def test_empty_batch_statistics():
+    empty = torch.zeros(0, 3, 11)
+    assert token_entropy(empty).shape == (0, 3)
+    h, s2 = token_entropy(empty, exact_term=True)
+    assert h.shape == s2.shape == (0, 3)
+    assert token_logprobs(empty, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
+    assert losses.token_stats(empty, torch.zeros(0, 3, dtype=torch.long))[0].shape == (0, 3)
+
+
+@pytest.mark.parametrize("name,knob,value,message", [
+    ("steer", "lambda_min", 0.0, r"lambda_min=0.0 must be in \(0, 1\]"),
+    ("steer", "lambda_min", -0.5, r"lambda_min=-0.5 must be in \(0, 1\]"),
+    ("steer", "lambda_min", 1.5, r"lambda_min=1.5 must be in \(0, 1\]"),
+    ("archer", "quantile", 1.5, r"quantile=1.5 must be in \[0, 1\]"),
+    ("archer", "quantile", -0.1, r"quantile=-0.1 must be in \[0, 1\]"),
+    ("grpo", "clip_low", -0.5, r"clip_low=-0.5 must be in \[0, 1\)"),
+    ("grpo", "clip_low", 1.0, r"clip_low=1.0 must be in \[0, 1\)"),
+    ("dapo", "clip_high", -0.1, r"clip_high=-0.1 must be >= 0"),
+    ("steer", "dual_clip", 1.0, r"dual_clip=1.0 must be > 1"),
+    ("archer", "dual_clip", 0.5, r"dual_clip=0.5 must be > 1"),
+    ("archer", "clip_reasoning", 1.2, r"clip_reasoning=1.2 must be in \[0, 1\)"),
+    ("grpo", "num_tokens", 0, r"num_tokens=0 must be > 0"),
+    ("opefo", "num_tokens", -3, r"num_tokens=-3 must be > 0"),
+    ("grpo", "num_tokens", torch.tensor(0), r"num_tokens=0 must be > 0"),
+])
+def test_bad_knobs_raise_one_clear_error(name, knob, value, message):
+    b = random_batch()
+    with pytest.raises(ValueError, match=message):
+        call(name, b, **{knob: value}) if knob != "num_tokens" else LOSSES[name](
+            logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"],
+            entropy=b["entropy"], exact_term=b["exact_term"], ref_logp=b["old_logp"], num_tokens=value)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_num_seqs_zero_or_negative_is_an_error(mode):
+    x, m = torch.ones(2, 3), torch.ones(2, 3)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"num_seqs={bad} must be > 0"):
+            agg_loss(x, m, mode, num_seqs=bad)
+    with pytest.raises(ValueError, match="norm_length=0 must be > 0"):
+        agg_loss(x, m, "seq-mean-token-sum-norm", norm_length=0)
+
+
+@pytest.mark.parametrize("kind", ["list", "numpy"])
+@pytest.mark.parametrize("name", ALL)
+def test_advantages_that_are_not_tensors_raise_type_error(name, kind):
+    b = random_batch()
+    adv = b["advantages"].tolist() if kind == "list" else b["advantages"].numpy()
+    with pytest.raises(TypeError, match="advantages must be a torch.Tensor"):
+        call(name, dict(b, advantages=adv))
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "drgrpo"])
+def test_wrong_shape_entropy_names_the_argument(name):
+    b = random_batch(B=4, T=7)
+    with pytest.raises(ValueError, match=r"entropy has shape \(4, 6\)"):
+        call(name, dict(b, entropy=b["entropy"][:, :6]))
+
+
+def test_kl_penalty_shape_mismatch_names_the_argument():
+    with pytest.raises(ValueError, match=r"ref_logp has shape \(2, 4\), expected \(2, 3\)"):
+        kl_penalty(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="ref_logp must be a torch.Tensor"):
+        kl_penalty(torch.zeros(2, 3), [0.0, 0.0])
+
+
+def test_seq_modes_leave_rows_without_valid_tokens_out_of_the_count():
+    """As verl: a padded dummy row changes no seq-* loss (num_seqs counts rows with a valid token)."""
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    xp, mp = torch.cat([x, torch.full((1, 3), 7.0)]), torch.cat([m, torch.zeros(1, 3, dtype=m.dtype)])
+    for mode, value in (("seq-mean-token-mean", (2.0 + 4.5) / 2), ("seq-mean-token-sum", (6 + 9) / 2),
+                        ("seq-mean-token-sum-norm", 15 / (2 * 3))):
+        assert agg_loss(xp, mp, mode).item() == pytest.approx(value)
+        assert agg_loss(xp, mp, mode).item() == agg_loss(x, m, mode).item()
+
+
+def test_steer_linear_mapping_with_equal_scores_is_neutral():
+    """Official STEER code: when every |Omega| is equal the linear map gives (min + max) / 2 (here 1.0)."""
+    omega = torch.tensor([[0.3, -0.3, 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    lam = steer_weights(omega, mask, lambda_min=0.8, lambda_max=1.2, mapping="linear")
+    torch.testing.assert_close(lam, torch.tensor([[1.0, 1.0, 0.0]]))
+    one = steer_weights(torch.tensor([[0.7]]), torch.ones(1, 1), lambda_min=0.7, lambda_max=1.1, mapping="linear")
+    assert one.item() == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float64_inputs_stay_float64(name):
+    """Advantages (and Archer's per-token clip range and KL coefficient) keep the input's precision."""
+    b = random_batch(dtype=torch.float64)
+    b = {k: (v.double() if torch.is_floating_point(v) else v) for k, v in b.items()}
+    b["advantages"] = b["advantages"] * (1 + 1e-9)           # a difference that float32 would round away
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, _ = call(name, b, logp)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert loss.dtype == torch.float64 and g.dtype == torch.float64
+    b32 = dict(b, advantages=b["advantages"] / (1 + 1e-9))
+    loss32, _ = call(name, b32, b["logp"])
+    assert loss.item() != loss32.item()                       # the 1e-9 survives in float64
+
+
+def test_archer_float64_clip_range_is_exact():
+    # r = 1.2 + 1e-12 on a knowledge token: clipped at 1 + 0.2 exactly when computed in float64
+    logp = torch.full((1, 5), math.log(1.2 + 1e-12), dtype=torch.float64)
+    ent = torch.tensor([[0.1, 0.2, 0.3, 0.4, 5.0]], dtype=torch.float64)
+    loss, _ = archer_loss(logp, torch.zeros(1, 5, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64),
+                          torch.ones(1, 5), ent, kl_knowledge=0.0)
+    expected = (4 * -1.2 + -(1.2 + 1e-12)) / 5
+    assert loss.item() == pytest.approx(expected, rel=1e-15, abs=1e-15)
