@@ -360,6 +360,82 @@ def token_stats(logits, tokens, *, chunk_size=None):
     return logp.view(tokens.shape), ent.view(tokens.shape), s2.view(tokens.shape)
 
 
+class _LogProbEntropy(torch.autograd.Function):
+    """(log pi(a), H) from logits (N, V), both with gradient, in float32 chunks (float64 for float64 logits).
+
+    Forward: one pass; saves only the logits (already alive), the (N,) logsumexp and the (N,) entropy.
+    Backward: recomputes the softmax chunk by chunk and writes the logits' gradient chunk by chunk,
+        d log pi(a) / dz_b = 1[b = a] - pi_b,        dH / dz_b = -pi_b (log pi_b + H),
+    so no (N, V) float32 tensor is ever held. A gradient that reaches only one output skips the other's term.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, rows):
+        acc = _acc_dtype(logits.dtype)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        ent = torch.empty_like(lse)
+        lowest = torch.finfo(acc).min
+        for s, chunk, (z, e) in _row_chunks(logits, rows, 2):
+            n = chunk.shape[0]
+            z.copy_(chunk)
+            top = z.amax(dim=-1, keepdim=True)
+            z.sub_(top).clamp_(min=lowest)                                      # shift; -inf -> finite
+            torch.exp(z, out=e)
+            total = e.sum(-1)
+            log_total = total.log()
+            ent[s:s + n] = log_total - e.mul_(z).sum(-1) / total                 # H = log S - E_pi[z]
+            lse[s:s + n] = log_total + top.squeeze(-1)
+        ctx.save_for_backward(logits, tokens, lse, ent)
+        ctx.rows = rows
+        ctx.set_materialize_grads(False)
+        logp = logits.gather(-1, tokens[:, None]).squeeze(-1).to(acc) - lse
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, tokens, lse, ent = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        lowest = torch.finfo(lse.dtype).min
+        for s, chunk, (lp, p) in _row_chunks(logits, ctx.rows, 2):
+            n = chunk.shape[0]
+            lp.copy_(chunk).sub_(lse[s:s + n, None]).clamp_(min=lowest)        # log pi_b
+            torch.exp(lp, out=p)                                                # pi_b
+            if g_ent is None:
+                lp.zero_()
+            else:                                                               # -g_H pi_b (log pi_b + H)
+                lp.add_(ent[s:s + n, None]).mul_(p).mul_(-g_ent[s:s + n, None].to(lp.dtype))
+            if g_logp is not None:                                              # + g (e_a - pi)
+                g = g_logp[s:s + n, None].to(lp.dtype)
+                lp.addcmul_(p, g, value=-1.0).scatter_add_(-1, tokens[s:s + n, None], g)
+            grad[s:s + n] = lp
+        return grad, None, None
+
+
+def token_logprobs_entropy(logits, tokens, *, chunk_size=None):
+    """log pi(tokens) and the full-vocabulary entropy H per position, both WITH gradient: (logp, H), each (...).
+
+    logits: (..., V) any float dtype; tokens: (...) long. For the losses that need the current policy's
+    entropy with its gradient (entropy_bonus_loss, adaptive_entropy_loss): one chunked pass forward and
+    one backward for both outputs, so the working set is two float32 chunks of `chunk_size` rows (default
+    CHUNK_BYTES worth) beyond the logits' own gradient. Returns float32 (float64 for float64 logits).
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
+                         "expected logits (..., V) and tokens (...)")
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, ent = _LogProbEntropy.apply(flat, tokens.reshape(-1), _rows_per_chunk(flat.shape[-1], chunk_size))
+    return logp.view(tokens.shape), ent.view(tokens.shape)
+
+
+def policy_entropy(logits, *, chunk_size=None):
+    """The full-vocabulary entropy H (...) of logits (..., V) WITH gradient, chunked as token_logprobs_entropy.
+
+    token_entropy gives the same numbers without gradient (for the behaviour policy).
+    """
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs_entropy(logits, tokens, chunk_size=chunk_size)[1]
+
+
 # --------------------------------------------------------------------------------------- PPO surrogate
 def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
     """Per-token clipped surrogate as a loss, (B, T), and the ratio r (B, T).
@@ -692,9 +768,388 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     return loss, _to_floats(metrics)
 
 
+# ---------------------------------------------------------------------- entropy interventions (STEER's baselines)
+def entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, *, alpha=0.001, clip_low=0.2,
+                       clip_high=0.2, dual_clip=None, agg="token-mean", entropy=None, num_tokens=None,
+                       num_seqs=None, norm_length=None):
+    """Entropy bonus: the PPO-clip loss minus alpha times the current policy's entropy, with its gradient.
+
+    loss = agg(PPO-clip)  -  alpha * agg(H),   H = current_entropy (B, T) from token_logprobs_entropy (or
+    policy_entropy) on the current logits, WITH gradient: the bonus acts on every logit, not only through
+    log pi(a). Both terms use the same aggregation, as verl's entropy_coeff does. alpha = 0.001 (verl's
+    former default entropy_coeff); alpha >= 0. PPO settings default to grpo_loss's.
+    The bonus's gradient does not pass through logp, so w = -dLoss/dlogp (entropy_flow_quadrants) does not
+    see it. `entropy` (B, T), if given, feeds the "entropy" metric (behaviour policy).
+    Metrics: grpo_loss's plus entropy_bonus (agg of H over this call, before alpha) and alpha.
+    """
+    _check_knob("alpha", alpha, alpha >= 0, ">= 0")
+    _check_tensor("current_entropy", current_entropy)
+    mask, mf, count, adv, per_token, ratio, logp, (entropy, current_entropy) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+        current_entropy=current_entropy)
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    pg = agg_loss(per_token, mask, agg, **agg_kw)
+    bonus = agg_loss(current_entropy, mask, agg, **agg_kw)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=pg.detach(), entropy_bonus=bonus.detach(), alpha=bonus.new_tensor(alpha))
+    return pg - alpha * bonus, _to_floats(metrics)
+
+
+def adaptive_entropy_loss(logp, old_logp, advantages, mask, current_entropy, *, alpha, **kw):
+    """Adaptive entropy control (Skywork-OR1, arXiv 2505.22312): entropy_bonus_loss with this step's alpha.
+
+    alpha (required): the coefficient entropy_control_step returned for this step; 0 while the entropy is
+    above the target. Every other knob is entropy_bonus_loss's.
+    """
+    return entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, alpha=alpha, **kw)
+
+
+def entropy_control_init(*, target=0.2, coef=0.005, delta=0.001, coef_min=0.0, coef_max=0.5):
+    """The adaptive entropy controller's state: a plain dict of floats (save it with the checkpoint).
+
+    Defaults: Skywork-OR1's released 7B script (adaptive_entropy.target_entropy=0.2, delta_ent_coef=0.001,
+    min_ent_coef=0, max_ent_coef=0.5, initial entropy_coeff=0.005). Needs 0 <= coef_min <= coef <= coef_max,
+    target >= 0, delta >= 0.
+    """
+    _check_knob("target", target, target >= 0, ">= 0")
+    _check_knob("delta", delta, delta >= 0, ">= 0")
+    _check_knob("coef_min", coef_min, 0 <= coef_min <= coef_max, f"in [0, coef_max={coef_max}]")
+    _check_knob("coef", coef, coef_min <= coef <= coef_max, f"in [coef_min={coef_min}, coef_max={coef_max}]")
+    return {"target": float(target), "coef": float(coef), "delta": float(delta), "coef_min": float(coef_min),
+            "coef_max": float(coef_max), "steps": 0}
+
+
+def entropy_control_step(state, entropy):
+    """One step of Skywork-OR1's adaptive entropy control (arXiv 2505.22312, "Adaptive Entropy Control").
+
+    entropy: this step's mean token entropy e_k (a float; e.g. the token mean of the rollout's `entropy`).
+    Returns (alpha_k, new_state) without modifying `state`:
+        alpha_k = c_k 1[e_k <= target]                       (the bonus acts only below the target)
+        c_{k+1} = clip(c_k + delta, if e_k < target;  c_k - delta, if e_k > target;  [coef_min, coef_max])
+    """
+    e = float(entropy)
+    _check_knob("entropy", e, math.isfinite(e), "finite")
+    coef = state["coef"]
+    alpha = coef if e <= state["target"] else 0.0
+    step = state["delta"] if e < state["target"] else -state["delta"] if e > state["target"] else 0.0
+    new = dict(state, coef=min(max(coef + step, state["coef_min"]), state["coef_max"]), steps=state["steps"] + 1)
+    return alpha, new
+
+
+def token_covariance(logp, advantages, mask, cov_means=None):
+    """Cui et al. (arXiv 2505.22617, sec. 4, Clip-Cov / KL-Cov): the per-token centred product (B, T), detached,
+        Cov_t = (log pi_t - mean log pi) (A_t - mean A),
+    means over the valid tokens (token-weighted). cov_means: (mean log pi, mean A) of the whole batch (as
+    batch_statistics gives them), so that micro-batches use the batch's centring; default: this call's.
+    0 on masked positions.
+    """
+    valid, mf, count, adv, (logp,) = _batch(mask, advantages, logp=logp)
+    logp = logp.detach()
+    if cov_means is None:
+        mean_lp, mean_adv = (logp * mf).sum() / count, (adv * mf).sum() / count
+    else:
+        mean_lp, mean_adv = (torch.as_tensor(v, dtype=mf.dtype, device=mf.device) for v in cov_means)
+    return (logp - mean_lp) * (adv - mean_adv) * mf
+
+
+def clip_cov_select(logp, advantages, mask, *, old_logp=None, clip_cov_ratio=2e-4, cov_lb=1.0, cov_ub=5.0,
+                    clip_low=0.2, clip_high=0.2, cov_means=None, num_tokens=None, generator=None):
+    """Clip-Cov's token choice (B, T) bool: a random clip_cov_ratio fraction of the valid tokens, among those
+    with cov_lb < Cov < cov_ub and not already clipped by PPO (verl's rule).
+
+    Count: max(1, int(clip_cov_ratio * n)), n = num_tokens or this call's valid tokens; fewer when fewer
+    are eligible. old_logp: with it, tokens whose PPO clip is active at r = exp(logp - old_logp) are not
+    eligible; without it (r = 1, the first update) none is clipped. generator: a torch.Generator on the
+    CPU (or on the tensors' device) for the random choice; seed it for reproducible runs.
+    """
+    _check_knob("clip_cov_ratio", clip_cov_ratio, 0 < clip_cov_ratio <= 1, "in (0, 1]")
+    _check_knob("cov_lb", cov_lb, cov_lb < cov_ub, f"< cov_ub={cov_ub}")
+    valid = mask.bool()
+    cov = token_covariance(logp, advantages, mask, cov_means)
+    eligible = valid & (cov > cov_lb) & (cov < cov_ub)
+    if old_logp is not None:
+        _, _, _, adv, (lp, old) = _batch(mask, advantages, logp=logp, old_logp=old_logp)
+        ratio = torch.exp((lp.detach() - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+        clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high) > -adv * ratio   # verl's clip_by_origin
+        eligible &= ~clipped
+    n = int(valid.sum()) if num_tokens is None else int(_positive("num_tokens", num_tokens))
+    idx = eligible.flatten().nonzero().squeeze(-1)
+    on = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randperm(idx.numel(), generator=generator, device=on)[:max(1, int(clip_cov_ratio * n))]
+    selected = torch.zeros(valid.numel(), dtype=torch.bool, device=valid.device)
+    selected[idx[pick.to(idx.device)]] = True
+    return selected.view(valid.shape)
+
+
+def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_lb=1.0, cov_ub=5.0,
+                  clip_low=0.2, clip_high=0.2, dual_clip=None, cov_means=None, cov_selected=None,
+                  generator=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
+                  norm_length=None):
+    """Clip-Cov (Cui et al., arXiv 2505.22617, sec. 4.2): the PPO-clip loss with the gradient of a few
+    high-covariance tokens removed.
+
+    A random fraction r = clip_cov_ratio = 2e-4 of the valid tokens (a fraction, not a percent; the paper's
+    r and verl's clip_cov_ratio), drawn among tokens with Cov in (cov_lb, cov_ub) = (1, 5) that PPO has not
+    clipped, contributes nothing (value and gradient), as verl multiplies their loss by 0. Cov from
+    token_covariance on the current log pi (detached). PPO clip 0.2 / 0.2 (verl's default; the released
+    7B Clip-Cov script sets 1.0 / 1.0, i.e. no ratio clip in practice), no dual clip, token-mean.
+    cov_selected (B, T) bool: the whole batch's choice, from batch_statistics("clip_cov", ...) (slice it
+    with the rows of each micro-batch): exact under micro-batching. Without it the choice is made in this
+    call (count from this call's valid tokens, centring from cov_means or this call), as verl does per
+    micro-batch; generator seeds that draw.
+    Metrics: grpo_loss's plus cov_frac (share of valid tokens whose gradient is removed).
+    """
+    mask, mf, count, adv, per_token, ratio, logp, (entropy, cov_selected) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+        cov_selected=cov_selected)
+    if cov_selected is None:
+        cov_selected = clip_cov_select(logp, adv, mask, old_logp=old_logp, clip_cov_ratio=clip_cov_ratio,
+                                       cov_lb=cov_lb, cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high,
+                                       cov_means=cov_means, generator=generator)
+    drop = cov_selected.bool() & mask
+    loss = agg_loss(torch.where(drop, 0.0, per_token), mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), cov_frac=drop.sum() / count)
+    return loss, _to_floats(metrics)
+
+
+def kl_cov_threshold(cov, mask, kl_cov_ratio=2e-3):
+    """The k-th largest Cov over the valid tokens, k = max(1, int(kl_cov_ratio * n)): KL-Cov's top-k cut.
+    cov (B, T) from token_covariance; +inf when no token is valid. Returns a 0-d tensor."""
+    _check_knob("kl_cov_ratio", kl_cov_ratio, 0 < kl_cov_ratio <= 1, "in (0, 1]")
+    valid = mask.bool()
+    n = int(valid.sum())
+    if n == 0:
+        return cov.new_tensor(math.inf)
+    return cov[valid].topk(max(1, int(kl_cov_ratio * n))).values[-1]
+
+
+def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=1.0, cov_means=None,
+                cov_threshold=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
+                norm_length=None):
+    """KL-Cov (Cui et al., arXiv 2505.22617, sec. 4.2): policy gradient with a KL penalty on the top-k
+    covariance tokens.
+
+    per token: -A r  +  kl_coef |log pi - log pi_old|  on the tokens with Cov >= the k-th largest Cov,
+    k = max(1, int(kl_cov_ratio * n)); -A r elsewhere (r = pi / pi_old, log-ratio clamped to +-20, no
+    clip, as in the paper's eq. and both codes). kl_coef = beta = 1.
+    Units: kl_cov_ratio is a FRACTION. Default 2e-3, the paper's Qwen2.5-7B setting; the released scripts
+    pass it as a percent (k_percent=0.2 for 7B, 0.02 for 32B, divided by 100 in the code), while verl's
+    kl_cov_ratio is a fraction with default 2e-4 (the 32B setting): a factor 10 apart at 7B.
+    cov_means, cov_threshold: the whole batch's centring and cut (batch_statistics("kl_cov", ...)), so
+    micro-batches select exactly the batch's tokens; default: this call's (verl, per micro-batch). Tokens
+    tied at the cut are all selected, and only tokens with Cov > 0 are (verl's top-k takes k tokens even
+    when fewer than k have a positive covariance; such a token does not drive entropy down).
+    Metrics: pg_loss (the -A r part), kl_cov (the aggregated |log-ratio| over the chosen tokens, before
+    kl_coef), kl_cov_frac (share of valid tokens penalised), abs_kl (mean |log pi - log pi_old| over all
+    valid tokens), ratio_mean, [entropy].
+    """
+    _check_knob("kl_coef", kl_coef, kl_coef >= 0, ">= 0")
+    _check_tensor("logp", logp)
+    _check_tensor("old_logp", old_logp)
+    mask, mf, count, adv, (logp, old_logp, entropy) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
+                                                             entropy=entropy)
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    cov = token_covariance(logp, adv, mask, cov_means)
+    cut = kl_cov_threshold(cov, mask, kl_cov_ratio) if cov_threshold is None else cov_threshold
+    chosen = (cov >= torch.as_tensor(cut, dtype=cov.dtype, device=cov.device)) & (cov > 0) & mask
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    pg = agg_loss(-adv * ratio, mask, agg, **agg_kw)
+    kl = agg_loss(torch.where(chosen, log_ratio.abs(), 0.0), mask, agg, **agg_kw)
+    metrics = {"pg_loss": pg.detach(), "kl_cov": kl.detach(), "kl_cov_frac": chosen.sum() / count,
+               "abs_kl": _masked_mean(log_ratio.detach().abs(), mf, count),
+               "ratio_mean": _masked_mean(ratio.detach(), mf, count)}
+    if entropy is not None:
+        metrics["entropy"] = _masked_mean(entropy, mf, count)
+    return pg + kl_coef * kl, _to_floats(metrics)
+
+
+def forking_threshold(entropy, mask, top_frac=0.2):
+    """The batch's entropy cut tau for the 80/20 rule: the (1 - top_frac) quantile of H over the valid tokens
+    (linear interpolation, torch.quantile's rule), a 0-d tensor; +inf when no token is valid."""
+    _check_knob("top_frac", top_frac, 0 < top_frac <= 1, "in (0, 1]")
+    if not mask.bool().any():
+        return entropy.new_tensor(math.inf)
+    return response_quantile(entropy.reshape(1, -1), mask.reshape(1, -1), 1 - top_frac)[0]
+
+
+def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, entropy_threshold=None,
+                 clip_low=0.2, clip_high=0.28, dual_clip=None, agg="token-mean", num_tokens=None,
+                 num_seqs=None, norm_length=None):
+    """Forking tokens, the 80/20 rule (Wang et al., arXiv 2506.01939, sec. 5): the policy gradient only on
+    the top 20% highest-entropy tokens of the batch.
+
+    per token: 1[H >= tau] * DAPO's PPO-clip term (clip 0.2 / 0.28, token-mean), with tau the
+    (1 - top_frac) quantile of the behaviour policy's entropy over the batch's valid tokens (rho = 0.2).
+    The normaliser stays the count of ALL valid tokens, as in the paper's objective (the masked 80% count
+    in the mean with zero). entropy_threshold: tau over the whole batch (batch_statistics("forking", ...));
+    default: this call's tokens.
+    Metrics: grpo_loss's plus forking_frac (share of valid tokens kept) and entropy_threshold.
+    """
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
+    tau = forking_threshold(entropy, mask, top_frac) if entropy_threshold is None else entropy_threshold
+    keep = (entropy >= torch.as_tensor(tau, dtype=entropy.dtype, device=entropy.device)) & mask
+    loss = agg_loss(torch.where(keep, per_token, 0.0), mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), forking_frac=keep.sum() / count,
+                   entropy_threshold=torch.as_tensor(tau, dtype=mf.dtype).clamp(max=torch.finfo(mf.dtype).max))
+    return loss, _to_floats(metrics)
+
+
+def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, kappa=2.0, clip_low=0.2,
+                     clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
+                     norm_length=None):
+    """Entropy-based advantage (Cheng et al., arXiv 2506.14758, sec. 3): PPO-clip on the shaped advantage
+        A' = A + min(alpha * H.detach(), |A| / kappa),     alpha = 0.4, kappa = 2.
+    The |A| / kappa cap keeps the bonus from flipping the sign of A (and gives 0 where A = 0). H: the
+    `entropy` argument (the behaviour policy's; the paper's current-policy H, detached, is the same on the
+    first update). PPO settings default to grpo_loss's. alpha >= 0, kappa > 0.
+    Metrics: grpo_loss's plus adv_bonus (mean of the added term) and adv_bonus_capped (share of valid tokens
+    where |A| / kappa binds).
+    """
+    _check_knob("alpha", alpha, alpha >= 0, ">= 0")
+    _check_knob("kappa", kappa, kappa > 0, "> 0")
+    _check_clip(clip_low, clip_high, dual_clip)
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, (logp, old_logp, entropy) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
+                                                             entropy=entropy)
+    bonus_h, cap = alpha * entropy.detach().to(adv.dtype), adv.abs() / kappa
+    shaped = adv + torch.minimum(bonus_h, cap)                                     # Cheng et al. eq. (psi)
+    per_token, ratio = ppo_clip_loss(logp, old_logp, shaped, clip_low=clip_low, clip_high=clip_high,
+                                     dual_clip=dual_clip)
+    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(shaped, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), adv_bonus=_masked_mean(shaped - adv, mf, count),
+                   adv_bonus_capped=((cap < bonus_h) & mask).sum() / count)
+    return loss, _to_floats(metrics)
+
+
+def w_reinforce_loss(logp, old_logp, advantages, mask, *, positive_weight=0.1, clip_low=0.2, clip_high=0.2,
+                     dual_clip=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
+                     norm_length=None):
+    """W-REINFORCE (Zhu et al., arXiv 2506.01347, sec. 5): L = lambda L_PSR + L_NSR, lambda = 0.1.
+
+    The terms of positive samples (A > 0: positive sample reinforcement) are weighted positive_weight =
+    lambda; negative samples (A < 0) keep weight 1. The paper states it for REINFORCE with rewards +1 / -1
+    and no baseline: pass advantages = 2 R - 1 for 0/1 rewards to match (group advantages give a weighted
+    GRPO instead). Here on the PPO-clip surrogate, whose gradient at r = 1 (the first update) is exactly
+    REINFORCE's; PPO settings default to grpo_loss's. positive_weight >= 0.
+    Metrics: grpo_loss's plus pos_frac (share of valid tokens with A > 0).
+    """
+    _check_knob("positive_weight", positive_weight, positive_weight >= 0, ">= 0")
+    mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
+    weight = torch.where(adv > 0, positive_weight, 1.0)                          # lambda L_PSR + L_NSR
+    loss = agg_loss(weight * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), pos_frac=((adv > 0) & mask).sum() / count)
+    return loss, _to_floats(metrics)
+
+
+# ---------------------------------------------------------------------------- four-quadrant entropy flow
+QUADRANTS = ("pos_likely", "pos_unlikely", "neg_likely", "neg_unlikely")
+
+
+def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, mask):
+    """The first-order entropy change of an update, split into STEER's four quadrants (section 2 above).
+
+    old_logp, entropy, exact_term (B, T): the behaviour policy's log pi_a, H and S2 (token_stats);
+    advantages (B,) or (B, T); weights (B, T): w = -dLoss/dlogp per token (logp.grad after backward, sign
+    flipped), which carries clipping and every method's reweighting; mask (B, T).
+    Quadrants: A > 0 / A < 0  x  likely (pi_a > exp(-H), i.e. log pi_a + H > 0) / unlikely. Tokens with
+    A = 0 (a KL term can still give them w != 0) go to "zero_adv". Returns a dict of floats, for each
+    q in QUADRANTS + ("zero_adv", "total"):
+        q_exact  sum of -w [pi_a (log pi_a + H) - S2]   the exact first-order change of a tabular softmax step,
+                                                        per unit step size (first_order_term "exact")
+        q_paper  sum of -w (1 - pi_a)^2 (log pi_a + H)  the papers' form with the same weights
+        q_flow   sum of -A (1 - pi_a)^2 (log pi_a + H)  OPEFO's flow f (the advantage, not w)
+        q_count  number of valid tokens
+    The quadrant sums add up to the total. A gradient that does not pass through log pi(a) (an entropy
+    bonus's) is not in w, and so not in these sums.
+    """
+    _check_tensor("old_logp", old_logp)
+    _check_tensor("entropy", entropy)
+    _check_tensor("weights", weights)
+    valid, mf, _, adv, (lp, h, s2, w) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
+                                               exact_term=exact_term, weights=weights)
+    if s2 is None:
+        raise ValueError("entropy_flow_quadrants needs exact_term (B, T) (token_stats' third output)")
+    w = w.detach().to(mf.dtype)
+    paper = first_order_term(lp, h, form="paper").to(mf.dtype)
+    parts = {"exact": -w * first_order_term(lp, h, s2, form="exact").to(mf.dtype), "paper": -w * paper,
+             "flow": -adv * paper, "count": mf}
+    likely = (lp.to(mf.dtype) + h.to(mf.dtype)) > 0
+    masks = {"pos_likely": (adv > 0) & likely, "pos_unlikely": (adv > 0) & ~likely,
+             "neg_likely": (adv < 0) & likely, "neg_unlikely": (adv < 0) & ~likely, "zero_adv": adv == 0,
+             "total": torch.ones_like(valid)}
+    sums = {f"{q}_{k}": torch.where(sel & valid, v, 0.0).sum() for q, sel in masks.items() for k, v in parts.items()}
+    return _to_floats(sums)
+
+
+# ------------------------------------------------------------------------------- batch-level statistics
+def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None, exact_term=None, **knobs):
+    """The whole mini-batch's statistics for LOSSES[name], computed once, passed to every micro-batch.
+
+    mask, advantages, old_logp, entropy, exact_term: the WHOLE mini-batch's tensors (the behaviour policy's,
+    so pi = pi_old, r = 1); knobs: the loss's own knobs (a knob the loss does not take is a TypeError).
+    Returns the keyword arguments to add to each micro-batch's LOSSES[name](...) call:
+        every loss  num_tokens, num_seqs                  (batch_totals)
+        steer       omega_max: M, the max of STEER's score m over the batch
+        opefo       flow_totals: (P, N) of the batch's entropy flow
+        clip_cov    cov_selected: (B, T) bool, the batch's random choice; SLICE it with each micro-batch's
+                    rows, like the batch tensors (knob generator seeds the draw)
+        kl_cov      cov_means, cov_threshold: the batch's centring and top-k cut
+        forking     entropy_threshold: the batch's entropy quantile tau
+    Scalars are Python floats (one host sync per mini-batch).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    fn = _LOSS_FUNCS[name]
+    takes = set(inspect.signature(fn).parameters) | set(inspect.signature(_LOSS_LIKE.get(name, fn)).parameters)
+    unknown = sorted(set(knobs) - takes)
+    if unknown:
+        raise TypeError(f"batch_statistics({name!r}) got knobs that {fn.__name__} does not take: {unknown}")
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    kw = dict(defaults, **knobs)
+    out = batch_totals(mask)
+    if name == "steer":
+        scores = -_advantages_2d(advantages, mask) * first_order_term(old_logp, entropy, exact_term, kw["omega"])
+        m = scores.abs() if kw["mode"] == "symmetric" else (-scores).clamp(min=0)
+        out["omega_max"] = float(_max0(torch.where(mask.bool(), m, 0.0)))
+    elif name == "opefo":
+        _, pos, neg = opefo_balance(entropy_flow(old_logp, advantages, mask, entropy, exact_term, kw["flow"]))
+        out["flow_totals"] = (float(pos), float(neg))
+    elif name == "clip_cov":
+        out["cov_selected"] = clip_cov_select(old_logp, advantages, mask, clip_cov_ratio=kw["clip_cov_ratio"],
+                                              cov_lb=kw["cov_lb"], cov_ub=kw["cov_ub"],
+                                              generator=kw["generator"])
+    elif name == "kl_cov":
+        valid, mf, count, adv, (lp,) = _batch(mask, advantages, logp=old_logp)
+        means = (float((lp * mf).sum() / count), float((adv * mf).sum() / count))
+        cov = token_covariance(old_logp, advantages, mask, means)
+        out.update(cov_means=means, cov_threshold=float(kl_cov_threshold(cov, mask, kw["kl_cov_ratio"])))
+    elif name == "forking":
+        out["entropy_threshold"] = float(forking_threshold(torch.where(mask.bool(), entropy, 0.0), mask,
+                                                           kw["top_frac"]))
+    return out
+
+
+def _advantages_2d(advantages, mask):
+    """advantages (B,) or (B, T) -> (B, T), 0 on masked positions, in float32 (float64 for float64 input)."""
+    return _batch(mask, advantages)[3]
+
+
 # ---------------------------------------------------------------------------------------------- registry
 BATCH_KEYS = frozenset({"logp", "old_logp", "advantages", "mask", "entropy", "exact_term", "ref_logp",
-                        "num_tokens", "num_seqs", "norm_length"})
+                        "current_entropy", "num_tokens", "num_seqs", "norm_length"})
+CURRENT_ENTROPY_LOSSES = frozenset({"entropy_bonus", "adaptive_entropy"})   # need current_entropy with grad
 
 
 def _batch_call(fn, like=None):
@@ -711,11 +1166,12 @@ def _batch_call(fn, like=None):
     return call
 
 
-LOSSES = {
-    "grpo": _batch_call(grpo_loss),
-    "dapo": _batch_call(dapo_loss, like=grpo_loss),
-    "drgrpo": _batch_call(drgrpo_loss, like=grpo_loss),
-    "steer": _batch_call(steer_loss),
-    "opefo": _batch_call(opefo_loss),
-    "archer": _batch_call(archer_loss),
+_LOSS_FUNCS = {
+    "grpo": grpo_loss, "dapo": dapo_loss, "drgrpo": drgrpo_loss,
+    "steer": steer_loss, "opefo": opefo_loss, "archer": archer_loss,
+    "entropy_bonus": entropy_bonus_loss, "adaptive_entropy": adaptive_entropy_loss,
+    "clip_cov": clip_cov_loss, "kl_cov": kl_cov_loss, "forking": forking_loss,
+    "entropy_adv": entropy_adv_loss, "w_reinforce": w_reinforce_loss,
 }
+_LOSS_LIKE = {"dapo": grpo_loss, "drgrpo": grpo_loss, "adaptive_entropy": entropy_bonus_loss}
+LOSSES = {name: _batch_call(fn, like=_LOSS_LIKE.get(name)) for name, fn in _LOSS_FUNCS.items()}

@@ -22,8 +22,9 @@ def random_batch(B=4, T=7, V=13, seed=0, dtype=torch.float32):
     old_logp = logp + 0.3 * torch.randn(B, T, generator=g, dtype=logp.dtype)
     adv = torch.randn(B, generator=g)
     entropy, s2 = token_entropy(logits, exact_term=True)
+    current_entropy = losses.policy_entropy(logits).detach() + 0.05   # the current policy has moved a little
     return dict(logits=logits, tokens=tokens, mask=mask, logp=logp, old_logp=old_logp, advantages=adv,
-                entropy=entropy, exact_term=s2)
+                entropy=entropy, exact_term=s2, current_entropy=current_entropy)
 
 
 # ------------------------------------------------------------------------------------------ advantages
@@ -300,10 +301,23 @@ def test_archer_kl_needs_reference():
 ALL = sorted(LOSSES)
 
 
+KNOBS = {"adaptive_entropy": {"alpha": 0.01}}     # knobs a loss cannot run without
+
+
+def knobs(name, **kw):
+    """The knobs for LOSSES[name] in these tests: required ones, and a freshly seeded generator for
+    Clip-Cov's random choice (so that two calls draw the same tokens)."""
+    out = dict(KNOBS.get(name, {}), **kw)
+    if name == "clip_cov" and "cov_selected" not in out:
+        out.setdefault("generator", torch.Generator().manual_seed(0))
+    return out
+
+
 def call(name, b, logp=None, **kw):
     return LOSSES[name](logp=b["logp"] if logp is None else logp, old_logp=b["old_logp"],
                         advantages=b["advantages"], mask=b["mask"], entropy=b["entropy"],
-                        exact_term=b["exact_term"], ref_logp=b["old_logp"] - 0.1, num_tokens=None, **kw)
+                        exact_term=b["exact_term"], ref_logp=b["old_logp"] - 0.1,
+                        current_entropy=b["current_entropy"], num_tokens=None, **knobs(name, **kw))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -335,7 +349,13 @@ def test_equal_reward_group_gives_zero_advantage_and_finite_loss(name):
     b["advantages"] = group_advantages(torch.ones(4), 4)
     loss, metrics = call(name, b)
     assert b["advantages"].eq(0).all() and metrics["pg_loss"] == 0.0
-    assert loss.item() == 0.0 or (name == "archer" and 0 < loss.item() <= 0.001 * metrics["kl_knowledge"])
+    if name == "archer":                                                   # only the knowledge-token KL
+        assert 0 < loss.item() <= 0.001 * metrics["kl_knowledge"]
+    elif name in losses.CURRENT_ENTROPY_LOSSES:                            # only the bonus -alpha agg(H)
+        assert loss.item() == pytest.approx(-metrics["alpha"] * metrics["entropy_bonus"], rel=1e-6)
+        assert metrics["entropy_bonus"] == pytest.approx(agg_loss(b["current_entropy"], b["mask"]).item())
+    else:
+        assert loss.item() == 0.0
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -351,7 +371,8 @@ def test_extreme_log_ratios_do_not_overflow(name):
 
 def test_registry_accepts_the_full_batch_and_rejects_typos():
     b = random_batch()
-    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "opefo", "archer"}
+    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "opefo", "archer", "entropy_bonus",
+                           "adaptive_entropy", "clip_cov", "kl_cov", "forking", "entropy_adv", "w_reinforce"}
     with pytest.raises(TypeError):
         call("steer", b, lamda_min=0.5)
     assert call("dapo", b, clip_high=0.2)[0].item() == call("grpo", b)[0].item()
@@ -454,30 +475,56 @@ def test_token_logprobs_shape_error():
         token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
 
 
+def micro(name, b, logp, rows, stats, **kw):
+    """LOSSES[name] on the rows `rows` of batch b, with the whole batch's statistics `stats`."""
+    part = {k: v[rows] for k, v in b.items() if k not in ("logits", "tokens")}
+    extra = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in stats.items()}
+    return LOSSES[name](logp=logp[rows], old_logp=part["old_logp"], advantages=part["advantages"],
+                        mask=part["mask"], entropy=part["entropy"], exact_term=part["exact_term"],
+                        ref_logp=part["old_logp"] - 0.1, current_entropy=part["current_entropy"],
+                        **extra, **knobs(name, **kw))
+
+
+def whole_batch_statistics(name, b, **kw):
+    return losses.batch_statistics(name, mask=b["mask"], advantages=b["advantages"], old_logp=b["old_logp"],
+                                   entropy=b["entropy"], exact_term=b["exact_term"], **knobs(name, **kw))
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_loss_splits_into_micro_batches_exactly(name):
-    """Gradient accumulation: whole-batch totals (num_tokens, STEER's M, OPEFO's P and N) make the sum of
-    micro-batch losses equal the whole-batch loss, gradient included."""
+    """Gradient accumulation: batch_statistics on the whole batch (num_tokens / num_seqs, STEER's M, OPEFO's
+    P and N, the Cov centring, cut and choice, the entropy cut) makes the sum of micro-batch losses equal
+    the whole-batch loss, gradient included."""
     b = random_batch(B=6, T=5, seed=5)
+    b["mask"][3] = 0                                                       # an all-padding row
+    stats = whole_batch_statistics(name, b)
+    assert stats["num_tokens"] == b["mask"].sum() and stats["num_seqs"] == 5
     logp = b["logp"].clone().requires_grad_(True)
-    whole, m = call(name, b, logp)
+    whole = micro(name, b, logp, slice(0, 6), stats)[0]
     (g_whole,) = torch.autograd.grad(whole, logp)
-    extra = {}
-    if name == "steer":
-        extra["omega_max"] = m["omega_max"]
-    if name == "opefo":
-        extra["flow_totals"] = (m["flow_pos"], m["flow_neg"])
-    if name == "drgrpo":
-        extra["num_seqs"] = 6
-    total = 0.0
-    for r in (slice(0, 1), slice(1, 4), slice(4, 6)):
-        part = {k: v[r] for k, v in b.items() if k not in ("logits", "tokens")}
-        total = total + LOSSES[name](logp=logp[r], old_logp=part["old_logp"], advantages=part["advantages"],
-                                     mask=part["mask"], entropy=part["entropy"], exact_term=part["exact_term"],
-                                     ref_logp=part["old_logp"] - 0.1, num_tokens=b["mask"].sum(), **extra)[0]
+    total = sum(micro(name, b, logp, r, stats)[0] for r in (slice(0, 1), slice(1, 4), slice(4, 6)))
     (g_micro,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(total, whole)
     torch.testing.assert_close(g_micro, g_whole)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_statistics_equal_the_loss_own_on_policy(name):
+    """On the first update (logp = old_logp) the precomputed statistics are what the loss computes itself."""
+    b = random_batch(B=5, T=6, seed=8)
+    b["logp"] = b["old_logp"]
+    own, _ = call(name, b)
+    stats = whole_batch_statistics(name, b)
+    given, _ = call(name, b, **{k: v for k, v in stats.items() if k != "num_tokens"})
+    torch.testing.assert_close(given, own, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_statistics_rejects_unknown_knobs_and_losses():
+    b = random_batch()
+    with pytest.raises(TypeError, match="top_fraction"):
+        whole_batch_statistics("forking", b, top_fraction=0.2)
+    with pytest.raises(ValueError, match="unknown loss 'stear'"):
+        losses.batch_statistics("stear", mask=b["mask"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
