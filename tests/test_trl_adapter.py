@@ -1,0 +1,146 @@
+"""trl_adapter.py inside the real TRL: a few training steps of a tiny Qwen2 for STEER, OPEFO and Archer, and
+one optimizer step's loss and gradient against losses.LOSSES called directly on the same tensors.
+
+The model (2 layers, width 32) and its character tokenizer are built in code and saved to a temporary
+folder (TRL builds Archer's reference model from the policy's path); nothing is downloaded. Without TRL
+the module skips; in CI (CI=true) a missing TRL is an error, so these tests cannot be skipped there.
+"""
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+REASON = "TRL is not installed (pip install -r requirements-integrations.txt)"
+if os.environ.get("CI") == "true":
+    importlib.import_module("trl")                     # CI: fail loudly rather than skip
+else:
+    pytest.importorskip("trl", reason=REASON)
+
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
+
+import losses  # noqa: E402
+import trl_adapter  # noqa: E402
+
+CHARS = "0123456789+-= "
+GA, ROWS, GROUP, LENGTH = 2, 4, 4, 6                   # accumulation steps, rows per micro-batch, G, max tokens
+
+
+def tiny_tokenizer():
+    """Character-level fast tokenizer: <pad>=0, <eos>=1, <unk>=2, then CHARS; left padding as TRL wants."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *CHARS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                                unk_token="<unk>", padding_side="left")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2 and its tokenizer, saved to a folder."""
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                   tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def count_ones(completions, **_):
+    """Reward: the share of "1" among a completion's characters (graded, so groups rarely tie)."""
+    return [c.count("1") / max(len(c), 1) for c in completions]
+
+
+def make_trainer(model_dir, tmp_path, loss, *, beta=0.0, steps=2, **loss_kwargs):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompts = datasets.Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=ROWS, num_generations=GROUP,
+                      gradient_accumulation_steps=GA, max_completion_length=LENGTH, max_steps=steps,
+                      learning_rate=0.05, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                      bf16=False, temperature=0.7, beta=beta, seed=0, disable_tqdm=True)
+    return trl_adapter.LossesGRPOTrainer(model=model, reward_funcs=count_ones, args=args, train_dataset=prompts,
+                                         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
+                                         loss=loss, loss_kwargs=loss_kwargs)
+
+
+def logged(trainer, key):
+    return [row[key] for row in trainer.state.log_history if key in row]
+
+
+@pytest.mark.parametrize("loss, beta", [("steer", 0.0), ("opefo", 0.0), ("archer", 1.0)])
+def test_trains_a_few_steps(model_dir, tmp_path, loss, beta):
+    trainer = make_trainer(model_dir, tmp_path, loss, beta=beta, steps=3)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    moved = max((p.detach() - b).abs().max().item() for p, b in zip(trainer.model.parameters(), before))
+    assert moved > 1e-4                                            # the loss reached the parameters
+    entropy = logged(trainer, f"{loss}/entropy")
+    assert len(entropy) == 3 and all(0.5 < h < math.log(17) for h in entropy)   # behaviour H, nats, V = 17
+    if loss == "steer":
+        assert all(abs(w - 0.7) < 1e-3 for w in logged(trainer, "steer/weight_min"))   # M is the window's max
+        assert all(0.7 < w < 1.0 for w in logged(trainer, "steer/weight_mean"))
+    if loss == "opefo":
+        for flow, pos, neg in zip(*(logged(trainer, f"opefo/{k}") for k in ("weighted_flow", "flow_pos", "flow_neg"))):
+            assert abs(flow) < 1e-4 * (pos + neg) and pos + neg > 0   # the window's net flow is balanced
+    if loss == "archer":
+        assert all(0.1 < f < 0.5 for f in logged(trainer, "archer/reasoning_frac"))
+        kl = logged(trainer, "archer/kl_knowledge")
+        assert kl[0] < 1e-6 < kl[-1]                             # starts at the reference, then moves off
+
+
+def reference_window(trainer, loss, knobs):
+    """The window's loss and gradient from losses.LOSSES on the whole window at once, with log-probs,
+    entropy and S2 recomputed here from full logits (not TRL's fused head) at TRL's temperature."""
+    pieces = trainer._buffered_inputs[:GA]
+    cat = {k: torch.cat([p[k] for p in pieces]) for k in
+           ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")}
+    t = cat["completion_ids"].shape[1]
+    model = trainer.model
+    model.zero_grad()
+    logits = model(input_ids=torch.cat([cat["prompt_ids"], cat["completion_ids"]], 1),
+                   attention_mask=torch.cat([cat["prompt_mask"], cat["completion_mask"]], 1),
+                   logits_to_keep=t + 1).logits[:, :-1] / trainer.temperature
+    logp = losses.token_logprobs(logits, cat["completion_ids"])
+    _, entropy, s2 = losses.token_stats(logits.detach(), cat["completion_ids"])
+    ref = torch.cat([p["ref_per_token_logps"] for p in pieces]) if "ref_per_token_logps" in pieces[0] else None
+    value, metrics = losses.LOSSES[loss](logp=logp, old_logp=logp.detach(), advantages=cat["advantages"],
+                                         mask=cat["completion_mask"], entropy=entropy, exact_term=s2,
+                                         ref_logp=ref, **knobs)
+    value.backward()
+    return value.item(), [p.grad.clone() for p in model.parameters()], cat
+
+
+@pytest.mark.parametrize("loss, beta, knobs", [("steer", 0.0, {}), ("steer", 0.0, {"omega": "exact"}),
+                                               ("opefo", 0.0, {}), ("archer", 1.0, {})])
+def test_one_step_equals_losses(model_dir, tmp_path, loss, beta, knobs):
+    trainer = make_trainer(model_dir, tmp_path, loss, beta=beta, **knobs)
+    generation_batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = GA                # set by Trainer.train's loop otherwise
+    trainer.model.zero_grad()
+    total = sum(trainer.training_step(trainer.model, generation_batch, None).item() for _ in range(GA))
+    grads = [p.grad.clone() for p in trainer.model.parameters()]
+    expected, expected_grads, cat = reference_window(trainer, loss, knobs)
+    assert cat["advantages"].abs().max() > 0.1                      # the step carries a signal
+    assert total == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    norm = math.sqrt(sum(g.square().sum().item() for g in expected_grads))
+    assert norm > 1e-4
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * norm)
+
+
+def test_refuses_mismatched_reference(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs the reference model"):
+        make_trainer(model_dir, tmp_path, "archer", beta=0.0)
+    with pytest.raises(ValueError, match="does not use"):
+        make_trainer(model_dir, tmp_path, "steer", beta=0.04)
+    with pytest.raises(TypeError):
+        make_trainer(model_dir, tmp_path, "steer", lambda_minn=0.8)

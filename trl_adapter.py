@@ -1,0 +1,254 @@
+"""Train with any losses.LOSSES entry inside TRL's GRPOTrainer: a subclass for when one GPU is not enough.
+
+TRL samples, scores and batches; this file swaps its policy loss for one of losses.py's, with the batch
+tensors that losses.py needs and TRL does not keep:
+    behaviour statistics  TRL never forms full logits and keeps neither the behaviour policy's entropy H
+                          nor S2. After TRL scores a generation batch, one extra no-grad forward over it
+                          (in rows of per_device_train_batch_size) gives the logits of the completion
+                          positions, divided by TRL's sampling temperature, and losses.token_stats turns
+                          them into log pi_old, H and S2 (stored as old_logp_stats, old_entropy,
+                          old_exact_term, so TRL shuffles and splits them with the rest).
+    current log-probs     from TRL's own _get_per_token_logps_and_entropies (its fused LM head, with
+                          gradient), so the forward that trains is TRL's.
+    old log-probs         TRL's old_per_token_logps when it has them (several iterations per generation,
+                          or vLLM); otherwise the batch is on-policy and old = current log-probs, detached
+                          (TRL's own rule), so the ratio is exactly 1.
+    reference log-probs   TRL's ref_per_token_logps, which TRL computes only when beta != 0. Here beta only
+                          switches the reference on; the KL coefficients are the loss's knobs (kl_coef,
+                          kl_knowledge, kl_reasoning). A loss whose KL is on with beta = 0, or beta != 0 for
+                          a loss without KL, is an error.
+    normalisers           num_tokens and num_seqs are the totals of the whole gradient-accumulation window
+                          (all processes; per process the total / num_processes, since DDP averages the
+                          gradients), so the summed micro-batch losses are the window's loss. STEER's M
+                          (omega_max) and OPEFO's flow_totals (P, N) are computed once per window from the
+                          behaviour statistics (r = 1, pi = pi_old), as train.py does per mini-batch.
+    metrics               every loss metric reaches TRL's logs as "<loss>/<metric>", one value per
+                          optimizer step (token-weighted over the window; pg_loss, kl and weighted_flow
+                          summed, omega_max and weight_max maxed, weight_min minned).
+
+Usage (text models; any LOSSES name; knobs as in losses.py):
+    from trl import GRPOConfig
+    from trl_adapter import LossesGRPOTrainer
+    args = GRPOConfig(output_dir="out", num_generations=8, temperature=1.0, beta=0.0)  # beta != 0 for Archer
+    trainer = LossesGRPOTrainer(model="Qwen/Qwen2.5-Math-1.5B", reward_funcs=my_reward, args=args,
+                                train_dataset=dataset, loss="steer", loss_kwargs={"lambda_min": 0.7})
+    trainer.train()
+
+TRL internals relied on (TRL 1.16.0, the version tested; others are refused at import): the private
+methods _generate_and_score_completions (extended: the batch dict it returns gains three keys),
+_compute_loss (replaced) and _get_per_token_logps_and_entropies (called); the batch keys prompt_ids,
+prompt_mask, completion_ids, completion_mask, tool_mask, advantages, old_per_token_logps,
+ref_per_token_logps; the attributes _buffered_inputs and _step (the current accumulation window),
+_metrics (logging), temperature, beta, aux_loss_enabled, router_aux_loss_coef, and the class attribute
+loss_is_scaled_for_ga (the loss returned is already the window's share, as TRL's own).
+Refused, because the replaced loss would silently drop them: top_entropy_quantile < 1, an entropy bonus,
+off_policy_mask_threshold, sequence-level importance sampling, delta, vLLM importance-sampling correction,
+multimodal inputs; and steps_per_generation not a multiple of gradient_accumulation_steps (a window would
+span two generation batches). OPEFO also needs num_iterations = 1 and steps_per_generation =
+gradient_accumulation_steps (one optimizer step per generation batch: strictly on-policy). Advantages are
+TRL's (scale_rewards="none" for Dr. GRPO; TRL's std epsilon is 1e-4, losses.group_advantages' 1e-6).
+"""
+import inspect
+
+import torch
+import trl
+from trl import GRPOTrainer
+
+import losses
+
+TESTED_TRL_VERSIONS = ("1.16.0",)
+if trl.__version__ not in TESTED_TRL_VERSIONS:
+    raise ImportError(f"trl_adapter.py is tested with TRL {', '.join(TESTED_TRL_VERSIONS)} and relies on its "
+                      f"private methods; found TRL {trl.__version__}. Install a tested version "
+                      f"(pip install -r requirements-integrations.txt) or check the internals listed in the "
+                      f"module docstring against yours and add the version to TESTED_TRL_VERSIONS.")
+
+KL_KNOBS = ("kl_coef", "kl_knowledge", "kl_reasoning")
+WINDOW_REDUCE = {"pg_loss": "sum", "kl": "sum", "weighted_flow": "sum",
+                 "omega_max": "max", "weight_max": "max", "weight_min": "min"}   # others: token-weighted mean
+NEUTRAL_TRL_ARGS = {"top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
+                    "off_policy_mask_threshold": None, "importance_sampling_level": "token", "delta": None}
+
+
+def knob_value(loss, knobs, name):
+    """The value the loss will use for keyword `name`: the knob if set, else its default (0 when absent)."""
+    if name in knobs:
+        return knobs[name]
+    param = inspect.signature(losses.LOSSES[loss]).parameters.get(name)
+    return 0 if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def needs_reference(loss, knobs):
+    """True when the loss's KL to a reference is on (any of KL_KNOBS non-zero)."""
+    return any(knob_value(loss, knobs, k) for k in KL_KNOBS)
+
+
+def check_knobs(loss, knobs):
+    """Fail early on an unknown loss or a bad knob: one call of the loss on a 1 x 2 dummy batch."""
+    if loss not in losses.LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(losses.LOSSES)}")
+    z = torch.zeros(1, 2)
+    losses.LOSSES[loss](logp=z - 1, old_logp=z - 1, advantages=torch.ones(1), mask=torch.ones(1, 2),
+                        entropy=z + 1, exact_term=z, ref_logp=z - 1, **knobs)
+
+
+def completion_mask(batch):
+    """The loss mask of a TRL batch: completion_mask times tool_mask when tools ran."""
+    mask = batch["completion_mask"]
+    return mask * batch["tool_mask"] if "tool_mask" in batch else mask
+
+
+class LossesGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose policy loss is losses.LOSSES[loss](**batch tensors, **loss_kwargs).
+
+    Takes GRPOTrainer's arguments plus loss (a LOSSES name) and loss_kwargs (its knobs). TRL's loss_type,
+    epsilon and epsilon_high are not read: the clip ranges are the loss's knobs.
+    """
+
+    def __init__(self, *args, loss="steer", loss_kwargs=None, **kwargs):
+        knobs = dict(loss_kwargs or {})
+        check_knobs(loss, knobs)
+        super().__init__(*args, **kwargs)
+        self.loss_name, self.loss_kwargs = loss, knobs
+        self._check_config()
+        params = inspect.signature(losses.LOSSES[loss]).parameters
+        self._wants_omega_max = "omega_max" in params and "omega_max" not in knobs
+        self._wants_flow_totals = "flow_totals" in params and "flow_totals" not in knobs
+        self._totals = (None, None)       # (window index, loss keywords of that window)
+        self._window_parts = []           # (valid tokens, metrics) of this window's micro-batches
+
+    def _check_config(self):
+        a, name = self.args, self.loss_name
+        bad = [f"{k}={getattr(a, k)!r}" for k, v in NEUTRAL_TRL_ARGS.items() if getattr(a, k) != v]
+        if a.use_vllm and a.vllm_importance_sampling_correction:
+            bad.append("use_vllm with vllm_importance_sampling_correction=True")
+        if bad:
+            raise ValueError(f"LossesGRPOTrainer replaces TRL's loss, which would drop: {', '.join(bad)}; "
+                             "reset them to TRL's defaults")
+        if a.steps_per_generation % a.gradient_accumulation_steps:
+            raise ValueError(f"steps_per_generation={a.steps_per_generation} must be a multiple of "
+                             f"gradient_accumulation_steps={a.gradient_accumulation_steps}, so that each "
+                             "accumulation window lies inside one generation batch")
+        if name == "opefo" and (a.num_iterations != 1 or a.steps_per_generation != a.gradient_accumulation_steps):
+            raise ValueError("OPEFO is strictly on-policy: set num_iterations=1 and steps_per_generation="
+                             "gradient_accumulation_steps (one optimizer step per generation batch)")
+        wants_ref = needs_reference(name, self.loss_kwargs)
+        if wants_ref and self.beta == 0.0:
+            raise ValueError(f"{name}'s KL term needs the reference model, which TRL loads only when beta != 0: "
+                             "set beta=1.0 (its value is not used; the KL coefficients are the loss's knobs)")
+        if not wants_ref and self.beta != 0.0:
+            raise ValueError(f"beta={self.beta} loads a reference model that {name} with these knobs does not "
+                             f"use: set beta=0, or turn the loss's KL on ({', '.join(KL_KNOBS)})")
+
+    # ------------------------------------------------------------------------- behaviour statistics
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if any(k in batch for k in ("pixel_values", "num_images", "image_position_ids")):
+            raise ValueError("LossesGRPOTrainer supports text models only")
+        batch["old_logp_stats"], batch["old_entropy"], batch["old_exact_term"] = self._behaviour_stats(batch)
+        return batch
+
+    @torch.no_grad()
+    def _behaviour_stats(self, batch):
+        """(log pi_old, H, S2), each (B, T) float32, from the completion positions' full logits."""
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        t = batch["completion_ids"].shape[1]
+        rows = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        parts = []
+        for s in range(0, ids.shape[0], rows):
+            with self.accelerator.autocast():
+                logits = self.model(input_ids=ids[s:s + rows], attention_mask=attention[s:s + rows],
+                                    logits_to_keep=t + 1).logits[:, :-1]    # position p predicts token p + 1
+            if self.temperature != 1.0:
+                logits = logits / self.temperature                          # the sampling distribution
+            parts.append(losses.token_stats(logits, batch["completion_ids"][s:s + rows]))
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    # -------------------------------------------------------------------------------- window totals
+    def _window(self, inputs):
+        """(window key, the micro-batches of the current accumulation window); eval: this batch alone."""
+        if not self.model.training:
+            return None, [inputs]
+        ga, spg = self.args.gradient_accumulation_steps, self.args.steps_per_generation
+        start = self._step // ga * ga
+        return self._step // ga, [self._buffered_inputs[s % spg] for s in range(start, start + ga)]
+
+    def _window_totals(self, inputs):
+        """The loss keywords shared by the window: num_tokens, num_seqs, [omega_max], [flow_totals]."""
+        key, pieces = self._window(inputs)
+        if key is not None and self._totals[0] == key:
+            return self._totals[1]
+        dev = inputs["completion_ids"].device
+        masks = [completion_mask(p).bool() for p in pieces]
+        sums = [sum(m.sum() for m in masks).float(), torch.tensor(float(sum(m.shape[0] for m in masks)), device=dev)]
+        if self._wants_flow_totals:
+            form = knob_value(self.loss_name, self.loss_kwargs, "flow")
+            flows = [losses.entropy_flow(p["old_logp_stats"], p["advantages"], m, p["old_entropy"],
+                                         p["old_exact_term"], form) for p, m in zip(pieces, masks)]
+            sums += [sum(f.clamp(min=0).sum() for f in flows), sum((-f).clamp(min=0).sum() for f in flows)]
+        sums = self.accelerator.reduce(torch.stack(sums), reduction="sum")
+        n_proc = self.accelerator.num_processes
+        out = {"num_tokens": sums[0].item() / n_proc, "num_seqs": sums[1].item() / n_proc}
+        if self._wants_flow_totals:
+            out["flow_totals"] = (sums[2].item(), sums[3].item())
+        if self._wants_omega_max:
+            out["omega_max"] = self._omega_max(pieces, masks, dev)
+        if key is not None:
+            self._totals = (key, out)
+        return out
+
+    def _omega_max(self, pieces, masks, dev):
+        """STEER's M over the window (all processes), from the behaviour statistics with r = 1."""
+        form = knob_value(self.loss_name, self.loss_kwargs, "omega")
+        asymmetric = knob_value(self.loss_name, self.loss_kwargs, "mode") == "asymmetric"
+        big = torch.zeros((), device=dev)
+        for p, m in zip(pieces, masks):
+            g = losses.first_order_term(p["old_logp_stats"], p["old_entropy"], p["old_exact_term"], form)
+            omega = -p["advantages"].float()[:, None] * g                  # Omega = -r A g, r = 1
+            score = (-omega).clamp(min=0) if asymmetric else omega.abs()
+            big = torch.maximum(big, torch.where(m, score, 0.0).max())
+        return self.accelerator.gather(big[None]).max().item()
+
+    # ------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        logp, _, aux_loss = self._get_per_token_logps_and_entropies(
+            model, ids, attention, inputs["completion_ids"].shape[1], compute_aux_loss=self.aux_loss_enabled)
+        old_logp = inputs.get("old_per_token_logps")
+        mask = completion_mask(inputs)
+        loss, metrics = losses.LOSSES[self.loss_name](
+            logp=logp, old_logp=logp.detach() if old_logp is None else old_logp, advantages=inputs["advantages"],
+            mask=mask, entropy=inputs["old_entropy"], exact_term=inputs["old_exact_term"],
+            ref_logp=inputs.get("ref_per_token_logps"), **self._window_totals(inputs), **self.loss_kwargs)
+        if self.aux_loss_enabled:            # MoE load balancing, scaled for accumulation as TRL does
+            share = self.current_gradient_accumulation_steps if self.model.training else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / share
+        self._record(metrics, int(mask.sum()))
+        return loss
+
+    def _record(self, metrics, tokens):
+        """Collect a micro-batch's metrics; at the window's end write one value per metric to TRL's logs."""
+        self._window_parts.append((tokens, metrics))
+        if self.model.training and (self._step + 1) % self.args.gradient_accumulation_steps:
+            return
+        parts, self._window_parts = self._window_parts, []
+        merged = {}
+        for key in parts[0][1]:
+            values = [m[key] for _, m in parts]
+            how = WINDOW_REDUCE.get(key)
+            if how == "sum":
+                merged[key] = sum(values)
+            elif how in ("max", "min"):
+                merged[key] = max(values) if how == "max" else min(values)
+            else:
+                weight = sum(n for n, _ in parts)
+                merged[key] = sum(n * v for (n, _), v in zip(parts, values)) / weight if weight else values[-1]
+        keys = list(merged)
+        every = self.accelerator.gather(torch.tensor([[merged[k] for k in keys]], device=self.accelerator.device))
+        mode = "train" if self.model.training else "eval"
+        for k, column in zip(keys, every.T):                                # across processes
+            how = WINDOW_REDUCE.get(k)
+            value = column.max() if how == "max" else column.min() if how == "min" else column.mean()
+            self._metrics[mode][f"{self.loss_name}/{k}"].append(value.item())
