@@ -103,7 +103,8 @@ def _batch(mask, advantages, **tensors):
     (valid bool (B, T), mf (B, T) float, count, adv (B, T), cleaned tensors in the same order).
     Every masked position of every tensor is replaced by 0 with torch.where, so padding that holds NaN
     or inf contributes exactly zero to the value and to the gradient (a product 0 * NaN would not).
-    The float dtype is float32, or float64 when any input is float64 (promote_types with float32).
+    The float dtype is float32, or float64 when any input is float64 (promote_types with float32); float
+    inputs are cast to it (bf16 log-probs are subtracted in float32), the gradient flows back in their dtype.
     """
     _check_tensor("mask", mask)
     _check_tensor("advantages", advantages)
@@ -121,7 +122,8 @@ def _batch(mask, advantages, **tensors):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({mask.shape[0]},) "
                          f"or (B, T) = {tuple(mask.shape)}")
     adv = torch.where(valid, advantages.to(dtype), 0.0)
-    cleaned = [None if x is None else torch.where(valid, x, 0.0) for x in tensors.values()]
+    cleaned = [None if x is None else torch.where(valid, x.to(dtype) if torch.is_floating_point(x) else x, 0)
+               for x in tensors.values()]
     return valid, valid.to(dtype), valid.sum().clamp(min=1), adv, cleaned
 
 
@@ -146,7 +148,11 @@ def _masked_min(x, mf):
 def _to_floats(metrics):
     """One host sync for all metrics: dict of 0-d tensors -> dict of floats."""
     keys = list(metrics)
-    values = torch.stack([metrics[k].detach().float() for k in keys]).tolist()
+    if not keys:
+        return {}
+    device = metrics[keys[0]].device
+    wide = torch.float32 if device.type == "mps" else torch.float64            # MPS has no float64
+    values = torch.stack([metrics[k].detach().to(device, wide) for k in keys]).tolist()
     return dict(zip(keys, values))
 
 
