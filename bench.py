@@ -1,24 +1,32 @@
-"""Speed and memory figures for losses.py (issue 3), on CPU or one CUDA GPU.
+"""Speed and memory figures for losses.py, on CPU or one CUDA GPU.
 
-    python bench.py                      # all three measurements on the default device
+    python bench.py                      # all four measurements on the default device (peaks at ~17 GB RAM
+                                         # on CPU, from the naive float32 reference; about 5 minutes)
+    python bench.py --quick              # bounded: logits (2, 1024, 151936), fewer repeats, no scripts
     python bench.py --only memory        # one of: memory, throughput, losses, scripts
     python bench.py --device cuda
 
 1. memory      peak extra memory of token_logprobs (with autograd) + token_entropy(exact_term=True) on bf16
-               logits of shape (8, 1024, 151936), against a naive float32 log_softmax; as a fraction of the
-               logits' own size. On CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs)
-               is measured; on CUDA torch.cuda.max_memory_allocated.
+               logits of shape (8, 1024, 151936), against a naive float32 log_softmax; and of the entropy
+               bonus's token_logprobs_entropy forward + backward, whose logits' gradient (bf16, 1.00 x the
+               logits) any backward must allocate, so its working memory beyond that gradient is printed
+               too. As a fraction of the logits' own size. On CPU the peak resident set (VmHWM, reset
+               through /proc/self/clear_refs) is measured; on CUDA torch.cuda.max_memory_allocated.
 2. throughput  the token statistics' time against one plain streaming pass over the same logits
                (logits.amax(-1): read every element once), i.e. the fraction of the memory-bandwidth bound,
                for token_logprobs + token_entropy and for the one-pass token_stats,
                and against one float32 exp over them (every exact entropy needs each element's exp: on a
                CPU that, not memory bandwidth, is the bound).
-3. losses      time of steer/opefo/archer loss (forward + backward, entropy precomputed) over grpo_loss on
-               B x T = 64 x 4096 tokens: against grpo_loss's defaults, and against grpo_loss with the same
-               clip, dual clip and KL settings as the method (what the method itself adds).
+3. losses      time of every loss in losses.LOSSES (forward + backward, the behaviour policy's entropy and
+               the current entropy precomputed; Clip-Cov, KL-Cov and forking make their batch choice in the
+               call) over grpo_loss on B x T = 64 x 4096 tokens: against grpo_loss's defaults, and against
+               grpo_loss with the same clip, dual clip and KL settings as the method (what the method adds).
 4. scripts     wall time of `python toy_bandit.py` and `python entropy_math.py` with their defaults (the
                tests only assert a generous bound on the toy).
 The figures quoted in the README come from this script; timings are the best of several repeats.
+--quick bounds the run: the memory shapes are (2, 1024, 151936) (peak about a quarter of the full run's;
+the chunked functions' fixed working set is then a larger fraction of the logits, so its ratios are upper
+bounds of the full shape's), 128 throughput positions, 5 repeats per loss, and no scripts.
 """
 import argparse
 import subprocess
@@ -70,12 +78,14 @@ def peak_extra_bytes(fn, device):
     return (_rss_kib("VmHWM") - before) * 1024
 
 
-def bench_memory(device):
+def bench_memory(device, shape=SHAPE):
     g = torch.Generator(device=device).manual_seed(0)
-    logits = (torch.randn(SHAPE, generator=g, device=device) * 3).to(torch.bfloat16)
-    tokens = torch.randint(0, SHAPE[-1], SHAPE[:-1], generator=g, device=device)
+    logits = (torch.randn(shape, generator=g, device=device) * 3).to(torch.bfloat16)
+    tokens = torch.randint(0, shape[-1], shape[:-1], generator=g, device=device)
     size = logits.numel() * logits.element_size()
     leaf = logits.requires_grad_(True)
+    w_lp = torch.randn(shape[:-1], generator=g, device=device)
+    w_h = torch.randn(shape[:-1], generator=g, device=device)
 
     def ours():
         logp = losses.token_logprobs(leaf, tokens)                # keeps only (B, T) outputs alive
@@ -88,15 +98,24 @@ def bench_memory(device):
         ent = -(lsm.exp() * lsm).sum(-1)
         return logp, ent
 
-    for name, fn in (("chunked (losses.py)", ours), ("naive float32 log_softmax", naive)):
+    def bonus():                                                  # loss on log pi(a) and H, both with gradient
+        logp, ent = losses.token_logprobs_entropy(leaf, tokens)
+        ((logp * w_lp).sum() + (ent * w_h).sum()).backward()
+        leaf.grad = None
+
+    print(f"  logits {tuple(shape)} bf16, {size / 2**30:.2f} GiB")
+    for name, fn in (("chunked (losses.py)", ours), ("naive float32 log_softmax", naive),
+                     ("entropy bonus fwd+bwd", bonus)):
         extra = peak_extra_bytes(fn, device)
-        print(f"  {name:28s} peak extra {extra / 2**30:6.2f} GiB = {extra / size:5.2f} x logits "
-              f"({size / 2**30:.2f} GiB bf16)")
+        line = f"  {name:28s} peak extra {extra / 2**30:6.2f} GiB = {extra / size:5.2f} x logits"
+        if fn is bonus:
+            line += f"; beyond the logits' gradient (1.00 x): {extra / size - 1:5.2f} x"
+        print(line)
 
 
-def bench_throughput(device):
+def bench_throughput(device, n=None):
     g = torch.Generator(device=device).manual_seed(0)
-    n = 512 if device.type == "cpu" else 8192
+    n = n or (512 if device.type == "cpu" else 8192)
     logits = (torch.randn(n, SHAPE[-1], generator=g, device=device) * 3).to(torch.bfloat16)
     tokens = torch.randint(0, SHAPE[-1], (n,), generator=g, device=device)
     stream = best_time(lambda: logits.amax(-1), device)
@@ -123,7 +142,7 @@ def bench_throughput(device):
           f"{exp_only / fused:.3f}")
 
 
-def bench_losses(device, B=64, T=4096):
+def bench_losses(device, B=64, T=4096, repeats=15):
     g = torch.Generator(device=device).manual_seed(0)
     old = -torch.rand(B, T, generator=g, device=device) * 3
     logp0 = old + 0.1 * torch.randn(B, T, generator=g, device=device)
@@ -132,26 +151,33 @@ def bench_losses(device, B=64, T=4096):
     mask = (torch.rand(B, T, generator=g, device=device) < 0.9).float()
     ent = torch.rand(B, T, generator=g, device=device) * 2
     s2 = torch.rand(B, T, generator=g, device=device) * 0.1
+    cur0 = ent + 0.05 * torch.randn(B, T, generator=g, device=device)
     batch = dict(old_logp=old, advantages=adv, mask=mask, entropy=ent, exact_term=s2, ref_logp=ref)
 
     def step(name, **kw):
         logp = logp0.clone().requires_grad_(True)
-        loss, _ = losses.LOSSES[name](logp=logp, **batch, **kw)
+        cur = cur0.clone().requires_grad_(True)                   # the bonus's gradient goes to H as well
+        loss, _ = losses.LOSSES[name](logp=logp, current_entropy=cur, **batch, **kw)
         loss.backward()
 
-    base = best_time(lambda: step("grpo"), device, repeats=15)
+    base = best_time(lambda: step("grpo"), device, repeats=repeats)
     print(f"  grpo_loss (defaults) forward+backward on {B}x{T}: {base * 1e3:.2f} ms")
     # the same PPO settings as each method, so the second ratio isolates what the method adds
     same_ppo = {"steer": dict(clip_high=0.28, dual_clip=10.0),
-                "archer": dict(dual_clip=10.0, kl_coef=0.001)}
-    for name, kw in (("dapo", {}), ("drgrpo", {}), ("steer", {}), ("steer", {"omega": "exact"}),
-                     ("opefo", {}), ("opefo", {"flow": "exact"}), ("archer", {})):
-        t = best_time(lambda: step(name, **kw), device, repeats=15)
-        label = name + "".join(f" {k}={v}" for k, v in kw.items())
-        line = f"  {label:22s} {t * 1e3:8.2f} ms  ratio to grpo {t / base:5.2f}"
+                "archer": dict(dual_clip=10.0, kl_coef=0.001),
+                "forking": dict(clip_high=0.28)}
+    runs = (("dapo", {}), ("drgrpo", {}), ("steer", {}), ("steer", {"omega": "exact"}),
+            ("opefo", {}), ("opefo", {"flow": "exact"}), ("archer", {}),
+            ("entropy_bonus", {}), ("adaptive_entropy", {"alpha": 0.005}),
+            ("clip_cov", {"generator": torch.Generator().manual_seed(0)}), ("kl_cov", {}),
+            ("forking", {}), ("entropy_adv", {}), ("w_reinforce", {}))
+    for name, kw in runs:
+        t = best_time(lambda: step(name, **kw), device, repeats=repeats)
+        label = name + "".join(f" {k}={v}" for k, v in kw.items() if k != "generator")
+        line = f"  {label:26s} {t * 1e3:8.2f} ms  ratio to grpo {t / base:5.2f}"
         if name in same_ppo:
-            ref = best_time(lambda: step("grpo", **same_ppo[name]), device, repeats=15)
-            line += f"   to grpo with its clip/KL settings ({ref * 1e3:.2f} ms) {t / ref:5.2f}"
+            ref_t = best_time(lambda: step("grpo", **same_ppo[name]), device, repeats=repeats)
+            line += f"   to grpo with its clip/KL settings ({ref_t * 1e3:.2f} ms) {t / ref_t:5.2f}"
         print(line)
 
 
@@ -166,15 +192,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--only", choices=["memory", "throughput", "losses", "scripts"], help="run one measurement")
+    p.add_argument("--quick", action="store_true",
+                   help="bounded run: smaller memory shapes, fewer repeats, no scripts (see the docstring)")
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}")
-    for what, fn in (("memory", bench_memory), ("throughput", bench_throughput), ("losses", bench_losses),
-                     ("scripts", bench_scripts)):
-        if args.only in (None, what):
+    print(f"device: {name}; torch {torch.__version__}" + ("; --quick" if args.quick else ""))
+    quick_shape = (2,) + SHAPE[1:]
+    parts = (("memory", lambda: bench_memory(device, quick_shape if args.quick else SHAPE)),
+             ("throughput", lambda: bench_throughput(device, 128 if args.quick else None)),
+             ("losses", lambda: bench_losses(device, repeats=5 if args.quick else 15)),
+             ("scripts", lambda: bench_scripts(device)))
+    for what, fn in parts:
+        if args.only == what or (args.only is None and not (args.quick and what == "scripts")):
             print(f"[{what}]")
-            fn(device)
+            fn()
 
 
 if __name__ == "__main__":

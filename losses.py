@@ -1,4 +1,6 @@
-"""Policy losses for RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, STEER, OPEFO and Archer.
+"""Policy losses for RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer, and the entropy
+interventions they are compared with (entropy bonus, adaptive entropy, Clip-Cov, KL-Cov, forking tokens,
+entropy-based advantage, W-REINFORCE).
 
 One drop-in file. It imports only torch and the standard library, works on any device and dtype, and
 every function states its tensor shapes and the equation it implements. Copy it into your own trainer.
@@ -32,6 +34,16 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
                        strictly on-policy REINFORCE
     archer_loss        Archer arXiv 2507.15778 v2 sec. 4.1: eqs. 2-5 (per-response entropy quantile,
                        token-conditioned clip range and KL coefficient, joint objective)
+  The interventions STEER and OPEFO compare against (same contract, in LOSSES):
+    entropy_bonus_loss     loss - alpha H with H's gradient (token_logprobs_entropy); alpha 0.001 (verl's former)
+    adaptive_entropy_loss  Skywork-OR1 arXiv 2505.22312: the bonus with alpha from entropy_control_step
+    clip_cov_loss          Cui et al. arXiv 2505.22617 sec. 4.2: no gradient for a random 2e-4 of Cov in (1, 5)
+    kl_cov_loss            Cui et al. sec. 4.2: + |log pi - log pi_old| on the top 2e-3 (a fraction) by Cov
+    forking_loss           Wang et al. arXiv 2506.01939: gradient only on the batch's top 20% entropy tokens
+    entropy_adv_loss       Cheng et al. arXiv 2506.14758: A' = A + min(0.4 H, |A| / 2)
+    w_reinforce_loss       Zhu et al. arXiv 2506.01347: positive-sample terms weighted 0.1
+    entropy_flow_quadrants the exact first-order entropy change per quadrant (A sign x pi_a > exp(-H))
+    batch_statistics       each loss's whole-batch statistics, once per mini-batch, for exact micro-batching
 
 The first-order entropy change that STEER and OPEFO estimate (entropy_math.py derives and tests it): a
 gradient step of size eta on w * log pi(a|s) changes the entropy at s of a tabular softmax by
@@ -50,6 +62,9 @@ Usage
     loss, metrics = LOSSES["steer"](logp=logp, old_logp=old_logp, advantages=adv, mask=mask,
                                     entropy=entropy, exact_term=s2)
     loss.backward()
+    # micro-batches: the whole mini-batch's statistics once, then every micro-batch's call with them
+    stats = batch_statistics("steer", mask=mask, advantages=adv, old_logp=old_logp, entropy=entropy,
+                             exact_term=s2)                               # num_tokens, num_seqs, omega_max
 """
 import functools
 import inspect
@@ -85,6 +100,10 @@ def _check_clip(clip_low, clip_high, dual_clip):
     """PPO clip knobs: clip_low in [0, 1) (a ratio bound 1 - clip_low > 0), clip_high >= 0, dual_clip > 1."""
     _check_knob("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1)")
     _check_knob("clip_high", clip_high, clip_high >= 0, ">= 0")
+    _check_dual_clip(dual_clip)
+
+
+def _check_dual_clip(dual_clip):
     if dual_clip is not None:
         _check_knob("dual_clip", dual_clip, dual_clip > 1, "> 1 (or None)")
 
@@ -748,7 +767,7 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     _check_knob("quantile", quantile, 0 <= quantile <= 1, "in [0, 1]")
     _check_knob("clip_reasoning", clip_reasoning, 0 <= clip_reasoning < 1, "in [0, 1)")
     _check_knob("clip_knowledge", clip_knowledge, 0 <= clip_knowledge < 1, "in [0, 1)")
-    _check_clip(0.0, 0.0, dual_clip)
+    _check_dual_clip(dual_clip)
     _check_tensor("entropy", entropy)
     mask, mf, count, adv, (logp, old_logp, entropy, ref_logp) = _batch(
         mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
@@ -849,7 +868,12 @@ def token_covariance(logp, advantages, mask, cov_means=None):
     batch_statistics gives them), so that micro-batches use the batch's centring; default: this call's.
     0 on masked positions.
     """
-    valid, mf, count, adv, (logp,) = _batch(mask, advantages, logp=logp)
+    _, mf, count, adv, (logp,) = _batch(mask, advantages, logp=logp)
+    return _covariance(logp, adv, mf, count, cov_means)
+
+
+def _covariance(logp, adv, mf, count, cov_means):
+    """token_covariance on cleaned (B, T) tensors (masked positions 0), mf the float mask."""
     logp = logp.detach()
     if cov_means is None:
         mean_lp, mean_adv = (logp * mf).sum() / count, (adv * mf).sum() / count
@@ -868,17 +892,27 @@ def clip_cov_select(logp, advantages, mask, *, old_logp=None, clip_cov_ratio=2e-
     eligible; without it (r = 1, the first update) none is clipped. generator: a torch.Generator on the
     CPU (or on the tensors' device) for the random choice; seed it for reproducible runs.
     """
-    _check_knob("clip_cov_ratio", clip_cov_ratio, 0 < clip_cov_ratio <= 1, "in (0, 1]")
-    _check_knob("cov_lb", cov_lb, cov_lb < cov_ub, f"< cov_ub={cov_ub}")
-    valid = mask.bool()
-    cov = token_covariance(logp, advantages, mask, cov_means)
-    eligible = valid & (cov > cov_lb) & (cov < cov_ub)
-    if old_logp is not None:
-        _, _, _, adv, (lp, old) = _batch(mask, advantages, logp=logp, old_logp=old_logp)
+    _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub)
+    valid, mf, count, adv, (lp, old) = _batch(mask, advantages, logp=logp, old_logp=old_logp)
+    clipped = None
+    if old is not None:
         ratio = torch.exp((lp.detach() - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high) > -adv * ratio   # verl's clip_by_origin
-        eligible &= ~clipped
     n = int(valid.sum()) if num_tokens is None else int(_positive("num_tokens", num_tokens))
+    return _clip_cov_choice(_covariance(lp, adv, mf, count, cov_means), valid, clipped, n, clip_cov_ratio,
+                            cov_lb, cov_ub, generator)
+
+
+def _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub):
+    _check_knob("clip_cov_ratio", clip_cov_ratio, 0 < clip_cov_ratio <= 1, "in (0, 1]")
+    _check_knob("cov_lb", cov_lb, cov_lb < cov_ub, f"< cov_ub={cov_ub}")
+
+
+def _clip_cov_choice(cov, valid, clipped, n, clip_cov_ratio, cov_lb, cov_ub, generator):
+    """max(1, int(clip_cov_ratio * n)) random tokens among valid & cov_lb < cov < cov_ub & ~clipped."""
+    eligible = valid & (cov > cov_lb) & (cov < cov_ub)
+    if clipped is not None:
+        eligible &= ~clipped
     idx = eligible.flatten().nonzero().squeeze(-1)
     on = generator.device if generator is not None else torch.device("cpu")
     pick = torch.randperm(idx.numel(), generator=generator, device=on)[:max(1, int(clip_cov_ratio * n))]
@@ -905,13 +939,14 @@ def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_
     micro-batch; generator seeds that draw.
     Metrics: grpo_loss's plus cov_frac (share of valid tokens whose gradient is removed).
     """
+    _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub)
     mask, mf, count, adv, per_token, ratio, logp, (entropy, cov_selected) = _ppo_terms(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
         cov_selected=cov_selected)
     if cov_selected is None:
-        cov_selected = clip_cov_select(logp, adv, mask, old_logp=old_logp, clip_cov_ratio=clip_cov_ratio,
-                                       cov_lb=cov_lb, cov_ub=cov_ub, clip_low=clip_low, clip_high=clip_high,
-                                       cov_means=cov_means, generator=generator)
+        clipped = -adv * ratio.detach().clamp(1 - clip_low, 1 + clip_high) > -adv * ratio.detach()
+        cov_selected = _clip_cov_choice(_covariance(logp, adv, mf, count, cov_means), mask, clipped,
+                                        int(mask.sum()), clip_cov_ratio, cov_lb, cov_ub, generator)
     drop = cov_selected.bool() & mask
     loss = agg_loss(torch.where(drop, 0.0, per_token), mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
@@ -958,7 +993,7 @@ def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=
                                                              entropy=entropy)
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
-    cov = token_covariance(logp, adv, mask, cov_means)
+    cov = _covariance(logp, adv, mf, count, cov_means)
     cut = kl_cov_threshold(cov, mask, kl_cov_ratio) if cov_threshold is None else cov_threshold
     chosen = (cov >= torch.as_tensor(cut, dtype=cov.dtype, device=cov.device)) & (cov > 0) & mask
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
@@ -974,11 +1009,26 @@ def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=
 
 def forking_threshold(entropy, mask, top_frac=0.2):
     """The batch's entropy cut tau for the 80/20 rule: the (1 - top_frac) quantile of H over the valid tokens
-    (linear interpolation, torch.quantile's rule), a 0-d tensor; +inf when no token is valid."""
+    (linear interpolation, torch.quantile's rule), a 0-d tensor; +inf when no token is valid.
+
+    Two order statistics by selection (kthvalue) instead of a sort: padding is set to -inf so that it
+    ranks first and is skipped.
+    """
     _check_knob("top_frac", top_frac, 0 < top_frac <= 1, "in (0, 1]")
-    if not mask.bool().any():
+    valid = mask.bool().flatten()
+    n = int(valid.sum())
+    if n == 0:
         return entropy.new_tensor(math.inf)
-    return response_quantile(entropy.reshape(1, -1), mask.reshape(1, -1), 1 - top_frac)[0]
+    h = torch.where(valid, entropy.flatten().to(_acc_dtype(entropy.dtype)), -math.inf)
+    skip = valid.numel() - n
+    pos = (1 - top_frac) * (n - 1)                                    # rank of the quantile among valid
+    lo = math.floor(pos)
+    x_lo = h.kthvalue(skip + lo + 1).values
+    if pos == lo:
+        return x_lo
+    tied = (h <= x_lo).sum() >= skip + lo + 2                         # the next order statistic equals x_lo
+    x_hi = torch.where(tied, x_lo, torch.where(h > x_lo, h, math.inf).amin())
+    return x_lo + (pos - lo) * (x_hi - x_lo)
 
 
 def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, entropy_threshold=None,
@@ -1003,7 +1053,7 @@ def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, ent
                     norm_length=norm_length)
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics.update(pg_loss=loss.detach(), forking_frac=keep.sum() / count,
-                   entropy_threshold=torch.as_tensor(tau, dtype=mf.dtype).clamp(max=torch.finfo(mf.dtype).max))
+                   entropy_threshold=torch.nan_to_num(torch.as_tensor(tau, dtype=mf.dtype), posinf=0.0))
     return loss, _to_floats(metrics)
 
 

@@ -289,6 +289,17 @@ def test_forking_hand_values_and_gradient():
     assert given.item() == pytest.approx((-1.0 - 1.0 + 2.0 + 2.0) / 8)      # 0.5, 0.8 | 0.7, 0.6
 
 
+@pytest.mark.parametrize("top_frac", [0.2, 0.5, 0.37, 1.0])
+def test_forking_threshold_is_torch_quantile_with_ties_and_padding(top_frac):
+    g = torch.Generator().manual_seed(13)
+    ent = torch.randint(0, 4, (5, 9), generator=g).double() / 2          # many ties
+    mask = torch.rand(5, 9, generator=g) < 0.7
+    ent[~mask] = math.nan                                                  # padding may hold anything
+    tau = losses.forking_threshold(ent, mask, top_frac)
+    assert tau.item() == pytest.approx(torch.quantile(ent[mask], 1 - top_frac).item(), abs=1e-12)
+    assert losses.forking_threshold(ent, torch.zeros(5, 9), top_frac).item() == math.inf
+
+
 # ------------------------------------------------------------------------- entropy-based advantage
 def test_entropy_adv_hand_values_and_gradient():
     # psi = min(0.4 H, |A| / 2): (min(0.2, 0.5), min(1.2, 0.5), min(0.8, 0)) -> A' = (1.2, -0.5, 0)
