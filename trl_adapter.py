@@ -9,7 +9,8 @@ tensors that losses.py needs and TRL does not keep:
                           them into log pi_old, H and S2 (stored as old_logp_stats, old_entropy,
                           old_exact_term, so TRL shuffles and splits them with the rest).
     current log-probs     from TRL's own _get_per_token_logps_and_entropies (its fused LM head, with
-                          gradient), so the forward that trains is TRL's.
+                          gradient), so the forward that trains is TRL's; with it the current entropy (with
+                          gradient) for the losses in losses.CURRENT_ENTROPY_LOSSES.
     old log-probs         TRL's old_per_token_logps when it has them (several iterations per generation,
                           or vLLM); otherwise the batch is on-policy and old = current log-probs, detached
                           (TRL's own rule), so the ratio is exactly 1.
@@ -17,16 +18,19 @@ tensors that losses.py needs and TRL does not keep:
                           switches the reference on; the KL coefficients are the loss's knobs (kl_coef,
                           kl_knowledge, kl_reasoning). A loss whose KL is on with beta = 0, or beta != 0 for
                           a loss without KL, is an error.
-    normalisers           num_tokens and num_seqs are the totals of the whole gradient-accumulation window
-                          (all processes; per process the total / num_processes, since DDP averages the
-                          gradients), so the summed micro-batch losses are the window's loss. STEER's M
-                          (omega_max) and OPEFO's flow_totals (P, N) are computed once per window from the
-                          behaviour statistics (r = 1, pi = pi_old), as train.py does per mini-batch.
+    window statistics     losses.batch_statistics once per gradient-accumulation window, from the behaviour
+                          statistics (r = 1, pi = pi_old), as train.py does per mini-batch: num_tokens and
+                          num_seqs (all processes; per process the total / num_processes, since DDP averages
+                          the gradients), so the summed micro-batch losses are the window's loss; STEER's M
+                          (omega_max, max over processes), OPEFO's flow_totals (P, N, summed over processes)
+                          and the other losses' statistics (per process; (B, T) ones cut to each micro-batch's
+                          rows).
     metrics               every loss metric reaches TRL's logs as "<loss>/<metric>", one value per
                           optimizer step (token-weighted over the window; pg_loss, kl and weighted_flow
                           summed, omega_max and weight_max maxed, weight_min minned).
 
-Usage (text models; any LOSSES name; knobs as in losses.py):
+Usage (text models; any LOSSES name; knobs as in losses.py; adaptive_entropy takes a
+fixed alpha here, TRL's own use_adaptive_entropy being refused):
     from trl import GRPOConfig
     from trl_adapter import LossesGRPOTrainer
     args = GRPOConfig(output_dir="out", num_generations=8, temperature=1.0, beta=0.0)  # beta != 0 for Archer
@@ -89,7 +93,7 @@ def check_knobs(loss, knobs):
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(losses.LOSSES)}")
     z = torch.zeros(1, 2)
     losses.LOSSES[loss](logp=z - 1, old_logp=z - 1, advantages=torch.ones(1), mask=torch.ones(1, 2),
-                        entropy=z + 1, exact_term=z, ref_logp=z - 1, **knobs)
+                        entropy=z + 1, exact_term=z, ref_logp=z - 1, current_entropy=z + 1, **knobs)
 
 
 def completion_mask(batch):
@@ -111,10 +115,7 @@ class LossesGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.loss_name, self.loss_kwargs = loss, knobs
         self._check_config()
-        params = inspect.signature(losses.LOSSES[loss]).parameters
-        self._wants_omega_max = "omega_max" in params and "omega_max" not in knobs
-        self._wants_flow_totals = "flow_totals" in params and "flow_totals" not in knobs
-        self._totals = (None, None)       # (window index, loss keywords of that window)
+        self._stats = (None, None)        # (window index, losses.batch_statistics of that window)
         self._window_parts = []           # (valid tokens, metrics) of this window's micro-batches
 
     def _check_config(self):
@@ -165,63 +166,62 @@ class LossesGRPOTrainer(GRPOTrainer):
             parts.append(losses.token_stats(logits, batch["completion_ids"][s:s + rows]))
         return tuple(torch.cat(p) for p in zip(*parts))
 
-    # -------------------------------------------------------------------------------- window totals
+    # ------------------------------------------------------------------------------ window statistics
     def _window(self, inputs):
-        """(window key, the micro-batches of the current accumulation window); eval: this batch alone."""
+        """(window index, the micro-batches of the current accumulation window, this one's position in it);
+        in evaluation: (None, [this batch], 0)."""
         if not self.model.training:
-            return None, [inputs]
+            return None, [inputs], 0
         ga, spg = self.args.gradient_accumulation_steps, self.args.steps_per_generation
         start = self._step // ga * ga
-        return self._step // ga, [self._buffered_inputs[s % spg] for s in range(start, start + ga)]
+        return self._step // ga, [self._buffered_inputs[s % spg] for s in range(start, start + ga)], self._step % ga
 
-    def _window_totals(self, inputs):
-        """The loss keywords shared by the window: num_tokens, num_seqs, [omega_max], [flow_totals]."""
-        key, pieces = self._window(inputs)
-        if key is not None and self._totals[0] == key:
-            return self._totals[1]
-        dev = inputs["completion_ids"].device
-        masks = [completion_mask(p).bool() for p in pieces]
-        sums = [sum(m.sum() for m in masks).float(), torch.tensor(float(sum(m.shape[0] for m in masks)), device=dev)]
-        if self._wants_flow_totals:
-            form = knob_value(self.loss_name, self.loss_kwargs, "flow")
-            flows = [losses.entropy_flow(p["old_logp_stats"], p["advantages"], m, p["old_entropy"],
-                                         p["old_exact_term"], form) for p, m in zip(pieces, masks)]
-            sums += [sum(f.clamp(min=0).sum() for f in flows), sum((-f).clamp(min=0).sum() for f in flows)]
-        sums = self.accelerator.reduce(torch.stack(sums), reduction="sum")
-        n_proc = self.accelerator.num_processes
-        out = {"num_tokens": sums[0].item() / n_proc, "num_seqs": sums[1].item() / n_proc}
-        if self._wants_flow_totals:
-            out["flow_totals"] = (sums[2].item(), sums[3].item())
-        if self._wants_omega_max:
-            out["omega_max"] = self._omega_max(pieces, masks, dev)
-        if key is not None:
-            self._totals = (key, out)
-        return out
+    def _window_statistics(self, pieces):
+        """losses.batch_statistics over the window's micro-batches, the behaviour's (pi = pi_old, r = 1).
 
-    def _omega_max(self, pieces, masks, dev):
-        """STEER's M over the window (all processes), from the behaviour statistics with r = 1."""
-        form = knob_value(self.loss_name, self.loss_kwargs, "omega")
-        asymmetric = knob_value(self.loss_name, self.loss_kwargs, "mode") == "asymmetric"
-        big = torch.zeros((), device=dev)
-        for p, m in zip(pieces, masks):
-            g = losses.first_order_term(p["old_logp_stats"], p["old_entropy"], p["old_exact_term"], form)
-            omega = -p["advantages"].float()[:, None] * g                  # Omega = -r A g, r = 1
-            score = (-omega).clamp(min=0) if asymmetric else omega.abs()
-            big = torch.maximum(big, torch.where(m, score, 0.0).max())
-        return self.accelerator.gather(big[None]).max().item()
+        Across processes: num_tokens and num_seqs are summed (then divided by the number of processes, as
+        DDP averages gradients), omega_max is maxed, flow_totals summed; the other statistics stay per process.
+        """
+        cat = {k: torch.cat([p[k] for p in pieces]) for k in ("advantages", "old_logp_stats", "old_entropy",
+                                                               "old_exact_term")}
+        stats = losses.batch_statistics(self.loss_name, mask=torch.cat([completion_mask(p) for p in pieces]),
+                                        advantages=cat["advantages"], old_logp=cat["old_logp_stats"],
+                                        entropy=cat["old_entropy"], exact_term=cat["old_exact_term"],
+                                        **self.loss_kwargs)
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            dev = acc.device
+            sums = acc.reduce(torch.tensor([stats["num_tokens"], stats["num_seqs"], *stats.get("flow_totals", ())],
+                                           dtype=torch.float64, device=dev), reduction="sum").tolist()
+            stats["num_tokens"], stats["num_seqs"] = sums[0] / acc.num_processes, sums[1] / acc.num_processes
+            if "flow_totals" in stats:
+                stats["flow_totals"] = tuple(sums[2:])
+            if "omega_max" in stats:
+                stats["omega_max"] = acc.gather(torch.tensor([stats["omega_max"]], device=dev)).max().item()
+        return stats
+
+    def _loss_statistics(self, inputs):
+        """The window's statistics for this micro-batch: (B_window, ...) tensors cut to its rows."""
+        key, pieces, position = self._window(inputs)
+        if key is None or self._stats[0] != key:
+            self._stats = (key, self._window_statistics(pieces))
+        first = sum(len(p["advantages"]) for p in pieces[:position])
+        rows = slice(first, first + len(inputs["advantages"]))
+        return {k: v[rows] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in self._stats[1].items()}
 
     # ------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logp, _, aux_loss = self._get_per_token_logps_and_entropies(
-            model, ids, attention, inputs["completion_ids"].shape[1], compute_aux_loss=self.aux_loss_enabled)
+        logp, current_entropy, aux_loss = self._get_per_token_logps_and_entropies(
+            model, ids, attention, inputs["completion_ids"].shape[1], compute_aux_loss=self.aux_loss_enabled,
+            compute_entropy=self.loss_name in losses.CURRENT_ENTROPY_LOSSES)       # entropy with gradient
         old_logp = inputs.get("old_per_token_logps")
         mask = completion_mask(inputs)
         loss, metrics = losses.LOSSES[self.loss_name](
             logp=logp, old_logp=logp.detach() if old_logp is None else old_logp, advantages=inputs["advantages"],
             mask=mask, entropy=inputs["old_entropy"], exact_term=inputs["old_exact_term"],
-            ref_logp=inputs.get("ref_per_token_logps"), **self._window_totals(inputs), **self.loss_kwargs)
+            ref_logp=inputs.get("ref_per_token_logps"), current_entropy=current_entropy, **{**self._loss_statistics(inputs), **self.loss_kwargs})
         if self.aux_loss_enabled:            # MoE load balancing, scaled for accumulation as TRL does
             share = self.current_gradient_accumulation_steps if self.model.training else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / share

@@ -1,5 +1,6 @@
 """trl_adapter.py inside the real TRL: a few training steps of a tiny Qwen2 for STEER, OPEFO and Archer, and
-one optimizer step's loss and gradient against losses.LOSSES called directly on the same tensors.
+one optimizer step's loss and gradient against losses.LOSSES called directly on the same tensors (the
+whole accumulation window in one call, with log-probs, entropy and S2 recomputed from full logits).
 
 The model (2 layers, width 32) and its character tokenizer are built in code and saved to a temporary
 folder (TRL builds Archer's reference model from the policy's path); nothing is downloaded. Without TRL
@@ -109,18 +110,19 @@ def reference_window(trainer, loss, knobs):
     logits = model(input_ids=torch.cat([cat["prompt_ids"], cat["completion_ids"]], 1),
                    attention_mask=torch.cat([cat["prompt_mask"], cat["completion_mask"]], 1),
                    logits_to_keep=t + 1).logits[:, :-1] / trainer.temperature
-    logp = losses.token_logprobs(logits, cat["completion_ids"])
+    logp, current_entropy = losses.token_logprobs_entropy(logits, cat["completion_ids"])
     _, entropy, s2 = losses.token_stats(logits.detach(), cat["completion_ids"])
     ref = torch.cat([p["ref_per_token_logps"] for p in pieces]) if "ref_per_token_logps" in pieces[0] else None
     value, metrics = losses.LOSSES[loss](logp=logp, old_logp=logp.detach(), advantages=cat["advantages"],
                                          mask=cat["completion_mask"], entropy=entropy, exact_term=s2,
-                                         ref_logp=ref, **knobs)
+                                         ref_logp=ref, current_entropy=current_entropy, **knobs)
     value.backward()
     return value.item(), [p.grad.clone() for p in model.parameters()], cat
 
 
 @pytest.mark.parametrize("loss, beta, knobs", [("steer", 0.0, {}), ("steer", 0.0, {"omega": "exact"}),
-                                               ("opefo", 0.0, {}), ("archer", 1.0, {})])
+                                               ("opefo", 0.0, {}), ("archer", 1.0, {}), ("grpo", 0.0, {}),
+                                               ("forking", 0.0, {}), ("entropy_bonus", 0.0, {"alpha": 0.1})])
 def test_one_step_equals_losses(model_dir, tmp_path, loss, beta, knobs):
     trainer = make_trainer(model_dir, tmp_path, loss, beta=beta, **knobs)
     generation_batch = next(iter(trainer.get_train_dataloader()))
