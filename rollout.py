@@ -7,6 +7,8 @@ What it does
 - `generate` samples G responses per prompt with `model.generate` (the group of GRPO, DeepSeekMath
   arXiv 2402.03300 section 4.1; the same group sampling is used by DAPO, Dr. GRPO, STEER, OPEFO and Archer)
   and returns a `Rollout` with the token ids, the masks, the decoded completions and a truncated flag.
+  A response ends at the first stop token (`stop_token_ids`): the EOS ids of the tokenizer and of the
+  model's generation config and, with a chat template, the template's end-of-turn token (`end_of_turn_id`).
 - `response_stats` computes, for the response tokens only, the log-probabilities log pi(o_t | s_t) that the
   ratios r_t of every loss need, and (without gradient) the full-vocabulary entropy H(s_t) and the extra
   term sum_b pi_b^2 (log pi_b + H) of the exact first-order entropy change (entropy_math.dh_exact), which
@@ -38,6 +40,7 @@ DEFAULT_SYSTEM_PROMPT = (
 class Rollout:
     """G sampled responses for each of B prompts; N = B * G rows, samples of prompt g in rows g*G .. g*G+G-1.
 
+    "EOS" below is any id of stop_token_ids: the EOS ids and the chat template's end-of-turn token.
     input_ids (N, P+R) long: left-padded prompt followed by the response, right-padded with the pad id
         (every token after a row's first EOS is the pad id).
     attention_mask (N, P+R) long: 1 on real prompt tokens and on response tokens up to and including EOS.
@@ -63,7 +66,9 @@ def format_prompt(tokenizer, problem, *, system_prompt=DEFAULT_SYSTEM_PROMPT):
     """Text of the prompt for one problem.
 
     With a chat template (tokenizer.chat_template set): a system message (omitted when system_prompt is
-    empty) and a user message holding the problem, rendered with add_generation_prompt=True.
+    empty; the template may then write its own default, as Qwen2.5's does: "You are Qwen, created by Alibaba
+    Cloud. You are a helpful assistant.") and a user message holding the problem, rendered with
+    add_generation_prompt=True.
     Without one: "{system_prompt}\\n\\nQuestion: {problem}\\nAnswer:" (the first part omitted when empty).
     """
     if not isinstance(problem, str) or not problem.strip():
@@ -76,11 +81,41 @@ def format_prompt(tokenizer, problem, *, system_prompt=DEFAULT_SYSTEM_PROMPT):
     return f"{head}Question: {problem}\nAnswer:"
 
 
-def _eos_ids(model, tokenizer):
-    """Set of token ids that end a response: the tokenizer's EOS plus the model's generation_config EOS ids
-    (chat models often end a turn with a token that is not the tokenizer's eos_token)."""
+_PROBE = "ROLLOUTPROBE"     # assistant content whose rendering shows what the template writes after it
+
+
+def end_of_turn_id(tokenizer):
+    """Id of the special token the chat template closes an assistant turn with, or None.
+
+    Renders one user + assistant exchange whose assistant content is a probe string and tokenizes what
+    follows the probe (leading whitespace dropped); its first token counts when it is a special added token
+    (<|im_end|> for Qwen2.5, <|eot_id|> for Llama 3, <end_of_turn> for Gemma). None without a chat template,
+    when the template drops assistant messages or cannot render them, or when plain text follows.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from jinja2 import TemplateError
+
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError:
+        return None
+    _, found, tail = text.partition(_PROBE)
+    ids = tokenizer(tail.lstrip(), add_special_tokens=False)["input_ids"] if found and tail.strip() else []
+    added = tokenizer.added_tokens_decoder.get(ids[0]) if ids else None
+    return ids[0] if added is not None and added.special else None
+
+
+def stop_token_ids(model, tokenizer):
+    """Sorted ids that end a response: the tokenizer's EOS, the model's generation_config EOS ids and, when
+    the tokenizer has a chat template, the template's end-of-turn token (end_of_turn_id). Base checkpoints
+    such as Qwen2.5-Math-1.5B declare <|endoftext|> as their EOS in both places while the Qwen chat
+    template ends the assistant turn with <|im_end|>; without the last source their responses would run on
+    past the end of the turn."""
     ids = set()
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   end_of_turn_id(tokenizer)):
         if source is None:
             continue
         ids.update([source] if isinstance(source, int) else list(source))
@@ -100,6 +135,7 @@ def generate(model, tokenizer, prompts, *, group_size, max_new_tokens, temperatu
     generation_config may switch on (top_k, repetition penalty, typical_p, min_p) is set to neutral, so the
     sampling distribution is the one response_stats scores (up to the top_p truncation).
     max_batch_sequences: at most this many sequences per model.generate call (default: all N at once).
+    Generation stops at, and the response mask closes on, the first of stop_token_ids(model, tokenizer).
     Sampling draws from torch's global RNG; seed it for reproducibility. Runs on the model's device.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
@@ -118,7 +154,7 @@ def generate(model, tokenizer, prompts, *, group_size, max_new_tokens, temperatu
     if max_batch_sequences is not None and (not isinstance(max_batch_sequences, int) or max_batch_sequences < 1):
         raise ValueError(f"generate: max_batch_sequences must be a positive int or None, got {max_batch_sequences!r}")
 
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
 

@@ -83,6 +83,18 @@ def test_format_prompt_chat_template():
     assert format_prompt(chat, "2+2?", system_prompt="") == "<user>2+2?\n<assistant>"
 
 
+def test_end_of_turn_id_reads_the_template():
+    """The special token written right after the assistant's content, else None (tests with the real Qwen
+    template are in test_real_model.py)."""
+    ends_with_eos = CHAT_TEMPLATE.replace("{{ m['content'] }}\n", "{{ m['content'] }}<eos>\n")
+    assert rollout.end_of_turn_id(make_tokenizer(ends_with_eos)) == EOS
+    assert rollout.end_of_turn_id(make_tokenizer(CHAT_TEMPLATE)) is None              # plain "\n" follows
+    assert rollout.end_of_turn_id(make_tokenizer()) is None                           # no template
+    user_only = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}="
+    assert rollout.end_of_turn_id(make_tokenizer(user_only)) is None                  # assistant dropped
+    assert rollout.end_of_turn_id(make_tokenizer("{{ raise_exception('no') }}")) is None
+
+
 def test_format_prompt_rejects_empty_problem(tok):
     with pytest.raises(ValueError, match="problem"):
         format_prompt(tok, "  ")
