@@ -167,8 +167,6 @@ def _masked_min(x, mf):
 def _to_floats(metrics):
     """One host sync for all metrics: dict of 0-d tensors -> dict of floats."""
     keys = list(metrics)
-    if not keys:
-        return {}
     device = metrics[keys[0]].device
     wide = torch.float32 if device.type == "mps" else torch.float64            # MPS has no float64
     values = torch.stack([metrics[k].detach().to(device, wide) for k in keys]).tolist()
@@ -845,7 +843,8 @@ def entropy_control_init(*, target=0.2, coef=0.005, delta=0.001, coef_min=0.0, c
 
 
 def entropy_control_step(state, entropy):
-    """One step of Skywork-OR1's adaptive entropy control (arXiv 2505.22312, "Adaptive Entropy Control").
+    """One step of Skywork-OR1's adaptive entropy control (arXiv 2505.22312, "Adaptive Entropy Control"):
+    the rule as the paper states it; the defaults (entropy_control_init) are its released script's.
 
     entropy: this step's mean token entropy e_k (a float; e.g. the token mean of the rollout's `entropy`).
     Returns (alpha_k, new_state) without modifying `state`:
@@ -1174,9 +1173,14 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
     defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     kw = dict(defaults, **knobs)
+    given = {"advantages": advantages, "old_logp": old_logp, "entropy": entropy}
+    for key in _STATISTICS_NEED.get(name, ()):
+        _check_tensor(key, given[key])
     out = batch_totals(mask)
     if name == "steer":
-        scores = -_advantages_2d(advantages, mask) * first_order_term(old_logp, entropy, exact_term, kw["omega"])
+        valid, _, _, adv, (lp, h, s2) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
+                                               exact_term=exact_term)
+        scores = -adv * first_order_term(lp, h, s2, kw["omega"])
         m = scores.abs() if kw["mode"] == "symmetric" else (-scores).clamp(min=0)
         out["omega_max"] = float(_max0(torch.where(mask.bool(), m, 0.0)))
     elif name == "opefo":
@@ -1197,9 +1201,9 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
     return out
 
 
-def _advantages_2d(advantages, mask):
-    """advantages (B,) or (B, T) -> (B, T), 0 on masked positions, in float32 (float64 for float64 input)."""
-    return _batch(mask, advantages)[3]
+_STATISTICS_NEED = {"steer": ("advantages", "old_logp", "entropy"), "opefo": ("advantages", "old_logp", "entropy"),
+                    "clip_cov": ("advantages", "old_logp"), "kl_cov": ("advantages", "old_logp"),
+                    "forking": ("entropy",)}
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -523,6 +523,8 @@ def test_batch_statistics_rejects_unknown_knobs_and_losses():
     b = random_batch()
     with pytest.raises(TypeError, match="top_fraction"):
         whole_batch_statistics("forking", b, top_fraction=0.2)
+    with pytest.raises(TypeError, match="old_logp must be a torch.Tensor"):
+        losses.batch_statistics("kl_cov", mask=b["mask"], advantages=b["advantages"])
     with pytest.raises(ValueError, match="unknown loss 'stear'"):
         losses.batch_statistics("stear", mask=b["mask"])
 
