@@ -1,0 +1,155 @@
+"""verl_adapter.py inside the real verl, on CPU: a batch goes through verl's own RayPPOTrainer._compute_old_log_prob
+and _update_actor (as wrapped by the adapter), is cut into mini- and micro-batches by verl's own helpers, and
+reaches verl's loss entry point verl.workers.utils.losses.ppo_loss; the micro-batch losses add up to
+losses.LOSSES[name] on the whole batch, with the same gradient.
+
+Only the model and the Ray workers are stood in for: the worker group returns the behaviour log-probs and
+entropy in verl's no-padding layout, and the actor runs ppo_loss on log-probs that are leaves here. Without
+verl the module skips; in CI (CI=true) a missing verl is an error, so these tests cannot be skipped there.
+"""
+import importlib
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if os.environ.get("CI") == "true":
+    importlib.import_module("verl")                     # CI: fail loudly rather than skip
+else:
+    pytest.importorskip("verl", reason="verl is not installed (pip install -r requirements-integrations.txt)")
+
+from omegaconf import OmegaConf  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
+from verl.workers.engine.utils import prepare_micro_batches  # noqa: E402
+from verl.workers.utils import losses as verl_losses  # noqa: E402
+
+import losses  # noqa: E402
+import verl_adapter  # noqa: E402
+
+PROMPTS, GROUP, P, R, MICRO = 2, 4, 3, 5, 2            # prompts, responses each, prompt and response widths
+
+
+def rollout_batch(gen):
+    """A padded batch as verl's rollout leaves it: left-padded prompts, right-padded responses."""
+    rows = PROMPTS * GROUP
+    prompt_len = torch.randint(1, P + 1, (rows,), generator=gen)
+    response_len = torch.randint(1, R + 1, (rows,), generator=gen)
+    response_len[0] = R
+    prompt_mask = (torch.arange(P) >= P - prompt_len[:, None]).long()
+    response_mask = (torch.arange(R) < response_len[:, None]).long()
+    prompts = torch.randint(3, 50, (rows, P), generator=gen) * prompt_mask
+    responses = torch.randint(3, 50, (rows, R), generator=gen) * response_mask
+    attention = torch.cat([prompt_mask, response_mask], 1)
+    return DataProto.from_dict(tensors={
+        "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
+        "attention_mask": attention, "position_ids": (attention.cumsum(1) - 1).clamp(min=0),
+        "response_mask": response_mask, "row": torch.arange(rows)})
+
+
+def no_padding(per_response, attention):
+    """(B, R) response values -> verl's nested per-sequence layout, where the value for response token k of a
+    sequence with p prompt tokens sits at position p - 1 + k (the model output is shifted by one)."""
+    seqs = []
+    for values, att in zip(per_response, attention):
+        p, n = int(att[:P].sum()), int(att[P:].sum())
+        seqs.append(torch.cat([values.new_zeros(p - 1), values[:n], values.new_zeros(1)]))
+    return torch.nested.as_nested_tensor(seqs, layout=torch.jagged)
+
+
+class Workers:
+    """Stands in for verl's actor worker group: behaviour statistics out, ppo_loss on leaf log-probs in."""
+
+    def __init__(self, old_logp, entropy, logp, actor_config):
+        self.old_logp, self.entropy, self.logp, self.actor_config = old_logp, entropy, logp, actor_config
+        self.losses = []
+
+    def compute_log_prob(self, data):
+        return tu.get_tensordict({"log_probs": no_padding(self.old_logp, data["attention_mask"]),
+                                  "entropy": no_padding(self.entropy, data["attention_mask"])},
+                                 non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+    def update_actor(self, data):
+        mini_batch_size = tu.pop(data, key="mini_batch_size")
+        for mini in tu.make_iterator(data, mini_batch_size=mini_batch_size, epochs=tu.pop(data, key="epochs"),
+                                     seed=0, dataloader_kwargs={"shuffle": False}):
+            tu.assign_non_tensor(mini, batch_num_tokens=int(mini["loss_mask"].sum()), dp_size=1,
+                                 use_dynamic_bsz=False, micro_batch_size_per_gpu=MICRO)      # as the FSDP engine
+            micro_batches, _ = prepare_micro_batches(mini, dp_group=None)
+            for micro in micro_batches:
+                rows = micro["row"]
+                log_probs = no_padding(self.logp[rows], micro["attention_mask"])
+                loss, _ = verl_losses.ppo_loss(self.actor_config, {"log_probs": log_probs}, micro)
+                loss.backward()
+                self.losses.append(loss.detach())
+        return tu.get_tensordict({}, non_tensor_dict={"metrics": {"mfu": 0.0}})
+
+
+def trainer(workers, mode, *, use_kl=False):
+    cfg = OmegaConf.create({
+        "data": {"train_batch_size": PROMPTS},
+        "actor_rollout_ref": {
+            "actor": {"policy_loss": {"loss_mode": mode}, "calculate_sum_pi_squared": False,
+                      "calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": PROMPTS,
+                      "ppo_epochs": 1, "data_loader_seed": 0, "shuffle": False, "use_kl_loss": use_kl},
+            "rollout": {"n": GROUP, "temperature": 1.0, "multi_turn": {"enable": False}}}})
+    return SimpleNamespace(config=cfg, actor_rollout_wg=workers)
+
+
+@pytest.mark.parametrize("name, shift", [("steer", 0.0), ("steer", 0.3), ("opefo", 0.0), ("archer", 0.3),
+                                         ("grpo", 0.3)])
+def test_verl_step_equals_losses(name, shift, monkeypatch):
+    knobs = {"kl_knowledge": 0.5} if name == "archer" else {}          # a KL large enough to show
+    for k, v in knobs.items():
+        monkeypatch.setitem(verl_adapter.KNOBS, k, v)
+    gen = torch.Generator().manual_seed(0)
+    batch = rollout_batch(gen)
+    rows = len(batch)
+    old_logp = -torch.rand(rows, R, generator=gen) * 3
+    entropy = torch.rand(rows, R, generator=gen) * 2
+    logp = (old_logp + shift * torch.randn(rows, R, generator=gen)).requires_grad_()
+    ref_logp = old_logp + 0.2 * torch.randn(rows, R, generator=gen)
+    use_kl = verl_adapter.needs_reference(name)
+    config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=PROMPTS, ppo_micro_batch_size_per_gpu=MICRO,
+                         rollout_n=GROUP, use_kl_loss=use_kl, kl_loss_coef=0.0,
+                         policy_loss=PolicyLossConfig(loss_mode=name))
+    workers = Workers(old_logp, entropy, logp, config)
+    fake = trainer(workers, name, use_kl=use_kl)
+
+    old, _ = RayPPOTrainer._compute_old_log_prob(fake, batch)         # verl's, wrapped by the adapter
+    old.batch.pop("entropys")                                          # what RayPPOTrainer.fit does next
+    batch = batch.union(old)
+    rewards = torch.rand(rows, generator=gen).round()
+    adv = losses.group_advantages(rewards, GROUP)[:, None] * batch.batch["response_mask"]
+    batch.batch["advantages"] = adv
+    if use_kl:
+        batch.batch["ref_log_prob"] = ref_logp
+    RayPPOTrainer._update_actor(fake, batch)
+    assert len(workers.losses) == rows // MICRO
+    grad = logp.grad.clone()
+
+    logp.grad = None
+    mask = batch.batch["response_mask"]
+    if name == "steer":                                  # M from the behaviour statistics (r = 1), whole batch
+        g = losses.first_order_term(old_logp, entropy, None, "paper")
+        knobs["omega_max"] = float(torch.where(mask.bool(), (adv * g).abs(), 0.0).max())
+    expected, _ = losses.LOSSES[name](logp=logp, old_logp=old_logp, advantages=adv, mask=mask, entropy=entropy,
+                                      ref_logp=ref_logp if use_kl else None, agg="token-mean", **knobs)
+    expected.backward()
+    assert expected.abs() > 1e-3 and logp.grad.abs().max() > 1e-3
+    torch.testing.assert_close(sum(workers.losses), expected.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, logp.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_refusals(monkeypatch):
+    steer = verl_adapter.make_policy_loss("steer")
+    z = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="VERL_USE_EXTERNAL_MODULES"):      # called without the ppo_loss wrapper
+        steer(z, z, z, z.bool(), "token-mean", None)
+    monkeypatch.setitem(verl_adapter.KNOBS, "omega", "exact")
+    with pytest.raises(ValueError, match="needs S2"):
+        verl_adapter.check_forms("steer")
+    assert verl_adapter.REGISTERED["steer"] == "steer" and verl_adapter.REGISTERED["rlvr_clip_cov"] == "clip_cov"

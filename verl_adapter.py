@@ -1,0 +1,250 @@
+"""Train with losses.py inside verl: every LOSSES entry as a verl policy loss, with the behaviour entropy.
+
+Importing this file registers each LOSSES name (grpo, dapo, drgrpo, steer, opefo, archer, and any entry
+added later) with verl's register_policy_loss, so that actor_rollout_ref.actor.policy_loss.loss_mode=steer
+picks losses.LOSSES["steer"]. verl gives a registered policy loss only (old_log_prob, log_prob, advantages,
+response_mask, loss_agg_mode, config, rollout_is_weights); the rest is carried by three wrappers, each
+around one verl function, which keep verl's code and only add to what flows through it:
+    1. RayPPOTrainer._compute_old_log_prob (driver): the behaviour entropy that verl computes with the old
+       log-probs is copied to the batch key "old_entropy"; the trainer then pops "entropys" as before, and
+       "old_entropy" stays in the batch up to the actor.
+    2. RayPPOTrainer._update_actor (driver): adds the batch-wide scales of the chosen loss as per-row
+       columns, which survive any mini- and micro-batch split: STEER's M ("omega_max", from the behaviour
+       statistics with r = 1) and OPEFO's flow totals ("flow_pos", "flow_neg"). Their scope is the whole
+       training batch: the weights then depend on neither the micro-batch nor the mini-batch size.
+    3. verl.workers.utils.losses.ppo_loss (actor workers): reads "old_entropy", those columns and
+       "ref_log_prob" from the micro-batch and hands them to the registered loss for the length of the call.
+The normalisers come from verl's own global batch info: num_tokens = batch_num_tokens / dp_size and
+num_seqs = global_batch_size / dp_size (verl averages the gradients over dp ranks), so the micro-batch
+losses add up to the mini-batch's; norm_length = loss_scale_factor when it is set. agg is verl's
+loss_agg_mode (set actor.loss_agg_mode as the method wants: token-mean for DAPO, STEER, OPEFO and Archer,
+seq-mean-token-sum-norm with loss_scale_factor for Dr. GRPO).
+
+Knobs: a JSON object in the environment variable ENTROPY_RLVR_KNOBS, e.g. '{"lambda_min": 0.8}', passed to
+the loss (they override loss_agg_mode's agg when they name agg). verl's clip_ratio_low / clip_ratio_high /
+clip_ratio_c are not read: the clip ranges are the loss's knobs (the papers' values by default).
+The reference: a loss whose KL is on (Archer by default; grpo with kl_coef) reads verl's ref_log_prob,
+which verl computes when actor.use_kl_loss=True: set it with actor.kl_loss_coef=0, so that verl does not add
+its own KL on top (the coefficients are the loss's knobs). A mismatch is an error.
+
+Usage (every verl process must import this file: verl imports the modules named in
+VERL_USE_EXTERNAL_MODULES when it is itself imported; a local Ray cluster inherits the variables, a
+multi-node one gets them through +ray_kwargs.ray_init.runtime_env.env_vars.NAME=VALUE):
+    export PYTHONPATH=/path/to/this/repo:$PYTHONPATH VERL_USE_EXTERNAL_MODULES=verl_adapter
+    export ENTROPY_RLVR_KNOBS='{"lambda_min": 0.7}'
+    python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo actor_rollout_ref.actor.policy_loss.loss_mode=steer \
+        actor_rollout_ref.actor.loss_agg_mode=token-mean ...
+
+Limits: S2, the exact forms' extra statistic (omega="exact", flow="exact"), is not computed by verl's actor
+(its calculate_sum_pi_squared is sum pi^2, a different quantity), so the exact forms are refused here;
+train.py and trl_adapter.py have them. rollout_is_weights (rollout correction) is refused rather than
+dropped. OPEFO needs one optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal to
+data.train_batch_size. Tested with verl 0.9.1 (refused otherwise, at import), whose internals used are the
+three functions above, the batch keys "entropys", "old_log_probs", "advantages", "response_mask" and
+"ref_log_prob", and ActorConfig.global_batch_info.
+"""
+import contextvars
+import functools
+import inspect
+import json
+import os
+import sys
+
+import torch
+import verl
+from verl.trainer.ppo import core_algos, ray_trainer
+from verl.workers.utils import losses as verl_losses
+from verl.workers.utils.padding import no_padding_2_padding
+
+import losses
+
+TESTED_VERL_VERSIONS = ("0.9.1",)
+if verl.__version__ not in TESTED_VERL_VERSIONS:
+    raise ImportError(f"verl_adapter.py is tested with verl {', '.join(TESTED_VERL_VERSIONS)} and wraps three of its "
+                      f"functions; found verl {verl.__version__}. Install a tested version (pip install -r "
+                      f"requirements-integrations.txt) or check the internals listed in the module docstring.")
+
+ENTROPY_KEY = "old_entropy"
+SCALAR, ROWS = "batch_stat.", "batch_rows."        # prefixes of the batch-statistics columns
+KL_KNOBS = ("kl_coef", "kl_knowledge", "kl_reasoning")
+KNOBS = json.loads(os.environ.get("ENTROPY_RLVR_KNOBS") or "{}")
+_MICRO_BATCH = contextvars.ContextVar("entropy_rlvr_micro_batch", default=None)
+
+
+def knob_value(name, knob):
+    """The value LOSSES[name] will use for `knob`: KNOBS' if set, else the loss's default (None if absent)."""
+    if knob in KNOBS:
+        return KNOBS[knob]
+    param = inspect.signature(losses.LOSSES[name]).parameters.get(knob)
+    return None if param is None or param.default is param.empty else param.default
+
+
+def needs_reference(name):
+    return any(knob_value(name, k) for k in KL_KNOBS)
+
+
+def check_forms(name):
+    for knob in ("omega", "flow"):
+        if knob_value(name, knob) == "exact":
+            raise ValueError(f"{name} with {knob}='exact' needs S2, which verl's actor does not compute; "
+                             f"use {knob}='paper' (or 'code' for STEER), or train.py / trl_adapter.py")
+
+
+def statistics_columns(name, batch):
+    """losses.batch_statistics of LOSSES[name] over a verl batch (TensorDict with old_log_probs, old_entropy,
+    advantages, response_mask, each (B, R)), as columns that survive any split of the batch into rows:
+    a scalar s -> SCALAR + key, (B,) filled with s (a tuple: one column per element, key#i); a (B, ...)
+    tensor -> ROWS + key. num_tokens and num_seqs are left out: verl's own mini-batch totals are used."""
+    stats = losses.batch_statistics(name, mask=batch["response_mask"], advantages=batch["advantages"],
+                                    old_logp=batch["old_log_probs"], entropy=batch[ENTROPY_KEY], **KNOBS)
+    rows = batch["response_mask"].shape[0]
+    out = {}
+    for key, value in stats.items():
+        if key in ("num_tokens", "num_seqs"):
+            continue
+        if torch.is_tensor(value):
+            out[ROWS + key] = value
+        else:
+            parts = value if isinstance(value, tuple) else (value,)
+            for i, v in enumerate(parts):
+                tag = f"{key}#{i}" if isinstance(value, tuple) else key
+                out[SCALAR + tag] = torch.full((rows,), float(v), dtype=torch.float64)
+    return out
+
+
+def statistics_from_columns(columns):
+    """The inverse of statistics_columns on a micro-batch: {key: scalar, tuple or that micro-batch's rows}."""
+    stats, tuples = {}, {}
+    for key, column in columns.items():
+        if key.startswith(ROWS):
+            stats[key[len(ROWS):]] = column
+        elif "#" in key:
+            base, i = key[len(SCALAR):].split("#")
+            tuples.setdefault(base, {})[int(i)] = column[0].item()
+        else:
+            stats[key[len(SCALAR):]] = column[0].item()
+    stats.update({k: tuple(v[i] for i in sorted(v)) for k, v in tuples.items()})
+    return stats
+
+
+def make_policy_loss(name):
+    """A verl policy loss (verl's PolicyLossFn signature) computing losses.LOSSES[name]."""
+    def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                    rollout_is_weights=None):
+        extra = _MICRO_BATCH.get()
+        if extra is None:
+            raise RuntimeError(f"{name} needs the behaviour entropy, which reaches the loss only through "
+                               "verl_adapter's ppo_loss wrapper: import verl_adapter in every verl process "
+                               "(VERL_USE_EXTERNAL_MODULES=verl_adapter)")
+        if rollout_is_weights is not None:
+            raise ValueError(f"{name} does not apply rollout-correction weights; turn rollout correction off")
+        if needs_reference(name) and extra["ref_logp"] is None:
+            raise ValueError(f"{name}'s KL needs ref_log_prob: set actor_rollout_ref.actor.use_kl_loss=True "
+                             "and actor_rollout_ref.actor.kl_loss_coef=0")
+        if needs_reference(name) and config.use_kl_loss and config.kl_loss_coef:
+            raise ValueError(f"{name} has its own KL term; set actor_rollout_ref.actor.kl_loss_coef=0 so that "
+                             "verl does not add a second one")
+        if name in losses.CURRENT_ENTROPY_LOSSES and extra["current_entropy"] is None:
+            raise ValueError(f"{name} needs the current entropy: set actor_rollout_ref.actor.calculate_entropy=True "
+                             "(and entropy_coeff=0, the coefficient being the loss's alpha)")
+        info = config.global_batch_info
+        dp = info.get("dp_size") or 1
+        kwargs = {"agg": loss_agg_mode, **extra["stats"]}
+        if info.get("batch_num_tokens") is not None:
+            kwargs["num_tokens"] = info["batch_num_tokens"] / dp
+        if info.get("global_batch_size") is not None:
+            kwargs["num_seqs"] = info["global_batch_size"] / dp
+        if info.get("loss_scale_factor") is not None:
+            kwargs["norm_length"] = info["loss_scale_factor"]
+        loss, metrics = losses.LOSSES[name](logp=log_prob, old_logp=old_log_prob, advantages=advantages,
+                                            mask=response_mask, entropy=extra["entropy"], ref_logp=extra["ref_logp"],
+                                            current_entropy=extra["current_entropy"], **{**kwargs, **KNOBS})
+        return loss, {f"{name}/{k}": v for k, v in metrics.items() if k != "pg_loss"}   # verl logs pg_loss
+    policy_loss.__name__ = policy_loss.__qualname__ = f"{name}_policy_loss"
+    return policy_loss
+
+
+# ------------------------------------------------------------------------------------------ wrappers
+def keep_behaviour_entropy(compute_old_log_prob):
+    """Wrapper 1: the behaviour entropy stays in the batch as "old_entropy" after the trainer pops "entropys"."""
+    @functools.wraps(compute_old_log_prob)
+    def wrapper(self, batch):
+        old_log_prob, mfu = compute_old_log_prob(self, batch)
+        old_log_prob.batch[ENTROPY_KEY] = old_log_prob.batch["entropys"]
+        return old_log_prob, mfu
+    return wrapper
+
+
+def add_batch_statistics(update_actor):
+    """Wrapper 2: the chosen loss's batch statistics join the batch as per-row columns before the update."""
+    @functools.wraps(update_actor)
+    def wrapper(self, batch):
+        actor = self.config.actor_rollout_ref.actor
+        name = REGISTERED.get(actor.policy_loss.loss_mode)
+        if name is not None:
+            check_forms(name)
+            if ENTROPY_KEY not in batch.batch.keys():
+                raise RuntimeError(f"{name} needs the behaviour entropy, which verl computes with the old "
+                                   "log-probs: rollout_correction.bypass_mode is not supported")
+            if name == "opefo" and (actor.ppo_epochs != 1
+                                    or actor.ppo_mini_batch_size != self.config.data.train_batch_size):
+                raise ValueError("OPEFO is strictly on-policy: set actor.ppo_epochs=1 and actor.ppo_mini_batch_size "
+                                 "= data.train_batch_size (one optimizer step per batch)")
+            for key, column in statistics_columns(name, batch.batch).items():
+                batch.batch[key] = column
+        return update_actor(self, batch)
+    return wrapper
+
+
+def hand_batch_to_loss(ppo_loss):
+    """Wrapper 3: the micro-batch's behaviour entropy, batch statistics, reference log-probs and (with
+    calculate_entropy) current entropy reach the registered loss for the length of the call."""
+    @functools.wraps(ppo_loss)
+    def wrapper(config, model_output, data, dp_group=None):
+        if ENTROPY_KEY not in data.keys():
+            return ppo_loss(config, model_output, data, dp_group)
+        columns = [k for k in data.keys() if k.startswith((SCALAR, ROWS))]
+        picked = data.select(ENTROPY_KEY, *columns, *(["ref_log_prob"] if "ref_log_prob" in data.keys() else []))
+        picked = picked.to_padded_tensor()
+        current = model_output.get("entropy")
+        extra = {"entropy": picked[ENTROPY_KEY], "ref_logp": picked.get("ref_log_prob"),
+                 "stats": statistics_from_columns({k: picked[k] for k in columns}),
+                 "current_entropy": None if current is None else no_padding_2_padding(current, data)}
+        token = _MICRO_BATCH.set(extra)
+        try:
+            return ppo_loss(config, model_output, data, dp_group)
+        finally:
+            _MICRO_BATCH.reset(token)
+    wrapper.wraps_ppo_loss = True
+    return wrapper
+
+
+def verl_name(name):
+    """The loss_mode under which LOSSES[name] is registered: its own name, or rlvr_<name> where verl has one."""
+    return f"rlvr_{name}" if name in VERL_OWN_LOSSES else name
+
+
+VERL_OWN_LOSSES = frozenset(n for n, f in core_algos.POLICY_LOSS_REGISTRY.items()
+                            if not getattr(f, "from_losses_py", False))
+REGISTERED = {verl_name(name): name for name in losses.LOSSES}       # loss_mode -> LOSSES name
+
+
+def install():
+    """Register the losses and wrap the three verl functions (once per process)."""
+    if getattr(verl_losses.ppo_loss, "wraps_ppo_loss", False):
+        return
+    for mode, name in REGISTERED.items():
+        fn = make_policy_loss(name)
+        fn.from_losses_py = True
+        core_algos.register_policy_loss(mode)(fn)
+    trainer = ray_trainer.RayPPOTrainer
+    trainer._compute_old_log_prob = keep_behaviour_entropy(trainer._compute_old_log_prob)
+    trainer._update_actor = add_batch_statistics(trainer._update_actor)
+    original = verl_losses.ppo_loss
+    wrapped = hand_batch_to_loss(original)
+    for name, module in list(sys.modules.items()):     # verl's modules that imported ppo_loss by name
+        if name.startswith("verl.") and vars(module).get("ppo_loss") is original:
+            module.ppo_loss = wrapped
+
+
+install()
