@@ -5,6 +5,7 @@
     python bench.py --quick              # bounded: logits (2, 1024, 151936), fewer repeats, no scripts
     python bench.py --only memory        # one of: memory, throughput, losses, scripts
     python bench.py --device cuda
+    python bench.py --threads 1          # steadier timings on a shared machine
 
 1. memory      peak extra memory of token_logprobs (with autograd) + token_entropy(exact_term=True) on bf16
                logits of shape (8, 1024, 151936), against a naive float32 log_softmax; and of the entropy
@@ -29,6 +30,7 @@ the chunked functions' fixed working set is then a larger fraction of the logits
 bounds of the full shape's), 128 throughput positions, 5 repeats per loss, and no scripts.
 """
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -40,19 +42,25 @@ import losses
 SHAPE = (8, 1024, 151_936)
 
 
+def best_times(fns, device, repeats=5):
+    """Best wall time of each function in fns, run round-robin (a, b, a, b, ...) after two warm-up rounds,
+    so that a slow spell on a shared machine hits all of them alike and their ratios stay fair."""
+    best = [math.inf] * len(fns)
+    for rep in range(repeats + 2):
+        for i, fn in enumerate(fns):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if rep >= 2:
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
 def best_time(fn, device, repeats=5):
-    fn()
-    fn()                                            # warm caches and clocks
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_times([fn], device, repeats)[0]
 
 
 def _rss_kib(field):
@@ -104,8 +112,9 @@ def bench_memory(device, shape=SHAPE):
         leaf.grad = None
 
     print(f"  logits {tuple(shape)} bf16, {size / 2**30:.2f} GiB")
-    for name, fn in (("chunked (losses.py)", ours), ("naive float32 log_softmax", naive),
-                     ("entropy bonus fwd+bwd", bonus)):
+    for name, fn in (("chunked (losses.py)", ours), ("entropy bonus fwd+bwd", bonus),
+                     ("naive float32 log_softmax", naive)):             # the naive one last: its freed pages
+                                                                         # would hide the others' growth
         extra = peak_extra_bytes(fn, device)
         line = f"  {name:28s} peak extra {extra / 2**30:6.2f} GiB = {extra / size:5.2f} x logits"
         if fn is bonus:
@@ -160,8 +169,8 @@ def bench_losses(device, B=64, T=4096, repeats=15):
         loss, _ = losses.LOSSES[name](logp=logp, current_entropy=cur, **batch, **kw)
         loss.backward()
 
-    base = best_time(lambda: step("grpo"), device, repeats=repeats)
-    print(f"  grpo_loss (defaults) forward+backward on {B}x{T}: {base * 1e3:.2f} ms")
+    print(f"  forward+backward on {B}x{T}; each method timed round-robin with grpo_loss (defaults) and,")
+    print("  where its PPO settings differ, with grpo_loss at the method's clip/KL settings")
     # the same PPO settings as each method, so the second ratio isolates what the method adds
     same_ppo = {"steer": dict(clip_high=0.28, dual_clip=10.0),
                 "archer": dict(dual_clip=10.0, kl_coef=0.001),
@@ -172,12 +181,14 @@ def bench_losses(device, B=64, T=4096, repeats=15):
             ("clip_cov", {"generator": torch.Generator().manual_seed(0)}), ("kl_cov", {}),
             ("forking", {}), ("entropy_adv", {}), ("w_reinforce", {}))
     for name, kw in runs:
-        t = best_time(lambda: step(name, **kw), device, repeats=repeats)
-        label = name + "".join(f" {k}={v}" for k, v in kw.items() if k != "generator")
-        line = f"  {label:26s} {t * 1e3:8.2f} ms  ratio to grpo {t / base:5.2f}"
+        fns = [lambda: step(name, **kw), lambda: step("grpo")]
         if name in same_ppo:
-            ref_t = best_time(lambda: step("grpo", **same_ppo[name]), device, repeats=repeats)
-            line += f"   to grpo with its clip/KL settings ({ref_t * 1e3:.2f} ms) {t / ref_t:5.2f}"
+            fns.append(lambda: step("grpo", **same_ppo[name]))
+        t, base, *ref = best_times(fns, device, repeats)
+        label = name + "".join(f" {k}={v}" for k, v in kw.items() if k != "generator")
+        line = f"  {label:28s} {t * 1e3:8.2f} ms  grpo {base * 1e3:6.2f} ms  ratio {t / base:5.2f}"
+        if ref:
+            line += f"   to grpo at its clip/KL settings ({ref[0] * 1e3:.2f} ms) {t / ref[0]:5.2f}"
         print(line)
 
 
@@ -194,7 +205,12 @@ def main():
     p.add_argument("--only", choices=["memory", "throughput", "losses", "scripts"], help="run one measurement")
     p.add_argument("--quick", action="store_true",
                    help="bounded run: smaller memory shapes, fewer repeats, no scripts (see the docstring)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     args = p.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}" + ("; --quick" if args.quick else ""))
