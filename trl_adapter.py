@@ -16,8 +16,8 @@ tensors that losses.py needs and TRL does not keep:
                           (TRL's own rule), so the ratio is exactly 1.
     reference log-probs   TRL's ref_per_token_logps, which TRL computes only when beta != 0. Here beta only
                           switches the reference on; the KL coefficients are the loss's knobs (kl_coef,
-                          kl_knowledge, kl_reasoning). A loss whose KL is on with beta = 0, or beta != 0 for
-                          a loss without KL, is an error.
+                          kl_knowledge, kl_reasoning). A loss that reads ref_logp with beta = 0, or beta != 0
+                          for one that does not, is an error.
     window statistics     losses.batch_statistics once per gradient-accumulation window, from the behaviour
                           statistics (r = 1, pi = pi_old), as train.py does per mini-batch: num_tokens and
                           num_seqs (all processes; per process the total / num_processes, since DDP averages
@@ -26,8 +26,9 @@ tensors that losses.py needs and TRL does not keep:
                           and the other losses' statistics (per process; (B, T) ones cut to each micro-batch's
                           rows).
     metrics               every loss metric reaches TRL's logs as "<loss>/<metric>", one value per
-                          optimizer step (token-weighted over the window; pg_loss, kl and weighted_flow
-                          summed, omega_max and weight_max maxed, weight_min minned).
+                          optimizer step (token-weighted over the window; the partial sums pg_loss, kl,
+                          weighted_flow, entropy_bonus and kl_cov summed; omega_max and weight_max maxed,
+                          weight_min minned).
 
 Usage (text models; any LOSSES name; knobs as in losses.py; adaptive_entropy takes a
 fixed alpha here, TRL's own use_adaptive_entropy being refused):
@@ -45,15 +46,13 @@ prompt_mask, completion_ids, completion_mask, tool_mask, advantages, old_per_tok
 ref_per_token_logps; the attributes _buffered_inputs and _step (the current accumulation window),
 _metrics (logging), temperature, beta, aux_loss_enabled, router_aux_loss_coef, and the class attribute
 loss_is_scaled_for_ga (the loss returned is already the window's share, as TRL's own).
-Refused, because the replaced loss would silently drop them: top_entropy_quantile < 1, an entropy bonus,
-off_policy_mask_threshold, sequence-level importance sampling, delta, vLLM importance-sampling correction,
+Refused, because the replaced loss would silently drop them: top_entropy_quantile < 1, TRL's own entropy
+bonus (entropy_coef, use_adaptive_entropy; the entropy_bonus loss is the way here), off_policy_mask_threshold, sequence-level importance sampling, delta, vLLM importance-sampling correction,
 multimodal inputs; and steps_per_generation not a multiple of gradient_accumulation_steps (a window would
 span two generation batches). OPEFO also needs num_iterations = 1 and steps_per_generation =
 gradient_accumulation_steps (one optimizer step per generation batch: strictly on-policy). Advantages are
 TRL's (scale_rewards="none" for Dr. GRPO; TRL's std epsilon is 1e-4, losses.group_advantages' 1e-6).
 """
-import inspect
-
 import torch
 import trl
 from trl import GRPOTrainer
@@ -67,33 +66,26 @@ if trl.__version__ not in TESTED_TRL_VERSIONS:
                       f"(pip install -r requirements-integrations.txt) or check the internals listed in the "
                       f"module docstring against yours and add the version to TESTED_TRL_VERSIONS.")
 
-KL_KNOBS = ("kl_coef", "kl_knowledge", "kl_reasoning")
-WINDOW_REDUCE = {"pg_loss": "sum", "kl": "sum", "weighted_flow": "sum",
+WINDOW_REDUCE = {"pg_loss": "sum", "kl": "sum", "weighted_flow": "sum", "entropy_bonus": "sum", "kl_cov": "sum",
                  "omega_max": "max", "weight_max": "max", "weight_min": "min"}   # others: token-weighted mean
 NEUTRAL_TRL_ARGS = {"top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
                     "off_policy_mask_threshold": None, "importance_sampling_level": "token", "delta": None}
 
 
-def knob_value(loss, knobs, name):
-    """The value the loss will use for keyword `name`: the knob if set, else its default (0 when absent)."""
-    if name in knobs:
-        return knobs[name]
-    param = inspect.signature(losses.LOSSES[loss]).parameters.get(name)
-    return 0 if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-def needs_reference(loss, knobs):
-    """True when the loss's KL to a reference is on (any of KL_KNOBS non-zero)."""
-    return any(knob_value(loss, knobs, k) for k in KL_KNOBS)
-
-
-def check_knobs(loss, knobs):
-    """Fail early on an unknown loss or a bad knob: one call of the loss on a 1 x 2 dummy batch."""
+def uses_reference(loss, knobs):
+    """Whether LOSSES[loss] with these knobs reads ref_logp: its value on a dummy batch moves when ref_logp
+    does. The same call fails early on an unknown loss or a bad knob."""
     if loss not in losses.LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(losses.LOSSES)}")
-    z = torch.zeros(1, 2)
-    losses.LOSSES[loss](logp=z - 1, old_logp=z - 1, advantages=torch.ones(1), mask=torch.ones(1, 2),
-                        entropy=z + 1, exact_term=z, ref_logp=z - 1, current_entropy=z + 1, **knobs)
+    t = torch.linspace(0.1, 2.0, 5)[None]            # 1 x 5, entropies spread so Archer has both token types
+    batch = dict(logp=-t, old_logp=-t, advantages=torch.ones(1), mask=torch.ones(1, 5), entropy=t,
+                 exact_term=0 * t, current_entropy=t)
+    values = []
+    for ref in (-t, -t - 1):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            values.append(losses.LOSSES[loss](**batch, ref_logp=ref, **knobs)[0])
+    return bool(values[0] != values[1])
 
 
 def completion_mask(batch):
@@ -111,7 +103,7 @@ class LossesGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, loss="steer", loss_kwargs=None, **kwargs):
         knobs = dict(loss_kwargs or {})
-        check_knobs(loss, knobs)
+        self._uses_reference = uses_reference(loss, knobs)
         super().__init__(*args, **kwargs)
         self.loss_name, self.loss_kwargs = loss, knobs
         self._check_config()
@@ -133,13 +125,12 @@ class LossesGRPOTrainer(GRPOTrainer):
         if name == "opefo" and (a.num_iterations != 1 or a.steps_per_generation != a.gradient_accumulation_steps):
             raise ValueError("OPEFO is strictly on-policy: set num_iterations=1 and steps_per_generation="
                              "gradient_accumulation_steps (one optimizer step per generation batch)")
-        wants_ref = needs_reference(name, self.loss_kwargs)
-        if wants_ref and self.beta == 0.0:
+        if self._uses_reference and self.beta == 0.0:
             raise ValueError(f"{name}'s KL term needs the reference model, which TRL loads only when beta != 0: "
                              "set beta=1.0 (its value is not used; the KL coefficients are the loss's knobs)")
-        if not wants_ref and self.beta != 0.0:
+        if not self._uses_reference and self.beta != 0.0:
             raise ValueError(f"beta={self.beta} loads a reference model that {name} with these knobs does not "
-                             f"use: set beta=0, or turn the loss's KL on ({', '.join(KL_KNOBS)})")
+                             "use: set beta=0, or turn the loss's KL to the reference on (e.g. kl_coef)")
 
     # ------------------------------------------------------------------------- behaviour statistics
     def _generate_and_score_completions(self, inputs):

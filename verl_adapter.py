@@ -23,7 +23,7 @@ seq-mean-token-sum-norm with loss_scale_factor for Dr. GRPO).
 Knobs: a JSON object in the environment variable ENTROPY_RLVR_KNOBS, e.g. '{"lambda_min": 0.8}', passed to
 the loss (they override loss_agg_mode's agg when they name agg). verl's clip_ratio_low / clip_ratio_high /
 clip_ratio_c are not read: the clip ranges are the loss's knobs (the papers' values by default).
-The reference: a loss whose KL is on (Archer by default; grpo with kl_coef) reads verl's ref_log_prob,
+The reference: a loss that reads ref_logp (Archer by default; grpo with kl_coef) gets verl's ref_log_prob,
 which verl computes when actor.use_kl_loss=True: set it with actor.kl_loss_coef=0, so that verl does not add
 its own KL on top (the coefficients are the loss's knobs). A mismatch is an error.
 
@@ -66,7 +66,6 @@ if verl.__version__ not in TESTED_VERL_VERSIONS:
 
 ENTROPY_KEY = "old_entropy"
 SCALAR, ROWS = "batch_stat.", "batch_rows."        # prefixes of the batch-statistics columns
-KL_KNOBS = ("kl_coef", "kl_knowledge", "kl_reasoning")
 KNOBS = json.loads(os.environ.get("ENTROPY_RLVR_KNOBS") or "{}")
 _MICRO_BATCH = contextvars.ContextVar("entropy_rlvr_micro_batch", default=None)
 
@@ -79,8 +78,22 @@ def knob_value(name, knob):
     return None if param is None or param.default is param.empty else param.default
 
 
-def needs_reference(name):
-    return any(knob_value(name, k) for k in KL_KNOBS)
+def uses_reference(name):
+    """Whether LOSSES[name] with KNOBS reads ref_logp: its value on a dummy batch moves when ref_logp does."""
+    return _uses_reference(name, json.dumps(KNOBS, sort_keys=True))
+
+
+@functools.cache
+def _uses_reference(name, knobs_json):
+    t = torch.linspace(0.1, 2.0, 5)[None]            # 1 x 5, entropies spread so Archer has both token types
+    batch = dict(logp=-t, old_logp=-t, advantages=torch.ones(1), mask=torch.ones(1, 5), entropy=t,
+                 exact_term=0 * t, current_entropy=t)
+    values = []
+    for ref in (-t, -t - 1):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            values.append(losses.LOSSES[name](**batch, ref_logp=ref, **json.loads(knobs_json))[0])
+    return bool(values[0] != values[1])
 
 
 def check_forms(name):
@@ -138,10 +151,10 @@ def make_policy_loss(name):
                                "(VERL_USE_EXTERNAL_MODULES=verl_adapter)")
         if rollout_is_weights is not None:
             raise ValueError(f"{name} does not apply rollout-correction weights; turn rollout correction off")
-        if needs_reference(name) and extra["ref_logp"] is None:
+        if uses_reference(name) and extra["ref_logp"] is None:
             raise ValueError(f"{name}'s KL needs ref_log_prob: set actor_rollout_ref.actor.use_kl_loss=True "
                              "and actor_rollout_ref.actor.kl_loss_coef=0")
-        if needs_reference(name) and config.use_kl_loss and config.kl_loss_coef:
+        if uses_reference(name) and config.use_kl_loss and config.kl_loss_coef:
             raise ValueError(f"{name} has its own KL term; set actor_rollout_ref.actor.kl_loss_coef=0 so that "
                              "verl does not add a second one")
         if name in losses.CURRENT_ENTROPY_LOSSES and extra["current_entropy"] is None:

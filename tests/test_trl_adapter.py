@@ -121,7 +121,7 @@ def reference_window(trainer, loss, knobs):
 
 
 @pytest.mark.parametrize("loss, beta, knobs", [("steer", 0.0, {}), ("steer", 0.0, {"omega": "exact"}),
-                                               ("opefo", 0.0, {}), ("archer", 1.0, {}), ("grpo", 0.0, {}),
+                                               ("opefo", 0.0, {}), ("archer", 1.0, {}), ("grpo", 1.0, {"kl_coef": 0.1}),
                                                ("forking", 0.0, {}), ("entropy_bonus", 0.0, {"alpha": 0.1})])
 def test_one_step_equals_losses(model_dir, tmp_path, loss, beta, knobs):
     trainer = make_trainer(model_dir, tmp_path, loss, beta=beta, **knobs)
@@ -146,3 +146,6 @@ def test_refuses_mismatched_reference(model_dir, tmp_path):
         make_trainer(model_dir, tmp_path, "steer", beta=0.04)
     with pytest.raises(TypeError):
         make_trainer(model_dir, tmp_path, "steer", lambda_minn=0.8)
+    assert not trl_adapter.uses_reference("kl_cov", {})            # its kl_coef is to pi_old, not the reference
+    assert trl_adapter.uses_reference("grpo", {"kl_coef": 0.04}) and not trl_adapter.uses_reference("grpo", {})
+    assert not trl_adapter.uses_reference("archer", {"kl_knowledge": 0.0})

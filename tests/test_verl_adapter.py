@@ -112,7 +112,7 @@ def test_verl_step_equals_losses(name, shift, monkeypatch):
     entropy = torch.rand(rows, R, generator=gen) * 2
     logp = (old_logp + shift * torch.randn(rows, R, generator=gen)).requires_grad_()
     ref_logp = old_logp + 0.2 * torch.randn(rows, R, generator=gen)
-    use_kl = verl_adapter.needs_reference(name)
+    use_kl = verl_adapter.uses_reference(name)
     config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=PROMPTS, ppo_micro_batch_size_per_gpu=MICRO,
                          rollout_n=GROUP, use_kl_loss=use_kl, kl_loss_coef=0.0,
                          policy_loss=PolicyLossConfig(loss_mode=name))
