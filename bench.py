@@ -20,7 +20,8 @@
                CPU that, not memory bandwidth, is the bound).
 3. losses      time of every loss in losses.LOSSES (forward + backward, the behaviour policy's entropy and
                the current entropy precomputed; Clip-Cov, KL-Cov and forking make their batch choice in the
-               call) over grpo_loss on B x T = 64 x 4096 tokens: against grpo_loss's defaults, and against
+               call, and forking once more with the batch's threshold given, as batch_statistics passes it)
+               over grpo_loss on B x T = 64 x 4096 tokens: against grpo_loss's defaults, and against
                grpo_loss with the same clip, dual clip and KL settings as the method (what the method adds).
 4. scripts     wall time of `python toy_bandit.py` and `python entropy_math.py` with their defaults (the
                tests only assert a generous bound on the toy).
@@ -43,19 +44,24 @@ SHAPE = (8, 1024, 151_936)
 
 
 def best_times(fns, device, repeats=5):
-    """Best wall time of each function in fns, run round-robin (a, b, a, b, ...) after two warm-up rounds,
-    so that a slow spell on a shared machine hits all of them alike and their ratios stay fair."""
+    """Best time of each function in fns, run round-robin (a, b, a, b, ...) after two warm-up rounds,
+    so that a slow spell on a shared machine hits all of them alike and their ratios stay fair.
+
+    Wall time, except on a CPU with one torch thread (--threads 1): there the process's CPU time, which
+    other processes on the machine do not inflate.
+    """
+    clock = time.process_time if device.type == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
     best = [math.inf] * len(fns)
     for rep in range(repeats + 2):
         for i, fn in enumerate(fns):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep >= 2:
-                best[i] = min(best[i], time.perf_counter() - start)
+                best[i] = min(best[i], clock() - start)
     return best
 
 
@@ -179,13 +185,15 @@ def bench_losses(device, B=64, T=4096, repeats=15):
             ("opefo", {}), ("opefo", {"flow": "exact"}), ("archer", {}),
             ("entropy_bonus", {}), ("adaptive_entropy", {"alpha": 0.005}),
             ("clip_cov", {"generator": torch.Generator().manual_seed(0)}), ("kl_cov", {}),
-            ("forking", {}), ("entropy_adv", {}), ("w_reinforce", {}))
+            ("forking", {}), ("forking", {"entropy_threshold": float(losses.forking_threshold(ent, mask))}),
+            ("entropy_adv", {}), ("w_reinforce", {}))
     for name, kw in runs:
         fns = [lambda: step(name, **kw), lambda: step("grpo")]
         if name in same_ppo:
             fns.append(lambda: step("grpo", **same_ppo[name]))
         t, base, *ref = best_times(fns, device, repeats)
-        label = name + "".join(f" {k}={v}" for k, v in kw.items() if k != "generator")
+        label = name + "".join(f" {k}={v}" for k, v in kw.items() if k not in ("generator", "entropy_threshold"))
+        label += " (tau given)" if "entropy_threshold" in kw else ""
         line = f"  {label:28s} {t * 1e3:8.2f} ms  grpo {base * 1e3:6.2f} ms  ratio {t / base:5.2f}"
         if ref:
             line += f"   to grpo at its clip/KL settings ({ref[0] * 1e3:.2f} ms) {t / ref[0]:5.2f}"

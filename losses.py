@@ -118,8 +118,9 @@ def _positive(name, value):
 def _batch(mask, advantages, **tensors):
     """Validate and clean the batch tensors of a loss.
 
-    mask (B, T); advantages (B,) or (B, T); tensors: name -> (B, T) tensor or None. Returns
-    (valid bool (B, T), mf (B, T) float, count, adv (B, T), cleaned tensors in the same order).
+    mask (B, T); advantages (B,), (B, 1) or (B, T); tensors: name -> (B, T) tensor or None. Returns
+    (valid bool (B, T), mf (B, T) float, count, adv (B, 1) or (B, T), cleaned tensors in the same order);
+    adv (B, 1) is 0 on rows without a valid token, adv (B, T) is 0 on every masked position.
     Every masked position of every tensor is replaced by 0 with torch.where, so padding that holds NaN
     or inf contributes exactly zero to the value and to the gradient (a product 0 * NaN would not).
     The float dtype is float32, or float64 when any input is float64 (promote_types with float32); float
@@ -135,12 +136,14 @@ def _batch(mask, advantages, **tensors):
     for x in tensors.values():
         if x is not None and torch.is_floating_point(x):
             dtype = torch.promote_types(dtype, _acc_dtype(x.dtype))
-    if advantages.dim() == 1 and advantages.shape[0] == mask.shape[0]:
-        advantages = advantages[:, None]
-    elif advantages.shape != mask.shape:
+    rows = mask.shape[:1]
+    if advantages.shape in (rows, rows + (1,)):                                # (B, 1): rows with no valid
+        adv = torch.where(valid.any(-1, keepdim=True), advantages.to(dtype).view(-1, 1), 0.0)   # token -> 0
+    elif advantages.shape == mask.shape:
+        adv = torch.where(valid, advantages.to(dtype), 0.0)
+    else:
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected (B,) = ({mask.shape[0]},) "
                          f"or (B, T) = {tuple(mask.shape)}")
-    adv = torch.where(valid, advantages.to(dtype), 0.0)
     cleaned = [None if x is None else torch.where(valid, x.to(dtype) if torch.is_floating_point(x) else x, 0)
                for x in tensors.values()]
     return valid, valid.to(dtype), valid.sum().clamp(min=1), adv, cleaned
@@ -477,22 +480,26 @@ def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, du
 
 def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
     """Clip fractions, ratio mean, approximate KL(pi_old || pi) = E[r - 1 - log r] (k3) and mean entropy,
-    over the valid tokens; lo, hi: the lower and upper ratio bounds (floats or (B, T))."""
-    r = ratio.detach() * mf + (1.0 - mf)                    # r = 1 on padding: no clip, zero KL term
+    over the valid tokens; lo, hi: the lower and upper ratio bounds (floats or (B, T)).
+
+    The inputs come cleaned by _batch: r = exp(0 - 0) = 1 and entropy = 0 on padding, so padding is
+    never clipped and adds nothing to the sums (no mask products needed).
+    """
+    r = ratio.detach()
     m = {
         "clip_frac_low": ((adv < 0) & (r < lo)).sum() / count,
         "clip_frac_high": ((adv > 0) & (r > hi)).sum() / count,
         "approx_kl": (r - 1.0 - r.log()).sum() / count,
-        "ratio_mean": _masked_mean(r, mf, count),
+        "ratio_mean": 1.0 + (r - 1.0).sum() / count,
     }
     if entropy is not None:
-        m["entropy"] = _masked_mean(entropy, mf, count)
+        m["entropy"] = entropy.sum() / count
     return m
 
 
 def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, **tensors):
     """The common start of the PPO-clip losses: checks, cleaned (B, T) inputs (masked positions set to 0,
-    see _batch), masks (valid, float, count), advantages (B, T), and the per-token clipped surrogate with
+    see _batch), masks (valid, float, count), advantages (B, 1) or (B, T), and the per-token clipped surrogate with
     its ratio. tensors: further (B, T) inputs (entropy, exact_term, ...) to check and clean, returned as a list.
     """
     _check_clip(clip_low, clip_high, dual_clip)
@@ -663,8 +670,13 @@ def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper")
     """
     _check_tensor("logp", logp)
     _check_tensor("entropy", entropy)
-    valid, mf, _, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
-                                                            exact_term=exact_term)
+    _, mf, _, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
+                                                        exact_term=exact_term)
+    return _flow(logp, adv, mf, entropy, exact_term, flow)
+
+
+def _flow(logp, adv, mf, entropy, exact_term, flow):
+    """entropy_flow on cleaned inputs (_batch), mf the float mask."""
     return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mf
 
 
@@ -701,7 +713,7 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
     _check_tensor("entropy", entropy)
     mask, mf, count, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
                                                                exact_term=exact_term)
-    f = entropy_flow(logp, adv, mf, entropy, exact_term, flow)
+    f = _flow(logp, adv, mf, entropy, exact_term, flow)
     if flow_totals is None:
         lam, pos, neg = opefo_balance(f)
     else:
