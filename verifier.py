@@ -15,17 +15,23 @@ Pipeline
   3. _parse_value: structure (words, choice letters, tuples / intervals with their brackets, sets, bare lists,
      \\pm pairs, unions, pmatrix / bmatrix, equations), then a small recursive-descent parser over a whitelist of
      tokens for each scalar, giving a tuple AST. Nothing is ever evaluated as Python.
-  4. _same: structural comparison; scalars compare by
-     - exact rational arithmetic (Fraction) when the gold is a plain number: the prediction must then be a plain
-       number too (integer, decimal, fraction, mixed number, a x 10^n), so "12+30" or "2^{10}" restating a
-       computation does not earn the reward;
-     - otherwise evaluation of both ASTs with mpmath at 50 digits at 4 fixed pseudo-random points of their free
-       symbols (a Schwartz-Zippel identity test; relative tolerance 1e-30), with SymPy deciding whether a constant
-       gold is rational (sqrt(8)/sqrt(2) is, sqrt(3) is not) and, when no sample point could be evaluated, a
-       size-bounded SymPy expand/cancel.
-Bounds: answers over 1000 characters, 400 tokens or 40 nesting levels are refused; exact powers above 20,000 bits,
-factorials above 1000, exp / trig arguments above 10^6 are refused before SymPy or mpmath see them; comparison loops
-check a 1 s deadline (cooperatively, no signals, so it works in threads). Parsed answers are memoised (pure).
+  4. _same: structural comparison. Two scalars are equal only when that is shown exactly, never because floats
+     agree:
+     - identical ASTs;
+     - exact rational arithmetic (Fraction), with the symbols, pi and e replaced by random integers at 4 points
+       (a Schwartz-Zippel identity test for rational functions, in exact arithmetic). This decides numbers and
+       their closed forms (1000 = 10^3, 2 = \\sqrt{4}, 120 = \\binom{10}{3}) and keeps rejecting decimals that
+       approximate (1/3 vs 0.333);
+     - otherwise mpmath at 50 digits (at 4 fixed points of the free symbols) may reject a clear difference, and
+       only SymPy's exact rewriting of the difference to 0 (automatic evaluation, expand after rewriting
+       trigonometric functions with exp, cancel, expand_log, radsimp, sqrtdenest; size-bounded) accepts.
+     What cannot be decided within the bounds is "not equal": 2^{30000} vs 4^{15000} is refused rather than
+     guessed. The verifier does not see the problem, so any expression of exactly the gold's value counts, a
+     restated computation such as 12+30 for 42 included. Variables are taken positive (\\sqrt{x^2} = x).
+Bounds: answers over 1000 characters, 400 tokens or 40 nesting levels are refused; exact numbers above 20,000 bits,
+factorials above 1000, exp / trig arguments above 10^6 are refused before SymPy or mpmath see them; SymPy only
+rewrites expressions of at most 60 operations whose expansion has at most 2000 terms; comparison loops check a 1 s
+deadline (cooperatively, no signals, so it works in threads). Parsed answers are memoised (pure).
 
 Usage:
     from verifier import extract_answer, is_equivalent, score
@@ -33,6 +39,7 @@ Usage:
     python verifier.py "... so the answer is $\\boxed{\\frac12}$." "0.5"
 """
 import argparse
+import math
 import random
 import re
 import time
@@ -42,17 +49,23 @@ from typing import NamedTuple
 
 import sympy
 from mpmath import MPContext
+from sympy.functions.elementary.hyperbolic import HyperbolicFunction
+from sympy.functions.elementary.trigonometric import TrigonometricFunction
+from sympy.polys.polyerrors import BasePolynomialError
 
 REGION_CHARS = 4000          # the answer is looked for in this many final characters of a response
 MAX_ANSWER_CHARS = 1000      # longer answers are refused (gold: None, prediction: wrong)
 MAX_TOKENS = 400
 MAX_DEPTH = 40               # nesting of brackets / groups in one answer
 MAX_ITEMS = 64               # elements of a tuple, set, list or matrix
-MAX_POW_BITS = 20000         # exact powers larger than this many bits are refused
+MAX_EXACT_BITS = 20000       # exact rationals (powers, products) beyond this many bits are refused
 MAX_MAGNITUDE_BITS = 10**5   # numeric values beyond 2^(10^5) count as "not evaluable here"
 TIME_BUDGET_S = 1.0          # cooperative deadline of one comparison
 N_POINTS = 4                 # sample points for expressions with free symbols
-REL_TOL = 10**-30            # at 50 significant digits, for values computed from exact inputs
+EXACT_POINT_RANGE = (2**16, 2**20)   # integers substituted for the indeterminates of the exact check
+REL_TOL = 10**-30            # mpmath values (50 digits) further apart than this are different; closer proves nothing
+MAX_SYMPY_OPS = 60           # SymPy rewriting is tried only on expressions up to this size ...
+MAX_EXPANDED_TERMS = 2000    # ... whose expansion stays under this many terms
 
 _MP = MPContext()            # private context: fixed precision, never changed, so threads cannot disturb it
 _MP.dps = 50
@@ -657,27 +670,6 @@ def _understand(answer):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. Evaluation and comparison
 # ----------------------------------------------------------------------------------------------------------------
-def _literal(node):
-    """Exact value of a plain number (integer, decimal, fraction of integers, mixed number, a x 10^n), else None."""
-    kind = node[0]
-    if kind == "num":
-        return node[1]
-    if kind == "neg":
-        v = _literal(node[1])
-        return -v if v is not None else None
-    if kind == "div" and node[1][0] in ("num", "neg") and node[2][0] in ("num", "neg"):
-        a, b = _literal(node[1]), _literal(node[2])
-        if a is not None and b and a.denominator == 1 and b.denominator == 1:
-            return a / b
-    if kind == "mul" and len(node[1]) == 2 and node[1][0][0] == "num":
-        p = node[1][1]
-        if p[0] == "pow" and p[1] == ("num", Fraction(10), False):
-            e = _literal(p[2])
-            if e is not None and e.denominator == 1 and abs(e) <= 400:
-                return node[1][0][1] * Fraction(10) ** int(e)
-    return None
-
-
 def _walk(node):
     """All AST / value nodes (tuples starting with a kind string) inside node, without recursion."""
     stack = [node]
@@ -686,14 +678,6 @@ def _walk(node):
         if n and isinstance(n[0], str):
             yield n
         stack.extend(c for c in n if isinstance(c, tuple))
-
-
-def _symbols(node):
-    return {n[1] for n in _walk(node) if n[0] == "sym"}
-
-
-def _has_decimal(node):
-    return any(n[0] == "num" and n[2] and n[1].denominator != 1 for n in _walk(node))
 
 
 def _guard_magnitude(x):
@@ -789,7 +773,7 @@ def _to_sympy(node):
     if kind == "num":
         return sympy.Rational(node[1].numerator, node[1].denominator)
     if kind == "sym":
-        return sympy.Symbol(node[1])
+        return sympy.Symbol(node[1], positive=True)
     if kind == "const":
         return {"pi": sympy.pi, "e": sympy.E, "i": sympy.I, "oo": sympy.oo}[node[1]]
     if kind == "neg":
@@ -804,14 +788,20 @@ def _to_sympy(node):
         b = _to_sympy(node[1])
         e = _to_sympy(node[2]) if kind == "pow" else 1 / (_to_sympy(node[2]) if node[2] is not None else sympy.Integer(2))
         if e.is_Number and b.is_Number:
-            size = max(b.p.bit_length(), b.q.bit_length(), 1) if b.is_Rational else 64
-            bits = abs(float(e)) * size
-            if bits > MAX_POW_BITS or (isinstance(e, sympy.Rational) and e.q > 1000):
+            bits = _power_bits(b.p, b.q, e) if b.is_Rational else 64 * abs(float(e))
+            if bits > MAX_EXACT_BITS or (isinstance(e, sympy.Rational) and e.q > 1000):
                 raise _NotEvaluable("power too large for exact arithmetic")
         elif e.is_Number and abs(e) > 1000:
             raise _NotEvaluable("symbolic power too large")
-        elif not e.is_Number:
-            raise _NotEvaluable("symbolic exponent")
+        elif sympy.count_ops(e) > MAX_SYMPY_OPS:
+            raise _NotEvaluable("oversized exponent")
+        elif not (e.is_Number or e.free_symbols or b.free_symbols):      # a constant power: \\sqrt2^{\\sqrt2}
+            x, y = _mp_eval(node[1], {}), _mp_eval(node[2], {})
+            y = 1 / y if kind == "root" else y
+            if x == 0 or abs(y) * (abs(_MP.log(abs(x), 2)) + 1) > MAX_EXACT_BITS:
+                raise _NotEvaluable("power too large for exact arithmetic")
+        if kind == "root" and (1 / e).is_Integer and (1 / e) % 2 == 1:
+            return sympy.real_root(b, 1 / e)                 # \\sqrt[3]{-8} = -2, as in _mp_eval and _exact
         return b ** e
     if kind == "fn":
         name = {"arcsin": "asin", "arccos": "acos", "arctan": "atan", "ln": "log"}.get(node[1], node[1])
@@ -828,31 +818,71 @@ def _to_sympy(node):
     raise _NotEvaluable(f"unknown node {kind}")
 
 
-def _sympy_is_rational(node):
-    try:
-        return bool(_to_sympy(node).is_Rational)
-    except (_NotEvaluable, TypeError, ValueError, ZeroDivisionError, RecursionError):
-        return False
+_SYMPY_ERRORS = (_NotEvaluable, TypeError, ValueError, ZeroDivisionError, OverflowError, RecursionError,
+                 NotImplementedError, BasePolynomialError)
 
 
-def _sympy_zero(node):
-    """Bounded exact check that an expression is identically zero (fallback when sampling was inconclusive)."""
+def _expansion_terms(e):
+    """Upper bound on the number of terms sympy.expand(e) produces (sums multiply out in products and powers)."""
+    if e.is_Add:
+        return min(sum(_expansion_terms(t) for t in e.args), MAX_EXPANDED_TERMS + 1)
+    if e.is_Mul:
+        total = 1
+        for f in e.args:
+            total = min(total * _expansion_terms(f), MAX_EXPANDED_TERMS + 1)
+        return total
+    if e.is_Pow and e.exp.is_Integer:
+        t, n = _expansion_terms(e.base), abs(int(e.exp))
+        if t == 1 or n == 1:
+            return t
+        return MAX_EXPANDED_TERMS + 1 if n * math.log2(t) > 64 else min(math.comb(n + t - 1, t - 1), MAX_EXPANDED_TERMS + 1)
+    return max([1] + [_expansion_terms(a) for a in e.args if isinstance(a, sympy.Expr)])
+
+
+def _sympy_zero(node, ctx):
+    """True when exact SymPy rewriting turns the expression into 0: its automatic evaluation, then, for a bounded
+    expression, expand (after rewriting trigonometric and hyperbolic functions with exp), cancel, expand_log,
+    radsimp and sqrtdenest. No numerical step: False means "not shown to be zero"."""
     try:
         e = _to_sympy(node)
-        if sympy.count_ops(e) > 60:
+        if e == 0:
+            return True
+        if sympy.count_ops(e) > MAX_SYMPY_OPS:
             return False
-        return sympy.cancel(sympy.expand(e)) == 0
-    except (_NotEvaluable, TypeError, ValueError, ZeroDivisionError, RecursionError, sympy.PolynomialError):
+        forms = [e]
+        if e.has(TrigonometricFunction, HyperbolicFunction, sympy.exp) or any(
+                not p.exp.is_Number for p in e.atoms(sympy.Pow)):
+            forms.append(e.rewrite(sympy.exp))
+        if e.has(sympy.exp):
+            forms.append(e.rewrite(sympy.cos))
+        for form in forms:
+            ctx.tick()
+            if _expansion_terms(form) > MAX_EXPANDED_TERMS:
+                continue
+            x = sympy.expand(form)
+            for step in (sympy.cancel, sympy.expand_log, sympy.radsimp, sympy.sqrtdenest):
+                if x == 0:
+                    return True
+                ctx.tick()
+                x = sympy.expand(step(x))
+                if _expansion_terms(x) > MAX_EXPANDED_TERMS:
+                    break
+            if x == 0:
+                return True
+        return False
+    except _SYMPY_ERRORS:
         return False
 
 
-def _sympy_nonzero_number(node):
-    """True when SymPy's automatic evaluation turns the expression into a non-zero number (a tiny exact offset
-    that the 50-digit comparison cannot see); False when it cannot tell or the expression is too large."""
+def _sympy_constant_ratio(dg, dp):
+    """True when SymPy shows dp / dg is a non-zero constant (two equations that are multiples of each other)."""
     try:
-        e = _to_sympy(node)
-        return bool(e.is_Number and e.is_finite and e != 0)
-    except (_NotEvaluable, TypeError, ValueError, ZeroDivisionError, RecursionError):
+        a, b = _to_sympy(dg), _to_sympy(dp)
+        if sympy.count_ops(a) + sympy.count_ops(b) > MAX_SYMPY_OPS or a == 0:
+            return False
+        q = sympy.cancel(sympy.expand(b / a))
+        return not q.free_symbols and q.is_zero is False and q.is_finite is True
+    except _SYMPY_ERRORS:
         return False
 
 
@@ -863,15 +893,124 @@ def _close(a, b):
     return d <= REL_TOL * max(abs(a), abs(b)) or d <= REL_TOL ** 1.3
 
 
-class _Context:
-    """Per-call state: the sample points of the free symbols, memoised values, the deadline."""
+def _iroot(n, k):
+    """The integer k-th root of the integer n >= 0 when n is a perfect k-th power, else None (Newton from above)."""
+    if n < 2:
+        return n
+    x = 1 << -(-n.bit_length() // k)
+    while True:
+        y = ((k - 1) * x + n // x ** (k - 1)) // k
+        if y >= x:
+            return x if x ** k == n else None
+        x = y
 
-    def __init__(self, symbols, deadline):
+
+def _power_bits(num, den, e):
+    """Bits of (num / den) ** e, for integers num, den > 0 and a number e."""
+    return abs(float(e)) * max(math.log2(abs(num)) if num else 0.0, math.log2(den))
+
+
+def _bounded(v):
+    if max(v.numerator.bit_length(), v.denominator.bit_length()) > MAX_EXACT_BITS:
+        raise _NotEvaluable(f"exact value beyond {MAX_EXACT_BITS} bits")
+    return v
+
+
+def _exact_pow(b, e, depends):
+    """b ** e as an exact rational: integer e, or e = p/q with b >= 0 a perfect q-th power."""
+    if e.denominator == 1:
+        if b == 0 and e < 0:
+            raise ZeroDivisionError("0 to a negative power")
+        if _power_bits(b.numerator, b.denominator, e) > MAX_EXACT_BITS:
+            raise _NotEvaluable("power too large for exact arithmetic")
+        return b ** int(e)
+    q = e.denominator
+    if depends or q > 1000 or b < 0:
+        raise _NotEvaluable("not a rational power")
+    num, den = _iroot(b.numerator, q), _iroot(b.denominator, q)
+    if num is None or den is None:
+        raise _NotEvaluable("irrational root")
+    return _exact_pow(Fraction(num, den), Fraction(e.numerator), False)
+
+
+def _exact(node, env):
+    """(value, depends): the exact rational value of an AST, when it has one that is cheap to compute.
+
+    env gives a rational for every symbol and for pi and e, which then act as indeterminates (depends is True when
+    the value used one). Roots, fractional powers, exponents, factorials, |.|, floor and ceil only take arguments
+    that do not depend, so a value that depends is a rational function of the indeterminates with rational
+    coefficients. Raises _NotEvaluable for anything else (functions, i, infinity, irrational roots, values beyond
+    MAX_EXACT_BITS) and ZeroDivisionError for a division by zero.
+    """
+    kind = node[0]
+    if kind == "num":
+        return node[1], False
+    if kind in ("sym", "const"):
+        if node in env:
+            return env[node], True
+        raise _NotEvaluable(f"no exact value for {node[1]}")
+    if kind == "neg":
+        v, d = _exact(node[1], env)
+        return -v, d
+    if kind in ("add", "mul"):
+        total, depends = Fraction(kind == "mul"), False
+        for t in node[1]:
+            v, d = _exact(t, env)
+            total = _bounded(total + v if kind == "add" else total * v)
+            depends |= d
+        return total, depends
+    if kind == "div":
+        (a, da), (b, db) = _exact(node[1], env), _exact(node[2], env)
+        if b == 0:
+            raise ZeroDivisionError("division by zero")
+        return _bounded(a / b), da or db
+    if kind == "pow":
+        b, d = _exact(node[1], env)
+        return _exact_pow(b, _exact_constant(node[2], env), d), d
+    if kind == "root":
+        x, d = _exact(node[1], env)
+        n = Fraction(2) if node[2] is None else _exact_constant(node[2], env)
+        if n.denominator != 1 or not 0 < n <= 1000:
+            raise _NotEvaluable("root index not an integer in 1..1000")
+        if x < 0 and n % 2 == 1:
+            return -_exact_pow(-x, 1 / n, d), d            # the real odd root, as in _mp_eval: \\sqrt[3]{-8} = -2
+        return _exact_pow(x, 1 / n, d), d
+    if kind in ("fact", "binom"):
+        args = [_exact_constant(a, env) for a in node[1:]]
+        if not all(a.denominator == 1 and 0 <= a <= 1000 for a in args):
+            raise _NotEvaluable("factorial argument outside 0..1000")
+        return Fraction(math.factorial(int(args[0])) if kind == "fact" else math.comb(*map(int, args))), False
+    if kind in ("abs", "floor", "ceil"):
+        x = _exact_constant(node[1], env)
+        return Fraction({"abs": abs, "floor": math.floor, "ceil": math.ceil}[kind](x)), False
+    raise _NotEvaluable(f"no exact value for {kind}")
+
+
+def _exact_constant(node, env):
+    v, depends = _exact(node, env)
+    if depends:
+        raise _NotEvaluable("argument depends on a variable")
+    return v
+
+
+def _indeterminates(value):
+    """The symbol nodes of a parsed value, and its pi and e (indeterminates of the exact evaluation)."""
+    return {n for n in _walk(value) if n[0] == "sym" or n[:2] in (("const", "pi"), ("const", "e"))}
+
+
+class _Context:
+    """Per-call state: the sample points (mpmath points of the free symbols; exact points of the indeterminates),
+    memoised values, the deadline."""
+
+    def __init__(self, indeterminates, deadline):
         self.deadline = deadline
-        names = sorted(symbols)
+        nodes = sorted(indeterminates)
+        names = sorted({n[1] for n in nodes if n[0] == "sym"})
         rng = random.Random(20240607)
-        n_points = N_POINTS if names else 1
-        self.points = [{s: _MP.mpc(_MP.mpf(rng.uniform(0.3, 2.3))) for s in names} for _ in range(n_points)]
+        self.points = [{s: _MP.mpc(_MP.mpf(rng.uniform(0.3, 2.3))) for s in names}
+                       for _ in range(N_POINTS if names else 1)]
+        self.exact_points = [{n: Fraction(rng.randrange(*EXACT_POINT_RANGE)) for n in nodes}
+                             for _ in range(N_POINTS if nodes else 1)]
         self.memo = {}
 
     def tick(self):
@@ -879,7 +1018,8 @@ class _Context:
             raise _Timeout()
 
     def values(self, node):
-        key = id(node)
+        """mpmath values of node at the sample points (None where it cannot be evaluated)."""
+        key = ("mp", id(node))
         if key not in self.memo:
             self.tick()
             vals = []
@@ -891,45 +1031,74 @@ class _Context:
             self.memo[key] = (node, vals)
         return self.memo[key][1]
 
+    def exact(self, node):
+        """(exact values at the exact points, None where node divides by zero; whether node depends on an
+        indeterminate), or None when node has no exact rational evaluation."""
+        key = ("exact", id(node))
+        if key not in self.memo:
+            self.tick()
+            vals, depends = [], False
+            try:
+                for env in self.exact_points:
+                    try:
+                        v, d = _exact(node, env)
+                    except ZeroDivisionError:
+                        vals.append(None)
+                        continue
+                    vals.append(v)
+                    depends |= d
+                result = vals, depends
+            except (_NotEvaluable, ValueError, OverflowError, RecursionError):
+                result = None
+            self.memo[key] = (node, result)
+        return self.memo[key][1]
+
+
+def _exact_verdict(g, p, ctx):
+    """True / False when exact rational evaluation decides g == p, None when it does not apply.
+
+    Without indeterminates one evaluation decides. With them, the values at random integer points decide: two
+    different rational functions agree at a random point of a range of size R with probability at most degree / R
+    (Schwartz-Zippel), and pi and e, being transcendental, cannot make two different rational functions of them
+    equal.
+    """
+    eg, ep = ctx.exact(g), ctx.exact(p)
+    if eg is None or ep is None:
+        return None
+    pairs = [(a, b) for a, b in zip(eg[0], ep[0]) if a is not None and b is not None]
+    if any(a != b for a, b in pairs):
+        return False
+    needed = N_POINTS - 1 if eg[1] or ep[1] else 1
+    return True if len(pairs) >= needed else None
+
 
 def _scalar_same(g, p, ctx):
-    lit = _literal(g)
-    if lit is not None:                             # plain-number gold: plain-number prediction, exact comparison
-        return _literal(p) == lit
-    if _has_decimal(p) and not _has_decimal(g) and not _symbols(g) and not _sympy_is_rational(g):
-        return False                                # decimal approximation of an irrational gold
-    vg, vp = ctx.values(g), ctx.values(p)
-    usable = 0
-    for a, b in zip(vg, vp):
-        if (a is None) != (b is None):
+    """Two scalar ASTs are equal only when shown exactly: identical ASTs, exact rational evaluation, or SymPy
+    rewriting to 0. mpmath values at 50 digits only reject (a clear difference); a check that cannot decide
+    (too large, too slow) answers False."""
+    if g == p:
+        return True
+    verdict = _exact_verdict(g, p, ctx)
+    if verdict is not None:
+        return verdict
+    for a, b in zip(ctx.values(g), ctx.values(p)):
+        if (a is None) != (b is None) or a is not None and not _close(a, b):
             return False
-        if a is not None:
-            if not _close(a, b):
-                return False
-            usable += 1
-    if usable >= min(3, len(vg)):
-        return not _sympy_nonzero_number(("add", (g, ("neg", p))))   # sqrt(3) vs sqrt(3) + 10^-40
-    return _sympy_zero(("add", (g, ("neg", p))))
+    return _sympy_zero(("add", (g, ("neg", p))), ctx)
 
 
 def _equation_same(g, p, ctx):
-    """lhs - rhs of the prediction is a non-zero constant multiple of the gold's (2x+y=3 vs 4x+2y=6)."""
+    """lhs - rhs of the prediction is a non-zero constant multiple of the gold's (2x+y=3 vs 4x+2y=6), shown exactly:
+    the factor is read at an exact point and the scaled difference checked by _scalar_same, else SymPy's cancel."""
     dg = ("add", (g[1], ("neg", g[2])))
     dp = ("add", (p[1], ("neg", p[2])))
-    ratio = None
-    for a, b in zip(ctx.values(dg), ctx.values(dp)):
-        if a is None or b is None:
-            return False
-        if abs(a) <= REL_TOL and abs(b) <= REL_TOL:
-            continue
-        if abs(a) <= REL_TOL or abs(b) <= REL_TOL:
-            return False
-        r = b / a
-        if ratio is None:
-            ratio = r
-        elif not _close(r, ratio):
-            return False
-    return ratio is not None or _scalar_same(dg, dp, ctx)
+    eg, ep = ctx.exact(dg), ctx.exact(dp)
+    if eg is None or ep is None:
+        return _sympy_constant_ratio(dg, dp)
+    for a, b in zip(eg[0], ep[0]):
+        if a is not None and b is not None and a != 0:
+            return b != 0 and _scalar_same(("mul", (("num", b / a, False), dg)), dp, ctx)
+    return False
 
 
 def _unordered_same(gs, ps, ctx):
@@ -990,14 +1159,6 @@ def _same(g, p, ctx):
     return False
 
 
-def _value_symbols(v):
-    out = set()
-    for x in _walk(v):
-        if x[0] == "sym":
-            out.add(x[1])
-    return out
-
-
 def _gold_value(gold):
     """Parsed gold value, or None when the gold cannot be understood."""
     if isinstance(gold, bool) or not isinstance(gold, (str, int, float, Fraction)):
@@ -1044,7 +1205,7 @@ def _check_unguarded(gold, pred):
         return p[2] is not None and p[2] == g[2], False
     if p[1] is None:
         return False, False
-    ctx = _Context(_value_symbols(g[1]) | _value_symbols(p[1]), time.perf_counter() + TIME_BUDGET_S)
+    ctx = _Context(_indeterminates(g[1]) | _indeterminates(p[1]), time.perf_counter() + TIME_BUDGET_S)
     try:
         return bool(_same(g[1], p[1], ctx)), False
     except _Timeout:
@@ -1056,7 +1217,8 @@ def _check_unguarded(gold, pred):
 def is_equivalent(gold, pred):
     """True / False whether the predicted answer `pred` equals `gold`; None when the gold cannot be understood.
 
-    Gold first (not symmetric: the gold decides the type, e.g. a plain-number gold needs a plain-number prediction).
+    Gold first (not symmetric: the gold decides the structure, e.g. a parenthesised tuple gold is ordered while a
+    bare list gold is not, and only an unreadable gold gives None).
     Both are answer strings (a \\boxed{...} wrapper or $...$ is removed); gold may also be an int or float.
     """
     return _check(gold, pred)[0]
