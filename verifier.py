@@ -10,7 +10,8 @@ Pipeline
   1. extract_answer: last \\boxed{...} / \\fbox{...} (nested braces, `\\boxed 5`) in the final region of the
      response, else the last "The (final) answer is ...", "Answer: ...", "#### ..." line. No fallback to "the last
      number in the text" (that number is often the problem's own).
-  2. _normalize: string clean-up (\\left/\\right, spacing, \\dfrac, thousands separators, degrees, %, $, \\text units,
+  2. _normalize: Unicode mathematics to LaTeX (½, −, ×, ÷, √, π, x², full-width digits, zero-width and thin spaces),
+     then string clean-up (\\left/\\right, spacing, \\dfrac, thousands separators, degrees, %, $, \\text units,
      "x =" / "x \\in" prefixes, base subscripts 204_5).
   3. _parse_value: structure (words, choice letters, tuples / intervals with their brackets, sets, bare lists,
      \\pm pairs, unions, pmatrix / bmatrix, equations), then a small recursive-descent parser over a whitelist of
@@ -43,6 +44,7 @@ import math
 import random
 import re
 import time
+import unicodedata
 from fractions import Fraction
 from functools import lru_cache
 from typing import NamedTuple
@@ -161,8 +163,20 @@ def extract_answer(response):
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Normalisation (strings)
 # ----------------------------------------------------------------------------------------------------------------
-_UNICODE = {"\u2212": "-", "\u00d7": r"\times ", "\u00b7": r"\cdot ", "\u00f7": r"\div ", "\u03c0": r"\pi ",
-            "\u221a": r"\sqrt", "\u221e": r"\infty ", "\u00b0": "", "\u2013": "-", "\u00a0": " "}
+_INVISIBLE_RE = re.compile("[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]")       # soft hyphen, zero-width marks, BOM
+_DIGIT_GROUP_RE = re.compile("(?<=\\d)[\u00a0\u2009\u202f](?=\\d{3}(?!\\d))")   # 1 000 000 with thin spaces
+_VULGAR_RE = re.compile("[¼½¾⅐⅑⅒⅓⅔⅕⅖⅗⅘⅙⅚⅛⅜⅝⅞↉]")
+_SUPERSCRIPT_RE = re.compile("[⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿⁱ]+")
+_SUBSCRIPT_RE = re.compile("[₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎]+")
+_SCRIPT_DIGITS = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻⁼⁽⁾ⁿⁱ₀₁₂₃₄₅₆₇₈₉₊₋₌₍₎", "0123456789+-=()ni0123456789+-=()")
+_RADICAL_RE = re.compile(r"([√∛∜])\s*(\d+(?:\.\d+)?)?")
+_UNICODE = {"−": "-", "–": "-", "‐": "-", "‑": "-", "‒": "-", "×": r"\times ", "·": r"\cdot ", "⋅": r"\cdot ",
+            "∙": r"\cdot ", "÷": r"\div ", "∗": "*", "∕": "/", "⁄": "/", "∣": "|", "π": r"\pi ", "∞": r"\infty ",
+            "°": "", "±": r"\pm ", "∓": r"\mp ", "∪": r"\cup ", "∅": r"\emptyset ", "∈": r"\in "}
+_UNICODE.update((c, "\\" + name + " ") for c, name in zip(
+    "αβγδεζηθικλμνξρστυφχψωΓΔΘΛΞΣΦΨΩ", "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi rho "
+    "sigma tau upsilon phi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega".split()))
+_UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|texttt|textsf|mbox|mathrm|mathbf|mathit|"
                           r"mathsf|mathtt|mathnormal|operatorname)\s*\{")
 _POWER_TAIL_RE = re.compile(r"\s*\^\s*(?:\{[^{}]*\}|-?\d)")
@@ -199,15 +213,28 @@ def _strip_text_commands(s):
     return s, text_only
 
 
+def _from_unicode(s):
+    """Unicode mathematics as the LaTeX the parser reads: ½ -> \\frac{1}{2}, x² -> x^{2}, 204₅ -> 204_{5}, √12 ->
+    \\sqrt{12}, − × ÷ · ± π ∞ and Greek letters -> their commands; zero-width characters removed; compatibility forms
+    (full-width digits, non-breaking and thin spaces, mathematical italic letters) folded by NFKC."""
+    s = _INVISIBLE_RE.sub("", s)
+    s = _DIGIT_GROUP_RE.sub("", s)
+    s = _VULGAR_RE.sub(lambda m: r"\frac{%s}{%s}" % tuple(unicodedata.normalize("NFKC", m.group()).split("⁄")), s)
+    s = _SUPERSCRIPT_RE.sub(lambda m: "^{" + m.group().translate(_SCRIPT_DIGITS) + "}", s)
+    s = _SUBSCRIPT_RE.sub(lambda m: "_{" + m.group().translate(_SCRIPT_DIGITS) + "}", s)
+    s = unicodedata.normalize("NFKC", s)
+    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group()], s)
+    return _RADICAL_RE.sub(lambda m: r"\sqrt" + {"√": "", "∛": "[3]", "∜": "[4]"}[m.group(1)]
+                           + ("{" + m.group(2) + "}" if m.group(2) else ""), s)
+
+
 def _normalize(s):
     """Clean one answer string (see the module docstring); returns (string, text_only). Raises _Unparseable."""
-    s = s.strip()
-    if not s:
-        raise _Unparseable("empty answer")
     if len(s) > MAX_ANSWER_CHARS:
         raise _Unparseable(f"answer longer than {MAX_ANSWER_CHARS} characters")
-    for k, v in _UNICODE.items():
-        s = s.replace(k, v)
+    s = _from_unicode(s).strip()
+    if not s:
+        raise _Unparseable("empty answer")
     for _ in range(5):                                        # outer wrappers
         s = s.strip().strip("$").strip()
         m = _BOX_RE.match(s)

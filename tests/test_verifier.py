@@ -310,6 +310,24 @@ def test_plain_number_gold_against_exact_closed_forms(gold, pred, expected):
     assert is_equivalent(gold, pred) is expected
 
 
+UNICODE = [
+    ("5", "5\u200b", True), ("5", "\ufeff5\u2060", True), ("0.5", "\u00bd", True), ("1.5", "1\u00bd", True),
+    (r"\frac{3}{4}", "\u00be", True), (r"\frac{2}{3}", "\u2154", True), ("-3", "\u22123", True), ("6", "2\u00d73", True),
+    ("2", "6\u00f73", True), (r"\sqrt{2}", "\u221a2", True), (r"2\sqrt{3}", "\u221a12", True), (r"\sqrt{x+1}", "\u221a(x+1)", True),
+    ("2", "\u221b8", True), (r"2\pi", "2\u03c0", True), ("x^2+1", "x\u00b2+1", True), ("10^{-3}", "10\u207b\u00b3", True),
+    ("x = 5", "x\u00a0=\u20095", True), ("1000", "1\u2009000", True), ("12", "\uff11\uff12", True), (r"\theta", "\u03b8", True),
+    (r"\infty", "\u221e", True), (r"3 \pm 2", "3\u00b12", True), ("204_5", "204\u2085", True), ("x", "\U0001d465", True),
+    ("0.5", "\u2153", False), ("x^2", "x2", False), ("-3", "\u22124", False), ("12", "1\u00b2", False),
+]
+
+
+@pytest.mark.parametrize("gold, pred, expected", UNICODE)
+def test_unicode_math_characters(gold, pred, expected):
+    assert is_equivalent(gold, pred) is expected
+    if expected:                                                      # a Unicode gold is understood too
+        assert is_equivalent(pred, gold) is True and is_equivalent(pred, pred) is True
+
+
 def _random_expr(rng, depth=0):
     """A random, mostly well-formed LaTeX expression (exercises the parser and evaluator, not only rejections)."""
     if depth > 4 or rng.random() < 0.3:
