@@ -192,7 +192,8 @@ def bench_losses(device, B=64, T=4096, repeats=15):
         if name in same_ppo:
             fns.append(lambda: step("grpo", **same_ppo[name]))
         t, base, *ref = best_times(fns, device, repeats)
-        label = name + "".join(f" {k}={v}" for k, v in kw.items() if k not in ("generator", "entropy_threshold"))
+        shown = {k: v for k, v in kw.items() if k not in ("generator", "entropy_threshold")}
+        label = name + "".join(f" {k}={v}" for k, v in shown.items())
         label += " (tau given)" if "entropy_threshold" in kw else ""
         line = f"  {label:28s} {t * 1e3:8.2f} ms  grpo {base * 1e3:6.2f} ms  ratio {t / base:5.2f}"
         if ref:
@@ -213,7 +214,8 @@ def main():
     p.add_argument("--only", choices=["memory", "throughput", "losses", "scripts"], help="run one measurement")
     p.add_argument("--quick", action="store_true",
                    help="bounded run: smaller memory shapes, fewer repeats, no scripts (see the docstring)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's; 1 is steadier on a busy machine)")
     args = p.parse_args()
     if args.threads is not None:
         if args.threads < 1:

@@ -35,10 +35,10 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
     archer_loss        Archer arXiv 2507.15778 v2 sec. 4.1: eqs. 2-5 (per-response entropy quantile,
                        token-conditioned clip range and KL coefficient, joint objective)
   The interventions STEER and OPEFO compare against (same contract, in LOSSES):
-    entropy_bonus_loss     loss - alpha H with H's gradient (token_logprobs_entropy); alpha 0.001 (verl's former)
+    entropy_bonus_loss     loss - alpha H with H's gradient (token_logprobs_entropy); alpha 0.001 (verl)
     adaptive_entropy_loss  Skywork-OR1 arXiv 2505.22312: the bonus with alpha from entropy_control_step
-    clip_cov_loss          Cui et al. arXiv 2505.22617 sec. 4.2: no gradient for a random 2e-4 of Cov in (1, 5)
-    kl_cov_loss            Cui et al. sec. 4.2: + |log pi - log pi_old| on the top 2e-3 (a fraction) by Cov
+    clip_cov_loss          Cui et al. arXiv 2505.22617, Clip-Cov: no gradient for a random 2e-4 of Cov in (1, 5)
+    kl_cov_loss            Cui et al., KL-Cov: + |log pi - log pi_old| on the top 2e-3 (a fraction) by Cov
     forking_loss           Wang et al. arXiv 2506.01939: gradient only on the batch's top 20% entropy tokens
     entropy_adv_loss       Cheng et al. arXiv 2506.14758: A' = A + min(0.4 H, |A| / 2)
     w_reinforce_loss       Zhu et al. arXiv 2506.01347: positive-sample terms weighted 0.1
@@ -499,8 +499,9 @@ def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
 
 def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, **tensors):
     """The common start of the PPO-clip losses: checks, cleaned (B, T) inputs (masked positions set to 0,
-    see _batch), masks (valid, float, count), advantages (B, 1) or (B, T), and the per-token clipped surrogate with
-    its ratio. tensors: further (B, T) inputs (entropy, exact_term, ...) to check and clean, returned as a list.
+    see _batch), masks (valid, float, count), advantages (B, 1) or (B, T), and the per-token clipped
+    surrogate with its ratio. tensors: further (B, T) inputs (entropy, exact_term, ...) to check and clean,
+    returned as a list.
     """
     _check_clip(clip_low, clip_high, dual_clip)
     valid, mf, count, adv, (logp, old_logp, *rest) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
@@ -648,7 +649,8 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     """
     _check_tensor("entropy", entropy)
     mask, mf, count, adv, per_token, ratio, logp, (entropy, exact_term) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy, exact_term=exact_term)
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+        exact_term=exact_term)
     omega_est = (ratio.detach() * -adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
     lam = steer_weights(omega_est, mf, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
                         mode=mode, omega_max=omega_max)
@@ -803,7 +805,7 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     return loss, _to_floats(metrics)
 
 
-# ---------------------------------------------------------------------- entropy interventions (STEER's baselines)
+# ------------------------------------------------------------ entropy interventions (STEER's baselines)
 def entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, *, alpha=0.001, clip_low=0.2,
                        clip_high=0.2, dual_clip=None, agg="token-mean", entropy=None, num_tokens=None,
                        num_seqs=None, norm_length=None):
@@ -868,12 +870,12 @@ def entropy_control_step(state, entropy):
     coef = state["coef"]
     alpha = coef if e <= state["target"] else 0.0
     step = state["delta"] if e < state["target"] else -state["delta"] if e > state["target"] else 0.0
-    new = dict(state, coef=min(max(coef + step, state["coef_min"]), state["coef_max"]), steps=state["steps"] + 1)
-    return alpha, new
+    coef = min(max(coef + step, state["coef_min"]), state["coef_max"])
+    return alpha, dict(state, coef=coef, steps=state["steps"] + 1)
 
 
 def token_covariance(logp, advantages, mask, cov_means=None):
-    """Cui et al. (arXiv 2505.22617, sec. 4, Clip-Cov / KL-Cov): the per-token centred product (B, T), detached,
+    """Cui et al. (arXiv 2505.22617, Clip-Cov / KL-Cov): the per-token centred product (B, T), detached,
         Cov_t = (log pi_t - mean log pi) (A_t - mean A),
     means over the valid tokens (token-weighted). cov_means: (mean log pi, mean A) of the whole batch (as
     batch_statistics gives them), so that micro-batches use the batch's centring; default: this call's.
@@ -936,7 +938,7 @@ def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_
                   clip_low=0.2, clip_high=0.2, dual_clip=None, cov_means=None, cov_selected=None,
                   generator=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
                   norm_length=None):
-    """Clip-Cov (Cui et al., arXiv 2505.22617, sec. 4.2): the PPO-clip loss with the gradient of a few
+    """Clip-Cov (Cui et al., arXiv 2505.22617): the PPO-clip loss with the gradient of a few
     high-covariance tokens removed.
 
     A random fraction r = clip_cov_ratio = 2e-4 of the valid tokens (a fraction, not a percent; the paper's
@@ -980,15 +982,16 @@ def kl_cov_threshold(cov, mask, kl_cov_ratio=2e-3):
 def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=1.0, cov_means=None,
                 cov_threshold=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
                 norm_length=None):
-    """KL-Cov (Cui et al., arXiv 2505.22617, sec. 4.2): policy gradient with a KL penalty on the top-k
+    """KL-Cov (Cui et al., arXiv 2505.22617): policy gradient with a KL penalty on the top-k
     covariance tokens.
 
     per token: -A r  +  kl_coef |log pi - log pi_old|  on the tokens with Cov >= the k-th largest Cov,
     k = max(1, int(kl_cov_ratio * n)); -A r elsewhere (r = pi / pi_old, log-ratio clamped to +-20, no
-    clip, as in the paper's eq. and both codes). kl_coef = beta = 1.
-    Units: kl_cov_ratio is a FRACTION. Default 2e-3, the paper's Qwen2.5-7B setting; the released scripts
-    pass it as a percent (k_percent=0.2 for 7B, 0.02 for 32B, divided by 100 in the code), while verl's
-    kl_cov_ratio is a fraction with default 2e-4 (the 32B setting): a factor 10 apart at 7B.
+    clip, as in the paper's objective and both codes). kl_coef = beta = 1.
+    Units: kl_cov_ratio is a FRACTION. Default 2e-3: the authors' released Qwen2.5-7B script passes
+    k_percent=0.2, a percent (their code divides by 100), i.e. 0.2% = 2e-3 (0.02 for 32B = 2e-4). verl's
+    port names it kl_cov_ratio, a fraction, with default 2e-4, the 32B value: ten times fewer tokens than
+    the 7B setting, the percent/fraction trap.
     cov_means, cov_threshold: the whole batch's centring and cut (batch_statistics("kl_cov", ...)), so
     micro-batches select exactly the batch's tokens; default: this call's (verl, per micro-batch). Tokens
     tied at the cut are all selected, and only tokens with Cov > 0 are (verl's top-k takes k tokens even
@@ -1045,7 +1048,7 @@ def forking_threshold(entropy, mask, top_frac=0.2):
 def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, entropy_threshold=None,
                  clip_low=0.2, clip_high=0.28, dual_clip=None, agg="token-mean", num_tokens=None,
                  num_seqs=None, norm_length=None):
-    """Forking tokens, the 80/20 rule (Wang et al., arXiv 2506.01939, sec. 5): the policy gradient only on
+    """Forking tokens, the 80/20 rule (Wang et al., arXiv 2506.01939): the policy gradient only on
     the top 20% highest-entropy tokens of the batch.
 
     per token: 1[H >= tau] * DAPO's PPO-clip term (clip 0.2 / 0.28, token-mean), with tau the
@@ -1071,11 +1074,11 @@ def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, ent
 def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, kappa=2.0, clip_low=0.2,
                      clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
                      norm_length=None):
-    """Entropy-based advantage (Cheng et al., arXiv 2506.14758, sec. 3): PPO-clip on the shaped advantage
+    """Entropy-based advantage (Cheng et al., arXiv 2506.14758): PPO-clip on the shaped advantage
         A' = A + min(alpha * H.detach(), |A| / kappa),     alpha = 0.4, kappa = 2.
-    The |A| / kappa cap keeps the bonus from flipping the sign of A (and gives 0 where A = 0). H: the
-    `entropy` argument (the behaviour policy's; the paper's current-policy H, detached, is the same on the
-    first update). PPO settings default to grpo_loss's. alpha >= 0, kappa > 0.
+    For kappa > 1 the |A| / kappa cap keeps the bonus from flipping the sign of A (and gives 0 where A = 0).
+    H: the `entropy` argument (the behaviour policy's; the paper's current-policy H, detached, is the same
+    on the first update). PPO settings default to grpo_loss's. alpha >= 0, kappa > 0.
     Metrics: grpo_loss's plus adv_bonus (mean of the added term) and adv_bonus_capped (share of valid tokens
     where |A| / kappa binds).
     """
@@ -1086,7 +1089,7 @@ def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, ka
     mask, mf, count, adv, (logp, old_logp, entropy) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
                                                              entropy=entropy)
     bonus_h, cap = alpha * entropy.detach().to(adv.dtype), adv.abs() / kappa
-    shaped = adv + torch.minimum(bonus_h, cap)                                     # Cheng et al. eq. (psi)
+    shaped = adv + torch.minimum(bonus_h, cap)                                     # Cheng et al.'s psi(H)
     per_token, ratio = ppo_clip_loss(logp, old_logp, shaped, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip)
     loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
@@ -1099,7 +1102,7 @@ def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, ka
 def w_reinforce_loss(logp, old_logp, advantages, mask, *, positive_weight=0.1, clip_low=0.2, clip_high=0.2,
                      dual_clip=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
                      norm_length=None):
-    """W-REINFORCE (Zhu et al., arXiv 2506.01347, sec. 5): L = lambda L_PSR + L_NSR, lambda = 0.1.
+    """W-REINFORCE (Zhu et al., arXiv 2506.01347): L = lambda L_PSR + L_NSR, lambda = 0.1.
 
     The terms of positive samples (A > 0: positive sample reinforcement) are weighted positive_weight =
     lambda; negative samples (A < 0) keep weight 1. The paper states it for REINFORCE with rewards +1 / -1
@@ -1155,7 +1158,8 @@ def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, m
     masks = {"pos_likely": (adv > 0) & likely, "pos_unlikely": (adv > 0) & ~likely,
              "neg_likely": (adv < 0) & likely, "neg_unlikely": (adv < 0) & ~likely, "zero_adv": adv == 0,
              "total": torch.ones_like(valid)}
-    sums = {f"{q}_{k}": torch.where(sel & valid, v, 0.0).sum() for q, sel in masks.items() for k, v in parts.items()}
+    sums = {f"{q}_{k}": torch.where(sel & valid, v, 0.0).sum()
+            for q, sel in masks.items() for k, v in parts.items()}
     return _to_floats(sums)
 
 
@@ -1213,7 +1217,8 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
     return out
 
 
-_STATISTICS_NEED = {"steer": ("advantages", "old_logp", "entropy"), "opefo": ("advantages", "old_logp", "entropy"),
+_STATISTICS_NEED = {"steer": ("advantages", "old_logp", "entropy"),
+                    "opefo": ("advantages", "old_logp", "entropy"),
                     "clip_cov": ("advantages", "old_logp"), "kl_cov": ("advantages", "old_logp"),
                     "forking": ("entropy",)}
 

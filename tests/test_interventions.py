@@ -186,7 +186,8 @@ def test_clip_cov_selects_the_right_count_among_eligible_tokens():
         assert sel.sum() == 1                                             # max(1, int(0.3 * 5)) = 1
         picks.add(int(sel[0].nonzero()))
     assert picks == {0, 1}                                                # only Cov in (1, 5), both drawn
-    sel = losses.clip_cov_select(logp, adv, mask, clip_cov_ratio=0.4, generator=torch.Generator().manual_seed(0))
+    sel = losses.clip_cov_select(logp, adv, mask, clip_cov_ratio=0.4,
+                                 generator=torch.Generator().manual_seed(0))
     assert sel.sum() == 2 and sel[0, :2].all()                            # int(0.4 * 5) = 2: both eligible
     # a token already clipped by PPO (A > 0, r = 1.5 > 1.2) is not eligible
     sel = losses.clip_cov_select(logp, adv, mask, old_logp=logp - torch.tensor([[math.log(1.5), 0, 0, 0, 0]]),
@@ -213,7 +214,8 @@ def test_clip_cov_in_call_choice_matches_the_precomputed_one():
     logp, adv, mask = clip_cov_case()
     own, _ = losses.clip_cov_loss(logp, logp, adv, mask, clip_cov_ratio=0.3,
                                   generator=torch.Generator().manual_seed(3))
-    sel = losses.clip_cov_select(logp, adv, mask, clip_cov_ratio=0.3, generator=torch.Generator().manual_seed(3))
+    sel = losses.clip_cov_select(logp, adv, mask, clip_cov_ratio=0.3,
+                                 generator=torch.Generator().manual_seed(3))
     given, _ = losses.clip_cov_loss(logp, logp, adv, mask, cov_selected=sel)
     assert own.item() == given.item()
 
@@ -277,7 +279,8 @@ def test_forking_hand_values_and_gradient():
     logp = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
     tau = losses.forking_threshold(ent, mask)
-    assert tau.item() == pytest.approx(torch.quantile(ent.flatten(), 0.8).item()) and tau.item() == pytest.approx(0.66)
+    assert tau.item() == pytest.approx(torch.quantile(ent.flatten(), 0.8).item())
+    assert tau.item() == pytest.approx(0.66)
     loss, m = losses.forking_loss(logp, logp.detach(), adv, mask, ent)
     assert loss.item() == pytest.approx((-1.0 + 2.0) / 8)                 # r = 1: -A on the 2 kept tokens / 8
     assert m["forking_frac"] == pytest.approx(0.25) and m["entropy_threshold"] == pytest.approx(0.66)
@@ -360,7 +363,8 @@ def test_gradient_equals_finite_differences(name):
     b = batch(B=2, T=3, seed=10)
     b["mask"] = torch.ones(2, 3)
     b["mask"][1, 2] = 0
-    stats = {"cov_selected": torch.tensor([[True, False, False], [False, False, False]])} if name == "clip_cov" else {}
+    chosen = torch.tensor([[True, False, False], [False, False, False]])
+    stats = {"cov_selected": chosen} if name == "clip_cov" else {}
     logp = b["logp"].clone().requires_grad_(True)
     loss, _ = run(name, dict(b, logp=logp), **stats)
     (g,) = torch.autograd.grad(loss, logp)
@@ -416,7 +420,8 @@ def test_quadrant_assignment_hand_cases():
     assert q["neg_unlikely_exact"] == pytest.approx(3.0 * g_unlikely)    # down
     assert q["pos_likely_paper"] == pytest.approx(-(0.1 ** 2) * (math.log(0.9) + 0.5))
     assert q["neg_unlikely_flow"] == pytest.approx(3.0 * 0.9 ** 2 * (math.log(0.1) + 0.5))
-    assert q["pos_likely_exact"] < 0 < q["pos_unlikely_exact"] and q["neg_unlikely_exact"] < 0 < q["neg_likely_exact"]
+    assert q["pos_likely_exact"] < 0 < q["pos_unlikely_exact"]
+    assert q["neg_unlikely_exact"] < 0 < q["neg_likely_exact"]
 
 
 def test_quadrant_sums_add_up_to_the_total():
@@ -450,7 +455,8 @@ def test_quadrant_total_matches_a_tabular_softmax_step():
     for lr in (1e-3, 1e-4):
         real = entropy_math.entropy_change_true(logits, tokens, w, lr)
         assert lr * q["total_exact"] == pytest.approx(real.sum().item(), rel=20 * lr)   # error ~ lr relative
-        assert abs(lr * q["total_paper"] - real.sum().item()) > 0.5 * abs(real.sum().item())  # not the paper form
+        assert abs(lr * q["total_paper"] - real.sum().item()) > 0.5 * abs(real.sum().item())  # paper form: off
         for name, sel in (("pos_likely", (adv > 0) & likely), ("neg_unlikely", (adv < 0) & ~likely)):
             assert lr * q[f"{name}_exact"] == pytest.approx(real[sel].sum().item(), rel=20 * lr)
-    assert q["total_exact"] == pytest.approx(entropy_math.dh_exact(logits, tokens, w, 1.0).sum().item(), rel=1e-10)
+    dh = entropy_math.dh_exact(logits, tokens, w, 1.0).sum().item()
+    assert q["total_exact"] == pytest.approx(dh, rel=1e-10)

@@ -668,7 +668,8 @@ def test_steer_linear_mapping_with_equal_scores_is_neutral():
     mask = torch.tensor([[1, 1, 0]])
     lam = steer_weights(omega, mask, lambda_min=0.8, lambda_max=1.2, mapping="linear")
     torch.testing.assert_close(lam, torch.tensor([[1.0, 1.0, 0.0]]))
-    one = steer_weights(torch.tensor([[0.7]]), torch.ones(1, 1), lambda_min=0.7, lambda_max=1.1, mapping="linear")
+    one = steer_weights(torch.tensor([[0.7]]), torch.ones(1, 1), lambda_min=0.7, lambda_max=1.1,
+                        mapping="linear")
     assert one.item() == pytest.approx(0.9)
 
 
@@ -691,7 +692,7 @@ def test_archer_float64_clip_range_is_exact():
     # r = 1.2 + 1e-12 on a knowledge token: clipped at 1 + 0.2 exactly when computed in float64
     logp = torch.full((1, 5), math.log(1.2 + 1e-12), dtype=torch.float64)
     ent = torch.tensor([[0.1, 0.2, 0.3, 0.4, 5.0]], dtype=torch.float64)
-    loss, _ = archer_loss(logp, torch.zeros(1, 5, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64),
-                          torch.ones(1, 5), ent, kl_knowledge=0.0)
+    old, adv = torch.zeros(1, 5, dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    loss, _ = archer_loss(logp, old, adv, torch.ones(1, 5), ent, kl_knowledge=0.0)
     expected = (4 * -1.2 + -(1.2 + 1e-12)) / 5
     assert loss.item() == pytest.approx(expected, rel=1e-15, abs=1e-15)
