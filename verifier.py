@@ -9,7 +9,8 @@ signals.
 Pipeline
   1. extract_answer: last \\boxed{...} / \\fbox{...} (nested braces, `\\boxed 5`) in the final region of the
      response, else the last "The (final) answer is ...", "Answer: ...", "#### ..." line. No fallback to "the last
-     number in the text" (that number is often the problem's own).
+     number in the text" (that number is often the problem's own). An answer followed by a long tail of further
+     text is not taken (see extract_answer for why).
   2. _normalize: Unicode mathematics to LaTeX (½, −, ×, ÷, √, π, x², full-width digits, zero-width and thin spaces),
      then string clean-up (\\left/\\right, spacing, \\dfrac, thousands separators, degrees, %, $, \\text units,
      "x =" / "x \\in" prefixes, base subscripts 204_5).
@@ -138,13 +139,22 @@ def _boxed_content(s, start):
 def extract_answer(response):
     """Final answer string of `response`, or None.
 
-    The last \\boxed{...}, \\fbox{...} or `\\boxed 5` in the final REGION_CHARS characters wins; without one, the
-    text after the last "final answer is", "the answer is", "Answer:" or "####" up to the end of that line
-    (first $...$ span in it if any; a trailing period removed). Returns None when nothing is found or it is empty.
+    The last \\boxed{...}, \\fbox{...} or `\\boxed 5` in the final REGION_CHARS characters (trailing white space
+    not counted) wins; without one, the text after the last "final answer is", "the answer is", "Answer:" or "####"
+    up to the end of that line (first $...$ span in it if any; a trailing period removed). Returns None when nothing
+    is found or it is empty.
+
+    An answer followed by more than REGION_CHARS characters of further text, such as a repetition loop that runs to
+    the generation limit, is not taken, where the Qwen2.5-Math grader and Math-Verify take the last \\boxed anywhere.
+    This is deliberate. As a training reward, a correct box followed by a degenerate tail would earn 1, and the
+    group-relative advantage would then raise the probability of every token of the tail as well, so the policy
+    would learn that rambling after the answer costs nothing. Text that long after a box is also often further
+    reasoning that may revise it. The cost: used for evaluation, this scores such responses lower than those
+    graders do.
     """
     if not isinstance(response, str):
         return None
-    region = response[-REGION_CHARS:]
+    region = response.rstrip()[-REGION_CHARS:]
     for m in reversed(list(_BOX_RE.finditer(region))[-8:]):
         content = _boxed_content(region, m.end())
         if content is not None and content.strip():

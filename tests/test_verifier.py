@@ -195,6 +195,14 @@ def test_extraction_looks_at_final_region_of_long_responses():
     assert extract_answer(r"\boxed{9}" + "x" * 1_000_000) is None
 
 
+def test_boxed_answer_followed_by_degenerate_text():
+    loop = "wait, let me check again. "
+    assert extract_answer(r"\boxed{5}" + loop * 70) == "5"                       # 1,820 characters later: taken
+    late = r"\boxed{5}" + loop * 200                                              # 5,200 characters later: not taken
+    assert extract_answer(late) is None and score(late, "5") == Score(0.0, None, False, False)
+    assert extract_answer(r"\boxed{5}" + "\n \t" * 5000) == "5"                  # trailing white space is not text
+
+
 def test_extract_answer_non_string():
     assert extract_answer(None) is None and extract_answer(12) is None
 
