@@ -832,13 +832,13 @@ def _to_sympy(node):
             raise _NotEvaluable("symbolic power too large")
         elif sympy.count_ops(e) > MAX_SYMPY_OPS:
             raise _NotEvaluable("oversized exponent")
-        elif not (e.is_Number or e.free_symbols or b.free_symbols):      # a constant power: \\sqrt2^{\\sqrt2}
+        elif not (e.is_Number or e.free_symbols or b.free_symbols):      # a constant power: \sqrt2^{\sqrt2}
             x, y = _mp_eval(node[1], {}), _mp_eval(node[2], {})
             y = 1 / y if kind == "root" else y
             if x == 0 or abs(y) * (abs(_MP.log(abs(x), 2)) + 1) > MAX_EXACT_BITS:
                 raise _NotEvaluable("power too large for exact arithmetic")
         if kind == "root" and (1 / e).is_Integer and (1 / e) % 2 == 1:
-            return sympy.real_root(b, 1 / e)                 # \\sqrt[3]{-8} = -2, as in _mp_eval and _exact
+            return sympy.real_root(b, 1 / e)                 # \sqrt[3]{-8} = -2, as in _mp_eval and _exact
         return b ** e
     if kind == "fn":
         name = {"arcsin": "asin", "arccos": "acos", "arctan": "atan", "ln": "log"}.get(node[1], node[1])
@@ -892,20 +892,15 @@ def _sympy_zero(node, ctx):
             forms.append(e.rewrite(sympy.exp))
         if e.has(sympy.exp):
             forms.append(e.rewrite(sympy.cos))
-        for form in forms:
-            ctx.tick()
-            if _expansion_terms(form) > MAX_EXPANDED_TERMS:
-                continue
-            x = sympy.expand(form)
-            for step in (sympy.cancel, sympy.expand_log, sympy.radsimp, sympy.sqrtdenest):
+        for x in forms:
+            for step in (None, sympy.cancel, sympy.expand_log, sympy.radsimp, sympy.sqrtdenest):
+                ctx.tick()
+                y = step(x) if step else x
+                if _expansion_terms(y) > MAX_EXPANDED_TERMS:
+                    break
+                x = sympy.expand(y)
                 if x == 0:
                     return True
-                ctx.tick()
-                x = sympy.expand(step(x))
-                if _expansion_terms(x) > MAX_EXPANDED_TERMS:
-                    break
-            if x == 0:
-                return True
         return False
     except _SYMPY_ERRORS:
         return False
@@ -1010,7 +1005,7 @@ def _exact(node, env):
         if n.denominator != 1 or not 0 < n <= 1000:
             raise _NotEvaluable("root index not an integer in 1..1000")
         if x < 0 and n % 2 == 1:
-            return -_exact_pow(-x, 1 / n, d), d            # the real odd root, as in _mp_eval: \\sqrt[3]{-8} = -2
+            return -_exact_pow(-x, 1 / n, d), d            # the real odd root, as in _mp_eval: \sqrt[3]{-8} = -2
         return _exact_pow(x, 1 / n, d), d
     if kind in ("fact", "binom"):
         args = [_exact_constant(a, env) for a in node[1:]]
