@@ -8,16 +8,19 @@ answer string is parsed the first time it is seen, as in training, where a gold 
                                               kept: an equal answer in another spelling, so the full path runs)
   - is_equivalent(answer, boxed answer of the NEXT problem's solution)    (no string shortcut: full parse, compare)
 and prints median / p99 / max per call in milliseconds, plus the agreement rate of the first row and its failures.
+Then, for the numeric benchmarks found next to --data (gsm8k_test.jsonl, aime24.jsonl, amc23.jsonl) and the numeric
+MATH-500 answers: how many gold answers verify and how many of their +1 perturbations are rejected.
 
 Run:  python bench_verifier.py [--data ../shared/data/math500.jsonl]
 """
 import argparse
 import json
-import re
 import multiprocessing
+import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 from verifier import extract_answer, is_equivalent, score
@@ -62,6 +65,53 @@ def rewrite(answer):
     return s.replace(" ", "").replace("\\!", "")
 
 
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plain_number(text):
+    """Exact value of a plain numeric gold (integer, decimal, 1,000, a/b, \\frac{a}{b}), else None (mixed numbers and
+    base subscripts such as 204_5 are not plain)."""
+    t = re.sub(r"\\!|\\?\$|\s", "", str(text))
+    t = re.sub(r"^\\[dt]?frac\{(-?\d+)\}\{(\d+)\}$", r"\1/\2", t)
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+", t):
+        t = t.replace(",", "")
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/[1-9]\d*)?", t):
+        return None
+    return Fraction(t)
+
+
+def plus_one(value):
+    v = value + 1
+    return str(v.numerator) if v.denominator == 1 else rf"\frac{{{v.numerator}}}{{{v.denominator}}}"
+
+
+def numeric_checks(data_dir, math500_answers):
+    """(name, golds, verified, perturbations rejected) for each numeric benchmark file present in data_dir."""
+    out = []
+    gsm = data_dir / "gsm8k_test.jsonl"
+    if gsm.is_file():
+        rows = read_jsonl(gsm)
+        golds = [(r["answer"], r["answer"].rsplit("####", 1)[1].strip()) for r in rows]
+        out.append(("GSM8K test (full solution, #### answer)", len(golds),
+                    sum(score(sol, raw).reward == 1.0 for sol, raw in golds),
+                    sum(is_equivalent(raw, plus_one(plain_number(raw))) is False for _, raw in golds)))
+    for name in ("aime24", "amc23"):
+        path = data_dir / f"{name}.jsonl"
+        if path.is_file():
+            golds = [r["answer"] for r in read_jsonl(path)]
+            values = [int(float(g)) for g in golds]
+            out.append((f"{name} (boxed integer answer)", len(golds),
+                        sum(score(rf"so the answer is $\boxed{{{v}}}$.", g).reward == 1.0 for g, v in zip(golds, values)),
+                        sum(is_equivalent(g, str(v + 1)) is False for g, v in zip(golds, values))))
+    numeric = [(a, v) for a in math500_answers if (v := plain_number(a)) is not None]
+    out.append(("MATH-500 numeric answers (against their value as n or p/q)", len(numeric),
+                sum(is_equivalent(a, str(v)) is True for a, v in numeric),
+                sum(is_equivalent(a, plus_one(v)) is False for a, v in numeric)))
+    return out
+
+
 def summary(times):
     ordered = sorted(times)
     p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
@@ -99,6 +149,8 @@ def main(argv=None):
     print(f"rewritten answers accepted: {sum(rewritten[k] is True for k in changed)}/{len(changed)} changed strings")
     print(f"accepted against the next problem's answer (should be ~0): {sum(v is True for v in others)}")
     print(f"timed out: {sum(s.timed_out for s in scores)}; gold not understood: {sum(s.correct is None for s in scores)}")
+    for name, n, verified, rejected in numeric_checks(args.data.parent, answers):
+        print(f"{name}: {verified}/{n} verify; +1 perturbations rejected {rejected}/{n}")
     for k, v in enumerate(verdicts):
         if v is not True:
             print(f"  failure row {k}: answer={answers[k]!r} boxed={boxed[k]!r} verdict={v}")
