@@ -2,18 +2,21 @@
 
 Importing this file registers each LOSSES name (grpo, dapo, drgrpo, steer, opefo, archer, and any entry
 added later) with verl's register_policy_loss, so that actor_rollout_ref.actor.policy_loss.loss_mode=steer
-picks losses.LOSSES["steer"]. verl gives a registered policy loss only (old_log_prob, log_prob, advantages,
+picks losses.LOSSES["steer"]; a name verl already uses for its own loss (clip_cov, kl_cov) is registered as
+rlvr_<name>, leaving verl's. verl gives a registered policy loss only (old_log_prob, log_prob, advantages,
 response_mask, loss_agg_mode, config, rollout_is_weights); the rest is carried by three wrappers, each
 around one verl function, which keep verl's code and only add to what flows through it:
     1. RayPPOTrainer._compute_old_log_prob (driver): the behaviour entropy that verl computes with the old
        log-probs is copied to the batch key "old_entropy"; the trainer then pops "entropys" as before, and
        "old_entropy" stays in the batch up to the actor.
-    2. RayPPOTrainer._update_actor (driver): adds the batch-wide scales of the chosen loss as per-row
-       columns, which survive any mini- and micro-batch split: STEER's M ("omega_max", from the behaviour
-       statistics with r = 1) and OPEFO's flow totals ("flow_pos", "flow_neg"). Their scope is the whole
-       training batch: the weights then depend on neither the micro-batch nor the mini-batch size.
-    3. verl.workers.utils.losses.ppo_loss (actor workers): reads "old_entropy", those columns and
-       "ref_log_prob" from the micro-batch and hands them to the registered loss for the length of the call.
+    2. RayPPOTrainer._update_actor (driver): losses.batch_statistics of the chosen loss over the whole
+       training batch (behaviour statistics, r = 1) joins the batch as per-row columns, which survive any
+       mini- and micro-batch split: STEER's M, OPEFO's flow totals (P, N), and the other losses' batch
+       statistics (a scalar as a constant column "batch_stat.<key>", a (B, T) tensor as "batch_rows.<key>").
+       STEER's weights then depend on neither the micro- nor the mini-batch size.
+    3. verl.workers.utils.losses.ppo_loss (actor workers): reads "old_entropy", those columns,
+       "ref_log_prob" and, with actor.calculate_entropy, the current entropy (with gradient) of the
+       micro-batch and hands them to the registered loss for the length of the call.
 The normalisers come from verl's own global batch info: num_tokens = batch_num_tokens / dp_size and
 num_seqs = global_batch_size / dp_size (verl averages the gradients over dp ranks), so the micro-batch
 losses add up to the mini-batch's; norm_length = loss_scale_factor when it is set. agg is verl's
@@ -21,7 +24,7 @@ loss_agg_mode (set actor.loss_agg_mode as the method wants: token-mean for DAPO,
 seq-mean-token-sum-norm with loss_scale_factor for Dr. GRPO).
 
 Knobs: a JSON object in the environment variable ENTROPY_RLVR_KNOBS, e.g. '{"lambda_min": 0.8}', passed to
-the loss (they override loss_agg_mode's agg when they name agg). verl's clip_ratio_low / clip_ratio_high /
+the loss and to losses.batch_statistics (they override loss_agg_mode's agg when they name agg). verl's clip_ratio_low / clip_ratio_high /
 clip_ratio_c are not read: the clip ranges are the loss's knobs (the papers' values by default).
 The reference: a loss that reads ref_logp (Archer by default; grpo with kl_coef) gets verl's ref_log_prob,
 which verl computes when actor.use_kl_loss=True: set it with actor.kl_loss_coef=0, so that verl does not add
@@ -38,10 +41,11 @@ multi-node one gets them through +ray_kwargs.ray_init.runtime_env.env_vars.NAME=
 Limits: S2, the exact forms' extra statistic (omega="exact", flow="exact"), is not computed by verl's actor
 (its calculate_sum_pi_squared is sum pi^2, a different quantity), so the exact forms are refused here;
 train.py and trl_adapter.py have them. rollout_is_weights (rollout correction) is refused rather than
-dropped. OPEFO needs one optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal to
+dropped. adaptive_entropy takes a fixed alpha knob (verl does not step its controller). OPEFO needs one
+optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal to
 data.train_batch_size. Tested with verl 0.9.1 (refused otherwise, at import), whose internals used are the
 three functions above, the batch keys "entropys", "old_log_probs", "advantages", "response_mask" and
-"ref_log_prob", and ActorConfig.global_batch_info.
+"ref_log_prob", the model output "entropy", ActorConfig.global_batch_info and no_padding_2_padding.
 """
 import contextvars
 import functools
@@ -214,8 +218,8 @@ def hand_batch_to_loss(ppo_loss):
     calculate_entropy) current entropy reach the registered loss for the length of the call."""
     @functools.wraps(ppo_loss)
     def wrapper(config, model_output, data, dp_group=None):
-        if ENTROPY_KEY not in data.keys():
-            return ppo_loss(config, model_output, data, dp_group)
+        if config.policy_loss.get("loss_mode", "vanilla") not in REGISTERED or ENTROPY_KEY not in data.keys():
+            return ppo_loss(config, model_output, data, dp_group)          # verl's own losses: untouched
         columns = [k for k in data.keys() if k.startswith((SCALAR, ROWS))]
         picked = data.select(ENTROPY_KEY, *columns, *(["ref_log_prob"] if "ref_log_prob" in data.keys() else []))
         picked = picked.to_padded_tensor()
