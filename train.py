@@ -19,9 +19,11 @@ Algorithm-specific wiring (where the papers or their code leave a choice):
             split; its KL sits inside the token aggregation (losses.py), so num_tokens keeps it exact.
     GRPO    a frozen reference model is loaded only when --kl-coef > 0 (Archer: when its KL is on).
 
-The tiny lab (--preset tiny; the default on a machine without CUDA): a character-level tokenizer, a
-~0.1M-parameter Qwen2 built in code, synthetic arithmetic problems ("7+3-4" -> "7+3=10 10-4=6 \\boxed{6}"),
-a cached supervised warm start that leaves the model at moderate accuracy, then RL. Runs offline on CPU.
+The tiny lab (--preset tiny; the default on a machine without CUDA) lives in tiny_lab.py: a Countdown-style
+task with several correct solutions per problem, a character-level tokenizer, a ~0.1M-parameter Qwen2 built
+in code and a cached supervised warm start. There the reward is tiny_lab.score, the held-out sets are
+"test" (logged as eval/) and "unique" (eval_unique/), and each step also logs the entropy at the fork
+tokens, where valid solutions branch (entropy/fork), and elsewhere (entropy/other). Runs offline on CPU.
 
 Outputs in the run directory: config.json, metrics.jsonl (one line per step; step 0 holds the evaluation of
 the starting model), samples.jsonl, checkpoints/step_NNNNNN (save_pretrained + optimizer, RNG and data-order
@@ -37,14 +39,13 @@ gradient step (per-parameter scaling), so the predictions hold only up to that p
 --optimizer sgd to test the first-order formulas on a plain step.
 
 Run:
-    python train.py --algo grpo                         # tiny lab on CPU (about 70 s on 2 idle cores)
+    python train.py --algo grpo                         # tiny lab on CPU
     python train.py --algo steer --preset qwen-0.5b-gsm8k --out runs/steer-gsm8k
     python train.py --resume runs/steer-gsm8k
     python train.py --help
 """
 import argparse
 import contextlib
-import hashlib
 import inspect
 import json
 import math
@@ -61,11 +62,11 @@ import torch
 
 import losses
 import rollout
+import tiny_lab
 import verifier
 from entropy_math import pearson, sign_agreement, spearman
 
 ALGOS = ("grpo", "dapo", "drgrpo", "steer", "opefo", "archer")
-CACHE_DIR = Path(".cache") / "tiny_lab"
 
 # ------------------------------------------------------------------------------------------- presets
 # Every tunable flag defaults to None; the preset fills it, then ALGO_DEFAULTS, then BASE_DEFAULTS.
@@ -74,11 +75,11 @@ BASE_DEFAULTS = dict(
     updates_per_batch=2, micro_batch_size=8, max_grad_norm=1.0, optimizer="adamw", eval_interval=20,
     eval_k=8, eval_size=None, eval_temperature=1.0, save_interval=20, log_samples=2, seed=0,
     dataset_split="train", eval_split="test", answer_format="auto", bf16=False, gradient_checkpointing=False,
-    tiny_sft_steps=600,
+    tiny_sft_steps=1500,
 )
 PRESETS = {
-    "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=32, lr=1e-4, steps=100, updates_per_batch=2,
-                 micro_batch_size=64, eval_interval=20, eval_k=8, eval_size=256, save_interval=50),
+    "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=20, lr=5e-4, steps=100, updates_per_batch=2,
+                 micro_batch_size=64, eval_interval=25, eval_k=64, eval_size=64, save_interval=50),
     "qwen-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B", dataset="DigitalLearningGmbH/MATH-lighteval",
                            eval_dataset="HuggingFaceH4/MATH-500", dataset_split="train", eval_split="test",
                            prompts_per_step=8, group_size=8, max_new_tokens=1024, lr=1e-6, steps=500,
@@ -111,124 +112,6 @@ LOSS_FUNCS = {"grpo": losses.grpo_loss, "dapo": losses.grpo_loss, "drgrpo": loss
 SUMMED_METRICS = ("pg_loss", "kl", "weighted_flow")
 # metrics whose values depend on the machine's speed, not on the run's numbers (ignored by resume checks)
 TIMING_KEYS = ("time/", "tokens_per_s", "peak_mem_mb")
-
-
-# ------------------------------------------------------------------------------------------- tiny lab
-TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=192, max_position_embeddings=128)
-TINY_DATA = dict(max_operand=10, ops="+-", train_size=20000, eval_size=256, seed=1234)
-TINY_SFT = dict(batch_size=64, lr=3e-3, seed=0)
-# the tiny tokenizer's chat template keeps only the user message (the tiny model cannot read a system
-# prompt) and appends "=" as the generation prompt, so a prompt is e.g. "7+3*4="
-TINY_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}"
-                      "{% endfor %}{% if add_generation_prompt %}={% endif %}")
-
-
-def tiny_tokenizer():
-    """Character-level PreTrainedTokenizerFast: <pad>=0, <eos>=1, <unk>=2, then printable ASCII and newline."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # one token per char
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                  unk_token="<unk>", clean_up_tokenization_spaces=False, padding_side="left")
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    return tok
-
-
-def tiny_problem(rng, max_operand, ops):
-    """One synthetic problem "a o1 b o2 c" (o from `ops`, a subset of "+-*"; operands in [0, max_operand))
-    -> (problem, solution, answer).
-
-    The solution shows the two intermediate results in precedence order and ends with \\boxed{answer}.
-    """
-    a, b, c = (rng.randrange(max_operand) for _ in range(3))
-    o1, o2 = rng.choice(ops), rng.choice(ops)
-    apply = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
-    if o2 == "*" and o1 != "*":                                 # b*c first
-        x = b * c
-        steps = [f"{b}*{c}={x}", f"{a}{o1}{x}={apply[o1](a, x)}"]
-        y = apply[o1](a, x)
-    else:                                                       # left to right
-        x = apply[o1](a, b)
-        y = apply[o2](x, c)
-        steps = [f"{a}{o1}{b}={x}", f"{x}{o2}{c}={y}"]
-    return f"{a}{o1}{b}{o2}{c}", " ".join(steps) + f" \\boxed{{{y}}}", str(y)
-
-
-def tiny_datasets():
-    """(train, eval) lists of {"problem", "answer", "solution", "source"}; eval problems never occur in train."""
-    rng = random.Random(TINY_DATA["seed"])
-    held_out, seen = [], set()
-    while len(held_out) < TINY_DATA["eval_size"]:
-        p, s, a = tiny_problem(rng, TINY_DATA["max_operand"], TINY_DATA["ops"])
-        if p not in seen:
-            seen.add(p)
-            held_out.append({"problem": p, "answer": a, "solution": s, "source": f"tiny-eval:{len(held_out)}"})
-    train = []
-    while len(train) < TINY_DATA["train_size"]:
-        p, s, a = tiny_problem(rng, TINY_DATA["max_operand"], TINY_DATA["ops"])
-        if p not in seen:
-            train.append({"problem": p, "answer": a, "solution": s, "source": f"tiny-train:{len(train)}"})
-    return train, held_out
-
-
-def tiny_warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
-    """Path of the warm-started tiny model (model + tokenizer, save_pretrained format), built once and cached.
-
-    Supervised next-token training on the solutions (loss on the response tokens only) for sft_steps steps
-    of TINY_SFT["batch_size"] problems. The cache key hashes every setting that changes the weights.
-    """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    key = json.dumps(dict(model=TINY_MODEL, data=TINY_DATA, sft=TINY_SFT, steps=sft_steps,
-                          torch=torch.__version__.split("+")[0]), sort_keys=True)
-    path = Path(cache_root) / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (path / "config.json").exists():
-        return path
-    log(f"tiny lab: building the warm-started model ({sft_steps} supervised steps) in {path}")
-    tok = tiny_tokenizer()
-    with torch.random.fork_rng():
-        torch.manual_seed(TINY_SFT["seed"])
-        config = Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             bos_token_id=tok.eos_token_id, tie_word_embeddings=True, **TINY_MODEL)
-        model = Qwen2ForCausalLM(config)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        train, _ = tiny_datasets()
-        rng = random.Random(TINY_SFT["seed"])
-        opt = torch.optim.AdamW(model.parameters(), lr=TINY_SFT["lr"], weight_decay=0.0)
-        model.train()
-        for _ in range(sft_steps):
-            batch = rng.sample(train, TINY_SFT["batch_size"])
-            prompts = [tok(rollout.format_prompt(tok, b["problem"]), add_special_tokens=False)["input_ids"]
-                       for b in batch]
-            answers = [tok(b["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                       for b in batch]
-            width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (p, a) in enumerate(zip(prompts, answers)):
-                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-                labels[i, len(p):len(p) + len(a)] = torch.tensor(a)         # loss on the response only
-                attn[i, :len(p) + len(a)] = 1
-            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, path)                                     # atomic; a concurrent builder may have won
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -349,14 +232,29 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk, system_prompt, autocast):
-    """Held-out accuracy: avg@k and unbiased pass@j (j = 1, 2, 4, .. <= k) from k samples at `temperature`,
-    and greedy accuracy. Items whose gold the verifier cannot parse are skipped and counted.
+def pass_ks(k):
+    """The j of the reported pass@j: 1, 2, 4, ... up to k, and k itself."""
+    ks = [1 << i for i in range(k.bit_length()) if 1 << i <= k]
+    return ks if ks[-1] == k else ks + [k]
+
+
+def verify(completion, item):
+    """Reward of a completion for a dataset item: verifier.score against the item's gold answer."""
+    return verifier.score(completion, item["answer"])
+
+
+def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk, system_prompt, autocast,
+             score_fn=verify, prefix="eval"):
+    """Held-out figures under `prefix`/: avg@k and unbiased pass@j (j = 1, 2, 4, .. and k) from k samples at
+    `temperature`; "distinct", the mean number of distinct correct completions per problem among the k
+    (whitespace-collapsed text: a diversity measure that falls when a policy narrows onto one solution);
+    and greedy accuracy. score_fn(completion, item) -> verifier.Score. Items whose gold cannot be parsed
+    (correct None) are skipped and counted.
 
     Sampling uses torch's global RNG: the caller forks it so that evaluation does not change training.
     """
     model.eval()
-    correct, greedy, skipped = [], [], 0
+    correct, distinct, greedy, skipped = [], [], [], 0
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
         prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=system_prompt) for it in part]
@@ -366,20 +264,21 @@ def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk,
             greedy_ro = rollout.generate(model, tok, prompts, group_size=1, max_new_tokens=max_new_tokens,
                                          temperature=0.0)
         for j, it in enumerate(part):
-            verdicts = [verifier.score(c, it["answer"]).correct for c in sampled.completions[j * k:(j + 1) * k]]
+            texts = sampled.completions[j * k:(j + 1) * k]
+            verdicts = [score_fn(c, it).correct for c in texts]
             if any(v is None for v in verdicts):
                 skipped += 1
                 continue
             correct.append(sum(verdicts))
-            greedy.append(bool(verifier.score(greedy_ro.completions[j], it["answer"]).correct))
-    out = {"eval/skipped_gold": skipped, "eval/n": len(correct)}
+            distinct.append(len({" ".join(c.split()) for c, v in zip(texts, verdicts) if v}))
+            greedy.append(bool(score_fn(greedy_ro.completions[j], it).correct))
+    out = {f"{prefix}/skipped_gold": skipped, f"{prefix}/n": len(correct)}
     if correct:
-        out[f"eval/avg@{k}"] = sum(c / k for c in correct) / len(correct)
-        j = 1
-        while j <= k:
-            out[f"eval/pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(correct)
-            j *= 2
-        out["eval/greedy_acc"] = sum(greedy) / len(greedy)
+        out[f"{prefix}/avg@{k}"] = sum(c / k for c in correct) / len(correct)
+        for j in pass_ks(k):
+            out[f"{prefix}/pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(correct)
+        out[f"{prefix}/distinct"] = sum(distinct) / len(distinct)
+        out[f"{prefix}/greedy_acc"] = sum(greedy) / len(greedy)
     return out
 
 
@@ -511,29 +410,39 @@ def update(model, optimizer, batch, cfg, stats_fn):
 
 
 def _entropy_change_terms(before, after, weights, mask):
-    """Per token that carries gradient (valid, w != 0): realised entropy change and the three first-order
+    """Per token that carries gradient (valid, w != 0): realised entropy change, the three first-order
     predictions -w * g, g = losses.first_order_term(form) at the pre-update policy (entropy_math.py;
-    eta dropped: correlations are scale-free). Tokens with w = 0 (zero advantage, clipped) are left out:
-    their only change is the spill-over through shared parameters, which no tabular form predicts.
+    eta dropped: correlations are scale-free), and pi_a before the update. Tokens with w = 0 (zero
+    advantage, clipped) are left out: their only change is the spill-over through shared parameters,
+    which no tabular form predicts.
     """
     carries = mask & (weights != 0)
     realised = (after["entropy"] - before["entropy"])[carries]
     pred = {form: (-weights * losses.first_order_term(before["logp"], before["entropy"], before["exact_term"],
                                                       form))[carries]
             for form in losses.FIRST_ORDER_FORMS}
-    return realised, pred
+    return realised, pred, before["logp"].exp()[carries]
+
+
+UNCERTAIN = 0.99     # the estimator report is repeated over the tokens with pi_a below this
 
 
 def _entropy_change_report(measured):
-    """Pearson / Spearman / sign agreement between realised and predicted per-token entropy changes."""
-    realised = torch.cat([r for r, _ in measured]).double()
-    out = {"dH/realised_mean": float(realised.mean()), "dH/tokens": realised.numel()}
+    """Pearson / Spearman / sign agreement between realised and predicted per-token entropy changes, over
+    all tokens that carry gradient (dH/<stat>_<form>) and over those with pi_a < UNCERTAIN
+    (dH/<stat>_<form>_uncertain), where the forms differ most."""
+    realised = torch.cat([r for r, _, _ in measured]).double()
+    pi = torch.cat([p for _, _, p in measured])
+    out = {"dH/realised_mean": float(realised.mean()) if realised.numel() else None, "dH/tokens": realised.numel(),
+           "dH/tokens_uncertain": int((pi < UNCERTAIN).sum())}
     for form in losses.FIRST_ORDER_FORMS:
-        pred = torch.cat([p[form] for _, p in measured]).double()
-        if realised.numel() > 2 and pred.std() > 0 and realised.std() > 0:
-            out[f"dH/pearson_{form}"] = pearson(pred, realised)
-            out[f"dH/spearman_{form}"] = spearman(pred, realised)
-            out[f"dH/sign_agree_{form}"] = sign_agreement(pred, realised)
+        pred = torch.cat([p[form] for _, p, _ in measured]).double()
+        for suffix, keep in (("", torch.ones_like(pi, dtype=torch.bool)), ("_uncertain", pi < UNCERTAIN)):
+            x, y = pred[keep], realised[keep]
+            if y.numel() > 2 and x.std() > 0 and y.std() > 0:
+                out[f"dH/pearson_{form}{suffix}"] = pearson(x, y)
+                out[f"dH/spearman_{form}{suffix}"] = spearman(x, y)
+                out[f"dH/sign_agree_{form}{suffix}"] = sign_agreement(x, y)
     return out
 
 
@@ -551,7 +460,8 @@ def rl_step(state, cfg, items):
     timings["generate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    scores = [verifier.score(c, items[int(i)]["answer"]) for c, i in zip(ro.completions, ro.prompt_index.tolist())]
+    score_fn = state["score"]
+    scores = [score_fn(c, items[int(i)]) for c, i in zip(ro.completions, ro.prompt_index.tolist())]
     timings["score"] = time.perf_counter() - t
     rewards = torch.tensor([s.reward for s in scores])
     bad_gold = [any(scores[i * g + j].correct is None for j in range(g)) for i in range(len(items))]
@@ -584,6 +494,13 @@ def rl_step(state, cfg, items):
             "prompt_length": ro.prompt_length}
     old = stats_fn(full)
     metrics["entropy"] = float((old["entropy"] * ro.response_mask).sum() / valid_resp.clamp(min=1))
+    if state.get("fork_mask"):      # the lab marks the tokens where valid solutions branch
+        forks = state["fork_mask"](ro.completions, [items[int(i)] for i in ro.prompt_index.tolist()],
+                                   ro.response_mask.shape[1]).to(ro.response_mask.device) & ro.response_mask.bool()
+        rest = ro.response_mask.bool() & ~forks
+        metrics["entropy/fork"] = float(old["entropy"][forks].mean()) if forks.any() else None
+        metrics["entropy/other"] = float(old["entropy"][rest].mean()) if rest.any() else None
+        metrics["fork_tokens"] = int(forks.sum())
     rows = [i * g + j for i in keep_groups for j in range(g)]
     timings["stats"] = time.perf_counter() - t
     if rows:
@@ -726,7 +643,7 @@ def build_parser():
     a("--measure-entropy-change", action="store_true", help="log predicted vs realised per-token entropy change")
     a("--plot", action="store_true", help="write curves.png (needs matplotlib)")
     a("--tiny-sft-steps", type=int, help="supervised warm-start steps of the tiny lab (cached)")
-    a("--cache-dir", default=str(CACHE_DIR), help=f"tiny-lab warm-start cache (default {CACHE_DIR})")
+    a("--cache-dir", default=str(tiny_lab.CACHE_DIR), help=f"tiny-lab warm-start cache (default {tiny_lab.CACHE_DIR})")
     return p
 
 
@@ -767,8 +684,8 @@ def _fields(cfg):
 
 def _eval_summary(row):
     """One line with the evaluation figures of a metrics row."""
-    return ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items()
-                     if k.startswith("eval/") and k not in ("eval/n", "eval/skipped_gold", "time/eval"))
+    return ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                     if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")))
 
 
 def _autocast_factory(device, bf16):
@@ -839,20 +756,24 @@ def train(cfg, run_dir):
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
 
-    # data and starting model
+    # data and starting model; each evaluation set is (items, score function), logged under its prefix
+    score_fn, fork_mask, eval_sets = verify, None, {}
     if cfg["preset"] == "tiny":
-        start_model = str(tiny_warm_start(cfg["tiny_sft_steps"], cfg["cache_dir"], log))
-        train_items, eval_items = tiny_datasets()
+        start_model = str(tiny_lab.warm_start(cfg["tiny_sft_steps"], cfg["cache_dir"], log))
+        train_items, lab_evals = tiny_lab.datasets()
+        eval_sets = {"eval" if name == "test" else f"eval_{name}": (items, tiny_lab.score)
+                     for name, items in lab_evals.items()}
         if cfg.get("dataset"):
             train_items = load_items(cfg["dataset"], cfg["dataset_split"], **_fields(cfg))
+        else:
+            score_fn, fork_mask = tiny_lab.score, tiny_lab.fork_mask
     else:
         start_model = cfg["model"]
         train_items = load_items(cfg["dataset"], cfg["dataset_split"], **_fields(cfg))
-        eval_items = []
     if cfg.get("eval_dataset"):
-        eval_items = load_items(cfg["eval_dataset"], cfg["eval_split"], **_fields(cfg))
+        eval_sets = {"eval": (load_items(cfg["eval_dataset"], cfg["eval_split"], **_fields(cfg)), verify)}
     if cfg["eval_size"]:
-        eval_items = eval_items[:cfg["eval_size"]]
+        eval_sets = {name: (items[:cfg["eval_size"]], fn) for name, (items, fn) in eval_sets.items()}
     cfg["start_model"] = start_model
 
     ckpt = latest_checkpoint(run_dir) if cfg.get("resume") else None
@@ -881,18 +802,22 @@ def train(cfg, run_dir):
             path.write_text("")
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
     autocast = _autocast_factory(device, cfg["bf16"])
-    state = dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, autocast=autocast)
+    state = dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, autocast=autocast,
+                 score=score_fn, fork_mask=fork_mask)
 
     def run_eval(step):
-        if not eval_items:
+        if not eval_sets:
             return {}
         t = time.perf_counter()
+        out = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # evaluation never moves the training RNG
-            out = evaluate(model, tok, eval_items, k=cfg["eval_k"], temperature=cfg["eval_temperature"],
-                           top_p=cfg["top_p"], max_new_tokens=cfg["max_new_tokens"],
-                           chunk=max(1, cfg["prompts_per_step"] * cfg["group_size"] // cfg["eval_k"]),
-                           system_prompt=cfg["system_prompt"], autocast=autocast)
+            for prefix, (items, fn) in eval_sets.items():
+                out.update(evaluate(model, tok, items, k=cfg["eval_k"], temperature=cfg["eval_temperature"],
+                                    top_p=cfg["top_p"], max_new_tokens=cfg["max_new_tokens"],
+                                    chunk=max(1, cfg["prompts_per_step"] * cfg["group_size"] // cfg["eval_k"]),
+                                    system_prompt=cfg["system_prompt"], autocast=autocast, score_fn=fn,
+                                    prefix=prefix))
         out["time/eval"] = time.perf_counter() - t
         return out
 

@@ -1,9 +1,9 @@
 """Tests of train.py: the RL loop end to end on the tiny lab, resume, checkpoints, data plumbing, switches.
 
 Budget given: the whole file under 90 s on 2 CPU cores. The loop tests use an untrained tiny model (no
-warm start) and replace the verifier's reward by a deterministic function of the completion (even length ->
-1.0), so every group has a real advantage signal without any training; the verifier itself is tested in
-test_verifier.py and its use here (gold parsing, skipping) separately below.
+warm start) and replace the lab's reward by a deterministic function of the completion (even sum of
+character codes -> 1.0), so every group has a real advantage signal without any training; the lab's task and reward are tested
+in test_tiny_lab.py, the verifier in test_verifier.py and its use here (gold parsing, skipping) below.
 """
 import json
 import types
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import losses
+import tiny_lab
 import train
 import verifier
 
@@ -26,16 +27,11 @@ def cache(tmp_path_factory):
 
 @pytest.fixture
 def parity_reward(monkeypatch):
-    """verifier.score -> reward 1.0 when the completion has an even number of characters (gold kept valid)."""
-    real = verifier.score
-
-    def score(response, gold):
-        s = real("\\boxed{0}", gold)
-        if s.correct is None:
-            return s
-        ok = len(response) % 2 == 0
-        return types.SimpleNamespace(reward=float(ok), answer=response[-3:], correct=ok, timed_out=False)
-    monkeypatch.setattr(verifier, "score", score)
+    """The lab's reward -> 1.0 when the completion's character codes have an even sum."""
+    def score(response, item):
+        ok = sum(map(ord, response)) % 2 == 0
+        return verifier.Score(float(ok), response[-3:], ok, False)
+    monkeypatch.setattr(tiny_lab, "score", score)
 
 
 def run(argv):
@@ -87,7 +83,7 @@ def test_end_to_end_and_resume(algo, tmp_path, cache, parity_reward):
 def test_micro_batching_gives_the_same_update(tmp_path, cache):
     """One update with micro-batches of 1 sequence equals one with the whole mini-batch (global normalisers,
     STEER's mini-batch M, OPEFO's batch flow totals)."""
-    path = train.tiny_warm_start(0, cache)
+    path = tiny_lab.warm_start(0, cache)
     torch.manual_seed(0)
     base, tok = train.load_model(str(path), device=torch.device("cpu"))
     ro = train.rollout.generate(base, tok, ["1+2", "3*4"], group_size=3, max_new_tokens=5)
@@ -123,14 +119,14 @@ def test_nonfinite_loss_skips_the_step(tmp_path, cache, parity_reward, monkeypat
     run(TINY + ["--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0"])
     row = read_rows(out / "metrics.jsonl")[1]
     assert row["updates"] == 0 and row["skipped_nonfinite"] == 2
-    start = train.load_model(str(train.tiny_warm_start(0, cache)), device=torch.device("cpu"))[0]
+    start = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))[0]
     saved = train.load_model(str(out / "checkpoints" / "step_000001" / "model"), device=torch.device("cpu"))[0]
     for a, b in zip(start.parameters(), saved.parameters()):
         assert torch.equal(a, b)
 
 
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, cache, monkeypatch):
-    model, tok = train.load_model(str(train.tiny_warm_start(0, cache)), device=torch.device("cpu"))
+    model, tok = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters())
     rng = train.random.Random(0)
     train.save_checkpoint(tmp_path, 1, model, tok, opt, rng, [3, 1])
@@ -174,20 +170,6 @@ def test_bf16_and_gradient_checkpointing_switches(tmp_path, cache, parity_reward
     assert torch.isfinite(torch.tensor(row["loss/loss"])) and row["grad_norm"] > 0 and "loss/kl" in row
     assert seen["model"].is_gradient_checkpointing
     assert next(seen["model"].parameters()).dtype == torch.float32        # fp32 master weights
-
-
-def test_tiny_lab_pieces():
-    tok = train.tiny_tokenizer()
-    text = "12-3*4= \\boxed{0}"
-    assert tok.decode(tok(text)["input_ids"]) == text and len(tok(text)["input_ids"]) == len(text)
-    assert train.rollout.format_prompt(tok, "7+3*4") == "7+3*4="
-    rng = train.random.Random(0)
-    for _ in range(200):
-        problem, solution, answer = train.tiny_problem(rng, 10, "+-*")
-        assert int(answer) == eval(problem)                                   # noqa: S307 (our own digits)
-        assert verifier.score(solution, answer).reward == 1.0
-    tr, ev = train.tiny_datasets()
-    assert not {e["problem"] for e in ev} & {t["problem"] for t in tr}
 
 
 @pytest.mark.parametrize("n,c,k,expected", [(4, 1, 1, 0.25), (4, 1, 2, 0.5), (4, 0, 4, 0.0), (4, 4, 1, 1.0),
