@@ -1,0 +1,265 @@
+"""The lab comparison in one command: every algorithm x 5 seeds on the tiny lab, a table and a plot.
+
+Each run is `python train.py --algo ALGO --seed S --measure-entropy-change [setting flags]` in its own
+directory under runs/compare/SETTING/NAME-seedS. The script
+    - builds the lab's warm start once, then runs the cells, --jobs at a time (one process each; 2 by
+      default, one per core, each on one thread);
+    - resumes: a finished run (its last metrics row is the final step) is read, not redone; an unfinished
+      one continues from its checkpoint with train.py --resume;
+    - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t), results.json
+      (every run's figures) and curves.png (entropy, held-out avg@k, pass@k and distinct correct solutions
+      over steps, mean over seeds; needs matplotlib, skipped with a note otherwise).
+
+Settings (the flags each cell adds to train.py's lab defaults):
+    default        every algorithm with its paper defaults
+    steer-extreme  STEER's extreme scenario, clip almost off (eps_low 0.99, eps_high 5; STEER Table 6):
+                   GRPO, DAPO and STEER in its paper / code / exact forms at lambda_min 0.7 and 0.5
+    opefo-lr       OPEFO with the paper's learning-rate scaling: lr x sqrt(U) where U is the baseline's
+                   optimizer steps per batch (OPEFO 1e-6 sqrt(8) against 1e-6 with 8 updates; here U = 2),
+                   in its paper and exact flow forms, beside GRPO
+    archer         Archer with its paper clips (0.5 / 0.2, dual clip 10) and KL (0.001 on knowledge tokens),
+                   against its own ablations: no KL, and one clip for all tokens (0.2), beside GRPO
+
+Run:
+    python compare.py                                    # default setting, 5 seeds, 2 jobs
+    python compare.py --setting steer-extreme
+    python compare.py --algos grpo steer --seeds 0 1 --jobs 1
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import losses
+import tiny_lab
+import train
+
+ROOT = Path(__file__).resolve().parent
+LAB_LR = train.PRESETS["tiny"]["lr"]
+EXTREME = ["--clip-low", "0.99", "--clip-high", "5"]
+SETTINGS = {
+    "default": {algo: [] for algo in train.ALGOS},
+    "steer-extreme": {
+        "grpo": ["--algo", "grpo"] + EXTREME,
+        "dapo": ["--algo", "dapo"] + EXTREME,
+        **{f"steer-{form}-{lm}": ["--algo", "steer", "--first-order-form", form, "--lambda-min", lm] + EXTREME
+           for lm in ("0.7", "0.5") for form in losses.FIRST_ORDER_FORMS},
+    },
+    "opefo-lr": {
+        "grpo": ["--algo", "grpo"],
+        "opefo": ["--algo", "opefo", "--lr", f"{LAB_LR * math.sqrt(2):.6g}"],
+        "opefo-exact": ["--algo", "opefo", "--lr", f"{LAB_LR * math.sqrt(2):.6g}", "--first-order-form", "exact"],
+    },
+    "archer": {
+        "grpo": ["--algo", "grpo"],
+        "archer": ["--algo", "archer"],
+        "archer-no-kl": ["--algo", "archer", "--kl-knowledge", "0"],
+        "archer-one-clip": ["--algo", "archer", "--clip-reasoning", "0.2"],
+    },
+}
+# Student t quantile t_{0.975, n-1} for n = 2..10 seeds (a formula fact); 1.96 beyond
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def cell_args(name, flags):
+    """train.py flags of one cell: the setting's flags, or --algo NAME for the default setting."""
+    return flags if flags else ["--algo", name]
+
+
+def read_rows(run_dir):
+    """The metrics rows of a run (a partial trailing line, from a run killed mid-write, is ignored)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def is_finished(run_dir):
+    """True when the run's last metrics row is its final step (the step count from its config.json)."""
+    rows = read_rows(run_dir)
+    cfg_path = Path(run_dir) / "config.json"
+    return bool(rows) and cfg_path.exists() and rows[-1]["step"] == json.loads(cfg_path.read_text())["steps"]
+
+
+def run_cell(run_dir, args, threads):
+    """Run (or resume) one cell; returns (run_dir, return code). Output goes to run_dir/log.txt."""
+    run_dir = Path(run_dir)
+    if is_finished(run_dir):
+        return run_dir, 0
+    if (run_dir / "checkpoints" / "latest").exists():
+        cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir)]
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)            # started but never checkpointed: start again
+        cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(run_dir), "--measure-entropy-change"] + args
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return run_dir, code
+
+
+# ------------------------------------------------------------------------------------------- figures
+def mean_ci(values):
+    """(mean, half-width of the 95% confidence interval over seeds); half-width nan for one value."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return m, T975.get(len(vals), 1.96) * sd / math.sqrt(len(vals))
+
+
+def window_mean(rows, key, first, last):
+    """Mean of `key` over the training rows with first <= step <= last (rows without it ignored)."""
+    vals = [r[key] for r in rows if first <= r["step"] <= last and r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_figures(rows):
+    """The figures of one finished run: start and end entropy (all tokens, forks, elsewhere), the final
+    held-out evaluation of each set, and the estimator correlations averaged over the steps."""
+    steps = max(r["step"] for r in rows)
+    final = next(r for r in reversed(rows) if any(k.startswith("eval") for k in r))
+    out = {}
+    for key in ("entropy", "entropy/fork", "entropy/other"):
+        out[f"{key} start"] = window_mean(rows, key, 1, 10)
+        out[f"{key} end"] = window_mean(rows, key, steps - 9, steps)
+    out["reward end"] = window_mean(rows, "reward", steps - 9, steps)
+    start_eval = rows[0]
+    for k, v in final.items():
+        if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")):
+            out[k] = v
+            out[f"{k} start"] = start_eval.get(k)
+    for k in {k for r in rows for k in r if k.startswith("dH/")}:
+        out[k] = window_mean(rows, k, 1, steps)
+    return out
+
+
+def summarise(results):
+    """{cell: {figure: (mean, ci)}} over the seeds of each cell."""
+    return {name: {k: mean_ci([run[k] for run in runs if k in run]) for k in runs[0]}
+            for name, runs in results.items() if runs}
+
+
+def _fmt(mc):
+    m, ci = mc
+    if math.isnan(m):
+        return "-"
+    return f"{m:.3f}" if math.isnan(ci) else f"{m:.3f} ± {ci:.3f}"
+
+
+TABLE_COLUMNS = ("entropy start", "entropy end", "entropy/fork start", "entropy/fork end", "entropy/other end",
+                 "eval/avg@64", "eval/pass@1", "eval/pass@64", "eval/distinct", "eval_unique/pass@64",
+                 "eval_unique/distinct")
+
+
+def table(summary, columns=TABLE_COLUMNS):
+    """Markdown table: one row per cell, mean ± 95% CI over seeds."""
+    cols = [c for c in columns if any(c in s for s in summary.values())]
+    lines = ["| run | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    for name, s in summary.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(s.get(c, (float("nan"),) * 2)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def separated_pairs(summary, keys=("entropy end", "eval/pass@64")):
+    """Pairs of cells whose 95% intervals do not overlap on one of `keys`: [(key, a, b), ...]."""
+    out, names = [], list(summary)
+    for key in keys:
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                (ma, ca), (mb, cb) = summary[a].get(key, (math.nan,) * 2), summary[b].get(key, (math.nan,) * 2)
+                if not any(math.isnan(x) for x in (ma, ca, mb, cb)) and abs(ma - mb) > ca + cb:
+                    out.append((key, a, b))
+    return out
+
+
+def plot(results_rows, path):
+    """curves.png: entropy (moving average), eval avg@k, pass@k (largest k) and distinct over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for name, runs in results_rows.items():
+        steps = sorted({r["step"] for rows in runs for r in rows if "entropy" in r})
+        ent = [sum(next(r["entropy"] for r in rows if r["step"] == s) for rows in runs) / len(runs) for s in steps]
+        smooth = [sum(ent[max(0, i - 4):i + 1]) / len(ent[max(0, i - 4):i + 1]) for i in range(len(ent))]
+        line, = axes[0].plot(steps, smooth, label=name)
+        evals = [r for r in runs[0] if "eval/n" in r]
+        keys = [next(k for k in evals[0] if k.startswith("eval/avg@")),
+                max((k for k in evals[0] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1])),
+                "eval/distinct"]
+        for ax, key in zip(axes[1:], keys):
+            xs = [r["step"] for r in evals]
+            ys = [sum(next(r[key] for r in rows if r["step"] == x) for rows in runs) / len(runs) for x in xs]
+            ax.plot(xs, ys, marker="o", color=line.get_color())
+            ax.set(title=f"held-out {key[5:]}", xlabel="step")
+    axes[0].set(title="entropy (nats/token, 5-step mean)", xlabel="step")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(8, len(results_rows)))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="default", help="which comparison (default: default)")
+    p.add_argument("--algos", nargs="+", help="cells to run (default: every cell of the setting)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
+    p.add_argument("--out", default="runs/compare", help="root of the run directories (default runs/compare)")
+    args = p.parse_args(argv)
+    cells = SETTINGS[args.setting]
+    names = args.algos or list(cells)
+    unknown = [n for n in names if n not in cells]
+    if unknown:
+        raise SystemExit(f"--algos: {unknown} not in setting {args.setting!r}; choose from {list(cells)}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    root = Path(args.out) / args.setting
+    root.mkdir(parents=True, exist_ok=True)
+    tiny_lab.warm_start(train.BASE_DEFAULTS["tiny_sft_steps"], tiny_lab.CACHE_DIR)   # once, before the jobs
+    todo = [(root / f"{n}-seed{s}", cell_args(n, cells[n]) + ["--seed", str(s)]) for n in names for s in args.seeds]
+    from tqdm import tqdm
+    failed = []
+    threads = 1 if args.jobs > 1 else max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(todo), desc=args.setting) as bar:
+        for run_dir, code in pool.map(lambda t: run_cell(t[0], t[1], threads), todo):
+            if code != 0:
+                failed.append(run_dir)
+            bar.update()
+    if failed:
+        raise SystemExit(f"{len(failed)} runs failed; see their logs: " + ", ".join(f"{d}.log" for d in failed))
+    rows = {n: [read_rows(root / f"{n}-seed{s}") for s in args.seeds] for n in names}
+    results = {n: [run_figures(r) for r in runs] for n, runs in rows.items()}
+    summary = summarise(results)
+    text = table(summary)
+    pairs = separated_pairs(summary)
+    text += "\n\nPairs separated by more than their 95% intervals: " + (
+        "; ".join(f"{a} vs {b} on {k}" for k, a, b in pairs) if pairs else "none") + "\n"
+    (root / "table.md").write_text(text)
+    (root / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    print(text)
+    try:
+        plot(rows, root / "curves.png")
+        print(f"plot: {root / 'curves.png'}")
+    except ImportError:
+        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    main()
