@@ -1,4 +1,6 @@
-"""Entropy collapse in seconds: a tabular softmax policy trained with GRPO, DAPO, STEER, OPEFO and Archer.
+"""Entropy collapse in seconds: a tabular softmax policy trained with GRPO, DAPO, STEER, OPEFO, Archer and the
+entropy interventions they compare against (entropy bonus, adaptive entropy, Clip-Cov, KL-Cov, forking
+tokens, entropy-based advantage, W-REINFORCE).
 
 The first thing to run:  ``python toy_bandit.py``  (every algorithm, 3 seeds: about 15 s of CPU on 2 cores).
 
@@ -38,6 +40,15 @@ Choices (the issue left them open):
   Steps whose gradient is exactly zero (every group had equal rewards) are left out. Pearson r per run.
 - No dynamic sampling and no overlong penalty (all responses have length T): every algorithm sees the same
   batches, and groups with equal rewards just contribute zero advantage.
+- Clip flags: ``--clip-low 0.99 --clip-high 5`` is STEER's "extreme scenario" (STEER Table 6). They reach every
+  loss with the PPO ratio clip (PPO_CLIP); Archer takes only ``--dual-clip`` (its clips are per token type),
+  OPEFO none (no ratio).
+- Entropy flow per quadrant: every optimizer step's exact first-order entropy change is split with
+  losses.entropy_flow_quadrants into (A > 0, A < 0) x (likely, unlikely) tokens and reported per method
+  (STEER's four-factor view and OPEFO's flow view in numbers).
+- The interventions run with their papers' defaults (losses.py); the adaptive-entropy controller keeps
+  Skywork-OR1's target of 0.2 nats, which the toy's entropy never goes below, so it acts only once a run
+  has collapsed past that target. Clip-Cov draws its tokens from the run's generator.
 - ``--algos drgrpo`` (not in the default set): Dr. GRPO's loss with unnormalised advantages A = R - mean.
 - The labels of the correct tokens carry no meaning in a tabular policy, so they are fixed: tokens
   0 .. K//2 - 1 at forks, token 0 at knowledge positions.
@@ -45,9 +56,11 @@ Choices (the issue left them open):
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -60,14 +73,27 @@ ALGOS = {
     "grpo": ("grpo", {}),
     "dapo": ("dapo", {}),
     "steer": ("steer", {}),
+    "steer-code": ("steer", {"omega": "code"}),
     "steer-exact": ("steer", {"omega": "exact"}),
     "opefo": ("opefo", {}),
     "opefo-exact": ("opefo", {"flow": "exact"}),
     "archer": ("archer", {}),
     "drgrpo": ("drgrpo", {}),
+    # the interventions STEER and OPEFO compare against (losses.py docstrings give papers and defaults)
+    "entropy-bonus": ("entropy_bonus", {}),
+    "adaptive-entropy": ("adaptive_entropy", {}),
+    "clip-cov": ("clip_cov", {}),
+    "kl-cov": ("kl_cov", {}),
+    "forking": ("forking", {}),
+    "entropy-adv": ("entropy_adv", {}),
+    "w-reinforce": ("w_reinforce", {}),
 }
+INTERVENTIONS = ("entropy-bonus", "adaptive-entropy", "clip-cov", "kl-cov", "forking", "entropy-adv", "w-reinforce")
 DEFAULT_ALGOS = ("grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
 ON_POLICY = {"opefo"}          # losses that take exactly one update per rollout batch
+# losses with the ratio clip, which take --clip-low / --clip-high / --dual-clip (Archer: only the dual clip)
+PPO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entropy", "clip_cov", "forking",
+            "entropy_adv", "w_reinforce"}
 PASS_K = (1, 4, 16)
 HELP = {
     "T": "response length (positions; even ones are forks)",
@@ -80,6 +106,10 @@ HELP = {
     "optimizer": "sgd (the first-order analysis' setting) or adam",
     "init_bias": "initial logit bonus of the correct tokens",
     "init_noise": "std of the random initial logits",
+    "clip_low": "PPO clip epsilon below 1 (None: each loss's default; losses that take it: grpo, dapo, drgrpo, "
+                "steer)",
+    "clip_high": "PPO clip epsilon above 1 (None: each loss's default; same losses)",
+    "dual_clip": "dual-clip constant c for negative advantages (None: each loss's default; also archer)",
     "lambda_min": "STEER: smallest token weight",
     "opefo_lr_scale": "OPEFO lr multiplier (None: sqrt(updates), as in the OPEFO paper)",
     "archer_quantile": "Archer: per-response entropy quantile separating reasoning tokens",
@@ -102,6 +132,9 @@ class Config:
     optimizer: str = "sgd"
     init_bias: float = 2.5      # logit bonus of the correct tokens at initialisation
     init_noise: float = 0.5     # std of the random initial logits ("pretrained" preferences)
+    clip_low: Optional[float] = None    # PPO-style losses' clip range (None: the loss's own default);
+    clip_high: Optional[float] = None   # STEER's extreme scenario is 0.99 / 5 (STEER Table 6)
+    dual_clip: Optional[float] = None
     lambda_min: float = 0.7     # STEER
     opefo_lr_scale: Optional[float] = None   # OPEFO lr multiplier; None -> sqrt(updates)
     archer_quantile: float = 0.8
@@ -188,6 +221,9 @@ def run(algo, seed, cfg):
     loss_fn = losses.LOSSES[loss_name]
     std_normalize = loss_name != "drgrpo"         # Dr. GRPO: A = R - mean, no std division
     knobs = dict(extra)
+    for name in ("clip_low", "clip_high", "dual_clip"):        # only the losses that have the knob take it
+        if getattr(cfg, name) is not None and (loss_name in PPO_CLIP or (name == "dual_clip" and loss_name == "archer")):
+            knobs[name] = getattr(cfg, name)
     if loss_name == "steer":
         knobs["lambda_min"] = cfg.lambda_min
     if loss_name == "archer":
@@ -199,6 +235,9 @@ def run(algo, seed, cfg):
         lr *= math.sqrt(cfg.updates) if cfg.opefo_lr_scale is None else cfg.opefo_lr_scale
 
     gen = torch.Generator().manual_seed(seed)        # all randomness of the run comes from here
+    if loss_name == "clip_cov":
+        knobs["generator"] = gen                     # Clip-Cov's random choice of tokens
+    control = losses.entropy_control_init() if loss_name == "adaptive_entropy" else None
     correct, init_logits, variant_correct, h_star = make_task(cfg, gen)
     logits = torch.nn.Parameter(init_logits.clone())
     if cfg.optimizer == "sgd":
@@ -216,6 +255,7 @@ def run(algo, seed, cfg):
     tables = [init_logits]                        # the policy after every rollout step
     before, after, weights = [], [], []           # every optimizer step: tables around it, summed weights
     clipfrac = []
+    flows = []                                    # every optimizer step: losses.entropy_flow_quadrants
 
     for _ in range(cfg.steps):
         tokens = sample_responses(logits, n, gen)
@@ -225,14 +265,22 @@ def run(algo, seed, cfg):
             old_batch_logits = logits.detach().expand(n, T, K)
             old_logp, entropy, exact_term = losses.token_stats(old_batch_logits, tokens)   # one pass
             ref_logp = losses.token_logprobs(ref_logits, tokens)
+        if control is not None:                   # adaptive entropy: this step's coefficient from the rollout
+            knobs["alpha"], control = losses.entropy_control_step(control, float(entropy.mean()))
         for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
-            logp = losses.token_logprobs(logits.expand(n, T, K), tokens)
+            current = {}
+            if loss_name in losses.CURRENT_ENTROPY_LOSSES:   # the bonus needs H of the current policy, with grad
+                logp, current["current_entropy"] = losses.token_logprobs_entropy(logits.expand(n, T, K), tokens)
+            else:
+                logp = losses.token_logprobs(logits.expand(n, T, K), tokens)
             logp.retain_grad()
             loss, metrics = loss_fn(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                                     entropy=entropy, exact_term=exact_term, ref_logp=ref_logp,
-                                    num_tokens=n * T, **knobs)
+                                    num_tokens=n * T, **current, **knobs)
             loss.backward()
+            flows.append(losses.entropy_flow_quadrants(old_logp, entropy, exact_term, advantages,
+                                                       -logp.grad, mask))
             clipfrac.append(metrics.get("clip_frac_low", 0.0) + metrics.get("clip_frac_high", 0.0))
             # w = -d loss / d logp: the step ascends sum_i w_i log pi(a_i); summed per (position, token)
             w = torch.zeros(T * K).scatter_add_(0, (slot + tokens).reshape(-1), -logp.grad.reshape(-1))
@@ -270,6 +318,10 @@ def run(algo, seed, cfg):
         "r_first_order_exact": r_exact,
         "r_first_order_paper": r_paper,
         "clipfrac": sum(clipfrac) / max(len(clipfrac), 1),
+        # exact first-order change of the mean entropy per optimizer step (lr * sum / T), per quadrant,
+        # averaged over the run's steps (the SGD prediction; with Adam only the direction holds)
+        "flow": {q: lr * sum(f[f"{q}_exact"] for f in flows) / len(flows) / T
+                 for q in losses.QUADRANTS + ("total",)},
         "entropy_curve": entropy_curve,
         "accuracy_curve": accuracy_curve,
     }
@@ -300,7 +352,8 @@ def _fmt(v, spec):
 def format_report(results, cfg, wall_s):
     """Summary table (per algorithm and seed, plus the mean over seeds) and per-step sparklines."""
     h_star = results[0]["h_star"]
-    head = (f"{'algo':<12}{'seed':>5}{'acc':>7}{'H':>7}{'H/H*':>7}{'90%@':>6}{'pass@1':>8}{'pass@4':>8}"
+    wa = max(12, max(len(r["algo"]) for r in results) + 1)
+    head = (f"{'algo':<{wa}}{'seed':>5}{'acc':>7}{'H':>7}{'H/H*':>7}{'90%@':>6}{'pass@1':>8}{'pass@4':>8}"
             f"{'pass@16':>8}{'distinct':>9}{'r_exact':>9}{'r_paper':>9}")
     lines = [f"toy bandit: T={cfg.T} positions, K={cfg.K} tokens, {(cfg.T + 1) // 2} forks with {cfg.K // 2} correct "
              f"tokens, H* = {h_star:.3f}; {cfg.groups} groups x G={cfg.G} per batch, {cfg.steps} steps, "
@@ -315,7 +368,7 @@ def format_report(results, cfg, wall_s):
         mk = lambda key, k: sum(r[key][k] for r in rs) / len(rs)   # noqa: E731
         steps = [r["steps_to_90"] for r in rs]
         s90 = None if any(s is None for s in steps) else sum(steps) / len(steps)
-        return (f"{name:<12}{seed:>5}{mean('accuracy'):>7.3f}{mean('entropy'):>7.3f}{mean('entropy_over_h_star'):>7.2f}"
+        return (f"{name:<{wa}}{seed:>5}{mean('accuracy'):>7.3f}{mean('entropy'):>7.3f}{mean('entropy_over_h_star'):>7.2f}"
                 f"{_fmt(s90, '.0f'):>6}{mk('pass_at_k_variants', '1'):>8.3f}{mk('pass_at_k_variants', '4'):>8.3f}"
                 f"{mk('pass_at_k_variants', '16'):>8.3f}{mean('distinct_correct'):>9.1f}"
                 f"{_fmt(mean('r_first_order_exact'), '.3f'):>9}{_fmt(mean('r_first_order_paper'), '.3f'):>9}")
@@ -326,27 +379,53 @@ def format_report(results, cfg, wall_s):
         lines += [row(algo, str(r["seed"]), [r]) for r in rs]
         if len(rs) > 1:
             lines.append(row(algo, "mean", rs))
+    lines += ["", "first-order entropy flow per quadrant (exact form, the change of the mean entropy per update,",
+              "x 1e-3 nats, mean over the run and seeds): A>0 / A<0 on likely (pi > exp(-H)) / unlikely tokens",
+              f"{'algo':<{wa}}" + "".join(f"{q:>14}" for q in losses.QUADRANTS) + f"{'net':>10}"]
+    for algo in algos:
+        rs = [r for r in results if r["algo"] == algo]
+        flow = {q: 1e3 * sum(r["flow"][q] for r in rs) / len(rs) for q in losses.QUADRANTS + ("total",)}
+        lines.append(f"{algo:<{wa}}" + "".join(f"{flow[q]:>14.2f}" for q in losses.QUADRANTS)
+                     + f"{flow['total']:>10.2f}")
     curves = {a: [[sum(v) / len(v) for v in zip(*(r[key] for r in results if r["algo"] == a))]
                   for key in ("entropy_curve", "accuracy_curve")] for a in algos}
     h_hi = max(max(c[0]) for c in curves.values())
     lines += ["", f"per-step curves, mean over seeds ({cfg.steps} steps; entropy scale 0 .. {h_hi:.2f}, "
               f"H* = {h_star:.2f} is '{sparkline([h_star], 0.0, h_hi, 1)}'; accuracy scale 0 .. 1)"]
     for a, (h, acc) in curves.items():
-        lines.append(f"{a:<12} H {sparkline(h, 0.0, h_hi)} {h[0]:.2f}->{h[-1]:.2f}   "
+        lines.append(f"{a:<{wa}} H {sparkline(h, 0.0, h_hi)} {h[0]:.2f}->{h[-1]:.2f}   "
                      f"acc {sparkline(acc, 0.0, 1.0)} {acc[0]:.2f}->{acc[-1]:.2f}")
     lines.append(f"\n{len(results)} run{'s' * (len(results) != 1)} in {wall_s:.1f} s")
     return "\n".join(lines)
 
 
-def plot(results, path):
-    """Entropy and accuracy curves (mean over seeds) to a PNG; needs matplotlib."""
+def _pyplot(path):
+    """matplotlib.pyplot with the Agg backend; exits with a one-line message when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit(f"--plot {path}: matplotlib is not installed (pip install matplotlib); "
-                 "the table and sparklines above need nothing extra")
+                 "the table and sparklines need nothing extra")
+    return plt
+
+
+def _check_writable(path, flag):
+    """Exit with a one-line message, before any work, when `path` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        sys.exit(f"{flag} {path}: folder {parent} does not exist")
+    if path.is_dir():
+        sys.exit(f"{flag} {path}: is a folder; give a file name")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        sys.exit(f"{flag} {path}: not writable")
+
+
+def plot(results, path):
+    """Entropy and accuracy curves (mean over seeds) to a PNG; needs matplotlib."""
+    plt = _pyplot(path)
     fig, (ax_h, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
     for algo in dict.fromkeys(r["algo"] for r in results):
         rs = [r for r in results if r["algo"] == algo]
@@ -355,9 +434,10 @@ def plot(results, path):
     ax_h.axhline(results[0]["h_star"], color="k", ls="--", lw=1, label="H*")
     ax_h.set(xlabel="step", ylabel="mean policy entropy (nats)", title="entropy")
     ax_a.set(xlabel="step", ylabel="P(correct)", title="accuracy", ylim=(0, 1.02))
-    ax_h.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*ax_h.get_legend_handles_labels(), loc="center right", fontsize=8)   # outside both panels
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def parse_args(argv=None):
@@ -370,7 +450,7 @@ def parse_args(argv=None):
         flag = "--" + name.replace("_", "-")
         if name == "optimizer":
             p.add_argument(flag, default=value, choices=("sgd", "adam"), help=HELP[name])
-        elif name == "opefo_lr_scale":
+        elif value is None:
             p.add_argument(flag, type=float, default=None, help=HELP[name])
         else:
             p.add_argument(flag, type=type(value), default=value, help=HELP[name])
@@ -394,6 +474,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     algos, n_seeds, cfg, args = parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):    # fail before the work, not after
+        if path:
+            _check_writable(path, flag)
+    if args.plot:
+        _pyplot(args.plot)
     torch.set_num_threads(1)
     start = time.perf_counter()
     results = [run(a, s, cfg) for a in algos for s in range(n_seeds)]
