@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,10 @@ def table(summary, columns=TABLE_COLUMNS):
     return "\n".join(lines)
 
 
+ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain") for form in losses.FIRST_ORDER_FORMS
+                          for stat in ("pearson", "spearman", "sign_agree"))
+
+
 def separated_pairs(summary, keys=("entropy end", "eval/pass@64")):
     """Pairs of cells whose 95% intervals do not overlap on one of `keys`: [(key, a, b), ...]."""
     out, names = [], list(summary)
@@ -222,6 +227,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     p.add_argument("--out", default="runs/compare", help="root of the run directories (default runs/compare)")
+    p.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--steps 200' "
+                   "(they are part of the runs: use a new --out for a new value)")
     args = p.parse_args(argv)
     cells = SETTINGS[args.setting]
     names = args.algos or list(cells)
@@ -232,8 +239,11 @@ def main(argv=None):
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
     root = Path(args.out) / args.setting
     root.mkdir(parents=True, exist_ok=True)
-    tiny_lab.warm_start(train.BASE_DEFAULTS["tiny_sft_steps"], tiny_lab.CACHE_DIR)   # once, before the jobs
-    todo = [(root / f"{n}-seed{s}", cell_args(n, cells[n]) + ["--seed", str(s)]) for n in names for s in args.seeds]
+    extra = shlex.split(args.train_flags)
+    todo = [(root / f"{n}-seed{s}", cell_args(n, cells[n]) + extra + ["--seed", str(s)])
+            for n in names for s in args.seeds]
+    first = train.resolve_config(train.build_parser().parse_args(todo[0][1]), log=lambda m: None)
+    tiny_lab.warm_start(first["tiny_sft_steps"], first["cache_dir"])      # once, before the parallel jobs
     from tqdm import tqdm
     failed = []
     threads = 1 if args.jobs > 1 else max(1, os.cpu_count() or 1)
@@ -248,6 +258,9 @@ def main(argv=None):
     results = {n: [run_figures(r) for r in runs] for n, runs in rows.items()}
     summary = summarise(results)
     text = table(summary)
+    if any("dH/pearson_exact" in s for s in summary.values()):
+        text += ("\n\nEstimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, "
+                 "mean over steps; *_uncertain: only tokens with pi_a < 0.99:\n\n" + table(summary, ESTIMATOR_COLUMNS))
     pairs = separated_pairs(summary)
     text += "\n\nPairs separated by more than their 95% intervals: " + (
         "; ".join(f"{a} vs {b} on {k}" for k, a, b in pairs) if pairs else "none") + "\n"
