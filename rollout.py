@@ -9,11 +9,13 @@ What it does
   and returns a `Rollout` with the token ids, the masks, the decoded completions and a truncated flag.
   A response ends at the first stop token (`stop_token_ids`): the EOS ids of the tokenizer and of the
   model's generation config and, with a chat template, the template's end-of-turn token (`end_of_turn_id`).
+- `concat_rollouts` joins rollouts of different widths into one (re-padded; DAPO's dynamic sampling draws
+  several rounds per step).
 - `response_stats` computes, for the response tokens only, the log-probabilities log pi(o_t | s_t) that the
-  ratios r_t of every loss need, and (without gradient) the full-vocabulary entropy H(s_t) and the extra
-  term sum_b pi_b^2 (log pi_b + H) of the exact first-order entropy change (entropy_math.dh_exact), which
-  STEER (arXiv 2510.10150, section 3), OPEFO (arXiv 2605.11491) and Archer (arXiv 2507.15778, token
-  classification by entropy) use.
+  ratios r_t of every loss need, the full-vocabulary entropy H(s_t) (with its gradient when asked, for an
+  entropy bonus) and the extra term sum_b pi_b^2 (log pi_b + H) of the exact first-order entropy change
+  (entropy_math.dh_exact), which STEER (arXiv 2510.10150, section 3), OPEFO (arXiv 2605.11491) and Archer
+  (arXiv 2507.15778, token classification by entropy) use.
 
 Memory: logits are never formed for the prompt. The decoder backbone gives the last hidden states
 (N, P+R, D); only the R positions P-1 .. P+R-2 (the ones that predict response tokens) go through the
@@ -218,19 +220,49 @@ def generate(model, tokenizer, prompts, *, group_size, max_new_tokens, temperatu
     )
 
 
+def concat_rollouts(parts, pad_id):
+    """One Rollout from a list of Rollouts (rows in order), re-padded to the widest prompt and response.
+
+    Each part's prompt block is left-padded and its response block right-padded with pad_id (attention
+    and response mask 0 there), so every row keeps its tokens and, through position_ids = cumsum of the
+    attention mask (response_stats), its positions; prompt_index of part k is offset by the number of
+    prompts of the parts before it (max prompt_index + 1). A single part is returned as it is.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    p_max = max(ro.prompt_length for ro in parts)
+    r_max = max(ro.response_mask.shape[1] for ro in parts)
+    pad = torch.nn.functional.pad
+    ids, att, resp, index, offset = [], [], [], [], 0
+    for ro in parts:
+        p, left, right = ro.prompt_length, p_max - ro.prompt_length, r_max - ro.response_mask.shape[1]
+        ids.append(torch.cat([pad(ro.input_ids[:, :p], (left, 0), value=pad_id),
+                              pad(ro.input_ids[:, p:], (0, right), value=pad_id)], 1))
+        att.append(torch.cat([pad(ro.attention_mask[:, :p], (left, 0)), pad(ro.attention_mask[:, p:], (0, right))], 1))
+        resp.append(pad(ro.response_mask, (0, right)))
+        index.append(ro.prompt_index + offset)
+        offset += int(ro.prompt_index.max()) + 1 if ro.prompt_index.numel() else 0
+    return Rollout(input_ids=torch.cat(ids), attention_mask=torch.cat(att), response_mask=torch.cat(resp),
+                   prompt_length=p_max, completions=[c for ro in parts for c in ro.completions],
+                   truncated=torch.cat([ro.truncated for ro in parts]), prompt_index=torch.cat(index),
+                   response_length=torch.cat([ro.response_length for ro in parts]))
+
+
 def response_stats(model, input_ids, attention_mask, prompt_length, response_mask, *, temperature=1.0,
                    with_grad=False, with_entropy=True, chunk_size=None, micro_batch_size=None):
     """Per-token statistics of the response part of a batch under the temperature-scaled policy.
 
     input_ids, attention_mask (N, P+R); response_mask (N, R); prompt_length = P.
     Returns {"logp": (N, R)} (log pi(o_t | s_t), with gradient iff with_grad) and, when with_entropy,
-    "entropy" (N, R) = H(s_t) and "exact_term" (N, R) = sum_b pi_b^2 (log pi_b + H) (both without
-    gradient); all are 0 where response_mask is 0.
+    "entropy" (N, R) = H(s_t) (with gradient iff with_grad: the current policy's entropy that an entropy
+    bonus differentiates) and "exact_term" (N, R) = sum_b pi_b^2 (log pi_b + H) (never with gradient);
+    all are 0 where response_mask is 0.
     The backbone runs with position_ids = cumsum(attention_mask) - 1 (clamped at 0), so left padding does
     not move a sample's positions; hidden states at P-1 .. P+R-2 go through the lm_head, the logits are
     divided by temperature in place (in the model's dtype; losses.py upcasts chunk by chunk), and losses.py
     reduces over the vocabulary in chunks of chunk_size positions (None: its default working set):
-    token_stats (one pass for logp, H and S2) without gradient, token_logprobs (+ token_entropy) with it.
+    token_stats (one pass for logp, H and S2) without gradient; with it, token_logprobs, or
+    token_logprobs_entropy (logp and H, one pass forward and one backward) plus token_entropy for S2.
     micro_batch_size splits the N rows into forward passes of at most that many rows (bounds activation
     memory, mainly useful with with_grad=False).
     """
@@ -271,10 +303,11 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
             targets = ids[:, prompt_length:]
             if with_entropy and not with_grad:      # behaviour-policy statistics: one pass over the logits
                 lp, ent, ex = losses.token_stats(logits, targets, chunk_size=chunk_size)
+            elif with_entropy:                      # the current policy's H with its gradient (entropy bonus)
+                lp, ent = losses.token_logprobs_entropy(logits, targets, chunk_size=chunk_size)
+                ex = losses.token_entropy(logits.detach(), exact_term=True, chunk_size=chunk_size)[1]
             else:
                 lp = losses.token_logprobs(logits, targets, chunk_size=chunk_size)
-                if with_entropy:
-                    ent, ex = losses.token_entropy(logits.detach(), exact_term=True, chunk_size=chunk_size)
         logps.append(lp)
         if with_entropy:
             entropies.append(ent)

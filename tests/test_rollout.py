@@ -271,24 +271,59 @@ def test_left_padding_does_not_change_logp(which, request):
     assert (alone[0, :3] < 0).all() and alone[0, 3] == 0
 
 
-def test_with_grad_gives_gradients_equal_to_naive(model, sampled):
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_with_grad_gives_gradients_equal_to_naive(model, sampled, with_entropy):
+    """log pi(a) and, with with_entropy, the entropy H carry the gradients of a naive float32 softmax
+    (the objective sum logp + 0.3 sum H); S2 never carries one."""
     _, ro = sampled
     stats = response_stats(model, ro.input_ids, ro.attention_mask, ro.prompt_length, ro.response_mask,
-                           temperature=0.7, with_grad=True)
-    assert stats["logp"].requires_grad and not stats["entropy"].requires_grad
+                           temperature=0.7, with_grad=True, with_entropy=with_entropy)
+    assert stats["logp"].requires_grad
+    assert set(stats) == ({"logp", "entropy", "exact_term"} if with_entropy else {"logp"})
     model.zero_grad()
-    stats["logp"].sum().backward()
+    objective = stats["logp"].sum() + (0.3 * stats["entropy"].sum() if with_entropy else 0.0)
+    objective.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
     pos = (ro.attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits
-    lp = (logits[:, ro.prompt_length - 1:-1] / 0.7).log_softmax(-1)
-    lp = lp.gather(-1, ro.input_ids[:, ro.prompt_length:, None]).squeeze(-1)
-    (lp * ro.response_mask).sum().backward()
+    full = (logits[:, ro.prompt_length - 1:-1] / 0.7).log_softmax(-1)
+    lp = full.gather(-1, ro.input_ids[:, ro.prompt_length:, None]).squeeze(-1)
+    naive = (lp * ro.response_mask).sum()
+    if with_entropy:
+        assert stats["entropy"].requires_grad and not stats["exact_term"].requires_grad
+        h = -(full.exp() * full).sum(-1)
+        torch.testing.assert_close(stats["entropy"].detach(), (h * ro.response_mask).detach(), atol=1e-5, rtol=1e-5)
+        naive = naive + 0.3 * (h * ro.response_mask).sum()
+    naive.backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-4, rtol=1e-3, msg=name)
     assert grads["lm_head.weight"].abs().sum() > 0 and grads["model.embed_tokens.weight"].abs().sum() > 0
     model.zero_grad()
+
+
+def test_concat_rollouts_keeps_every_row(model, tok):
+    """Two rounds of different prompt and response widths, joined: every row's tokens, masks and statistics
+    are those of its own round (re-padding moves nothing), prompt_index continues across the rounds."""
+    torch.manual_seed(5)
+    a = generate(model, tok, ["1+1?"], group_size=2, max_new_tokens=4)
+    b = generate(model, tok, ["what is 12+30?", "7?"], group_size=2, max_new_tokens=9)
+    joined = rollout.concat_rollouts([a, b], PAD)
+    assert rollout.concat_rollouts([a], PAD) is a
+    assert joined.prompt_length == max(a.prompt_length, b.prompt_length) and len(joined.completions) == 6
+    assert joined.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
+    assert joined.response_length.tolist() == a.response_length.tolist() + b.response_length.tolist()
+    assert torch.equal(joined.response_mask.sum(1), joined.response_length.float())
+    ours = response_stats(model, joined.input_ids, joined.attention_mask, joined.prompt_length, joined.response_mask)
+    for rows, part in ((slice(0, 2), a), (slice(2, 6), b)):
+        width = part.response_mask.shape[1]
+        alone = response_stats(model, part.input_ids, part.attention_mask, part.prompt_length, part.response_mask)
+        for key in ("logp", "entropy", "exact_term"):
+            torch.testing.assert_close(ours[key][rows, :width], alone[key], atol=1e-5, rtol=1e-5)
+            assert (ours[key][rows, width:] == 0).all()
+        pads = joined.attention_mask[rows] == 0
+        assert (joined.input_ids[rows][pads] == PAD).all()
+        assert joined.attention_mask[rows].sum() == part.attention_mask.sum()
 
 
 def test_response_stats_validates_shapes(model, sampled):
