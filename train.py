@@ -1,13 +1,17 @@
-"""The RLVR training loop: GRPO, DAPO, Dr. GRPO, STEER, OPEFO and Archer on one machine, end to end.
+"""The RLVR training loop: GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer and the entropy interventions they are
+compared with (entropy bonus, adaptive entropy, Clip-Cov, KL-Cov, forking tokens, entropy-based advantage,
+W-REINFORCE) on one machine, end to end.
 
 It composes the other files: rollout.py samples G responses per prompt and scores their tokens,
-verifier.py turns each response into a 0/1 reward, losses.py gives group advantages and the six losses.
+verifier.py turns each response into a 0/1 reward, losses.py gives group advantages and every loss (LOSSES).
 One step (GRPO, DeepSeekMath sec. 4.1; the variations are the losses in losses.py):
-    sample prompts -> generate G each -> verify -> group advantages (drop all-equal groups: DAPO's dynamic
-    sampling without the refill, also Archer's default) -> old log-probs, entropy and the exact-term S2
-    (no grad) [-> reference log-probs when a KL term needs them] -> the chosen loss over U mini-batches,
-    each split into micro-batches with gradient accumulation, normalised by the mini-batch's totals
-    (num_tokens / num_seqs, so the gradient does not depend on the micro-batch size) -> clip -> step.
+    sample prompts -> generate G each -> verify [-> DAPO: refill rounds until enough groups have non-equal
+    rewards; overlong penalty added to the reward] -> group advantages (drop all-equal groups with
+    --drop-equal-groups: DAPO's dynamic sampling, also Archer's default) -> old log-probs, entropy and the
+    exact-term S2 (no grad) [-> reference log-probs when a KL term needs them] -> the chosen loss over U
+    mini-batches, each split into micro-batches with gradient accumulation; losses.batch_statistics gives
+    each mini-batch's totals (num_tokens / num_seqs) and the loss's batch-wide inputs once, so the gradient
+    does not depend on the micro-batch size -> clip -> step.
 
 Algorithm-specific wiring (where the papers or their code leave a choice):
     STEER   omega_max, the M of lambda = lambda_min ** (m / M), is computed once per mini-batch from the
@@ -18,6 +22,24 @@ Algorithm-specific wiring (where the papers or their code leave a choice):
     Archer  the token types come from each response's own entropy quantile, so they do not depend on the
             split; its KL sits inside the token aggregation (losses.py), so num_tokens keeps it exact.
     GRPO    a frozen reference model is loaded only when --kl-coef > 0 (Archer: when its KL is on).
+    DAPO    all four parts (arXiv 2503.14476): clip-higher and token-mean (losses.dapo_loss), dynamic
+            sampling with refill (sec. 3.2; --max-refill-rounds, 9 by default: DAPO's recipe draws at most
+            10 generation batches) and the soft overlong punishment (sec. 3.4; overlong_penalty, with
+            L_max = --max-new-tokens and L_cache = --overlong-cache, 0.2 L_max by default).
+    entropy_bonus / adaptive_entropy  the current policy's entropy WITH its gradient (response_stats with
+            with_grad and with_entropy) as current_entropy; adaptive_entropy's controller
+            (losses.entropy_control_step, Skywork-OR1) takes one step per RL step on the rollout's mean token
+            entropy, logs entropy_control/alpha and /coef, and is saved in checkpoints.
+    clip_cov  the token choice is made once per mini-batch (batch_statistics) with a torch.Generator seeded
+            from --seed, whose state is saved in checkpoints. kl_cov, forking: their cut and centring once per
+            mini-batch (batch_statistics).
+
+The four-quadrant entropy flow (STEER's factors, OPEFO's flow view): every optimizer step splits the first-order
+entropy change of the update, with each token's weight w = -dLoss/dlogp read off the autograd graph, into
+(A > 0, A < 0) x (likely pi_a > exp(-H), unlikely) (losses.entropy_flow_quadrants); the RL step logs the sums
+over its optimizer steps as flow/<quadrant>_exact, _paper and _count for the quadrants of losses.QUADRANTS,
+zero_adv (A = 0 tokens a KL term can move) and total. A gradient that does not pass through log pi(a) (an
+entropy bonus's) is not in w, and so not in these sums. --plot draws them stacked over steps.
 
 The tiny lab (--preset tiny; the default on a machine without CUDA) lives in tiny_lab.py: a Countdown-style
 task with several correct solutions per problem, a character-level tokenizer, a ~0.1M-parameter Qwen2 built
@@ -26,9 +48,10 @@ in code and a cached supervised warm start. There the reward is tiny_lab.score, 
 tokens, where valid solutions branch (entropy/fork), and elsewhere (entropy/other). Runs offline on CPU.
 
 Outputs in the run directory: config.json, metrics.jsonl (one line per step; step 0 holds the evaluation of
-the starting model), samples.jsonl, checkpoints/step_NNNNNN (save_pretrained + optimizer, RNG and data-order
-state; written to a temporary folder and renamed, then the `latest` pointer is replaced atomically) and,
-with --plot, curves.png. --resume DIR continues a run bit-for-bit on CPU (same metrics except timings).
+the starting model; a value that is not finite is written as null), samples.jsonl, checkpoints/step_NNNNNN
+(save_pretrained + optimizer, RNG, data-order, Clip-Cov generator and entropy-controller state; written to a
+temporary folder and renamed, then the `latest` pointer is replaced atomically) and, with --plot, curves.png.
+--resume DIR continues a run bit-for-bit on CPU (same metrics except timings).
 
 --measure-entropy-change re-computes the entropy on each mini-batch after its update and logs the Pearson /
 Spearman correlation between each token's predicted first-order change (exact, STEER-code and paper forms,
@@ -40,6 +63,7 @@ gradient step (per-parameter scaling), so the predictions hold only up to that p
 
 Run:
     python train.py --algo grpo                         # tiny lab on CPU
+    python train.py --algo clip_cov --clip-cov-ratio 1e-3
     python train.py --algo steer --preset qwen-0.5b-gsm8k --out runs/steer-gsm8k
     python train.py --resume runs/steer-gsm8k
     python train.py --help
@@ -66,7 +90,8 @@ import tiny_lab
 import verifier
 from entropy_math import pearson, sign_agreement, spearman
 
-ALGOS = ("grpo", "dapo", "drgrpo", "steer", "opefo", "archer")
+ALGOS = ("grpo", "dapo", "drgrpo", "steer", "opefo", "archer",
+         "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "forking", "entropy_adv", "w_reinforce")
 
 # ------------------------------------------------------------------------------------------- presets
 # Every tunable flag defaults to None; the preset fills it, then ALGO_DEFAULTS, then BASE_DEFAULTS.
@@ -75,7 +100,7 @@ BASE_DEFAULTS = dict(
     updates_per_batch=2, micro_batch_size=8, max_grad_norm=1.0, optimizer="adamw", eval_interval=20,
     eval_k=8, eval_size=None, eval_temperature=1.0, save_interval=20, log_samples=2, seed=0,
     dataset_split="train", eval_split="test", answer_format="auto", bf16=False, gradient_checkpointing=False,
-    tiny_sft_steps=1500,
+    tiny_sft_steps=1500, drop_equal_groups=False, max_refill_rounds=0, overlong_penalty=False,
 )
 PRESETS = {
     "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=20, lr=5e-4, steps=100, updates_per_batch=2,
@@ -90,26 +115,36 @@ PRESETS = {
                             micro_batch_size=8, eval_interval=50, eval_k=4, eval_size=500, bf16=True,
                             gradient_checkpointing=True),
 }
-# Dr. GRPO: no std in the advantage; DAPO and Archer drop all-equal groups; OPEFO is strictly on-policy.
+# Dr. GRPO: no std in the advantage; DAPO (all four of its parts) and Archer drop all-equal groups; OPEFO is
+# strictly on-policy; the interventions keep GRPO's settings (every group kept).
 ALGO_DEFAULTS = {
-    "grpo": dict(drop_equal_groups=False),
-    "dapo": dict(drop_equal_groups=True),
-    "drgrpo": dict(drop_equal_groups=False),
-    "steer": dict(drop_equal_groups=False),
-    "opefo": dict(drop_equal_groups=False),
+    "dapo": dict(drop_equal_groups=True, max_refill_rounds=9, overlong_penalty=True),
     "archer": dict(drop_equal_groups=True),
 }
 # CLI flag -> keyword of the loss (per algorithm where the names differ). None defaults = the loss's own.
 LOSS_KNOBS = {
     "clip_low": "clip_low", "clip_high": "clip_high", "dual_clip": "dual_clip", "agg": "agg",
-    "kl_coef": "kl_coef", "lambda_min": "lambda_min", "first_order_form": {"steer": "omega", "opefo": "flow"},
+    "kl_coef": {a: "kl_coef" for a in ("grpo", "dapo", "drgrpo")}, "lambda_min": "lambda_min",
+    "first_order_form": {"steer": "omega", "opefo": "flow"},
     "archer_quantile": "quantile", "clip_reasoning": "clip_reasoning", "clip_knowledge": "clip_knowledge",
-    "kl_knowledge": "kl_knowledge",
+    "kl_knowledge": "kl_knowledge", "entropy_coef": {"entropy_bonus": "alpha"},
+    "clip_cov_ratio": "clip_cov_ratio", "clip_cov_lb": "cov_lb", "clip_cov_ub": "cov_ub",
+    "kl_cov_ratio": "kl_cov_ratio", "kl_cov_coef": {"kl_cov": "kl_coef"}, "top_frac": "top_frac",
+    "entropy_adv_alpha": {"entropy_adv": "alpha"}, "entropy_adv_kappa": {"entropy_adv": "kappa"},
+    "positive_weight": "positive_weight",
 }
+# CLI flag -> keyword of losses.entropy_control_init (adaptive_entropy's controller; --entropy-coef is its start)
+CONTROL_KNOBS = {"target_entropy": "target", "entropy_coef": "coef", "entropy_coef_delta": "delta",
+                 "entropy_coef_max": "coef_max"}
+# the function whose keywords each algorithm's flags map to (the call goes through losses.LOSSES, whose dapo,
+# drgrpo and adaptive_entropy entries forward their keywords to grpo_loss and entropy_bonus_loss)
 LOSS_FUNCS = {"grpo": losses.grpo_loss, "dapo": losses.grpo_loss, "drgrpo": losses.grpo_loss,
-              "steer": losses.steer_loss, "opefo": losses.opefo_loss, "archer": losses.archer_loss}
+              "steer": losses.steer_loss, "opefo": losses.opefo_loss, "archer": losses.archer_loss,
+              "entropy_bonus": losses.entropy_bonus_loss, "adaptive_entropy": losses.entropy_bonus_loss,
+              "clip_cov": losses.clip_cov_loss, "kl_cov": losses.kl_cov_loss, "forking": losses.forking_loss,
+              "entropy_adv": losses.entropy_adv_loss, "w_reinforce": losses.w_reinforce_loss}
 # loss metrics that are partial sums when micro-batching (global normalisers): summed, the rest token-averaged
-SUMMED_METRICS = ("pg_loss", "kl", "weighted_flow")
+SUMMED_METRICS = ("pg_loss", "kl", "weighted_flow", "entropy_bonus", "kl_cov")
 # metrics whose values depend on the machine's speed, not on the run's numbers (ignored by resume checks)
 TIMING_KEYS = ("time/", "tokens_per_s", "peak_mem_mb")
 
@@ -289,7 +324,7 @@ def loss_kwargs(cfg):
     takes = set(inspect.signature(LOSS_FUNCS[algo]).parameters)
     kwargs = {}
     for flag, target in LOSS_KNOBS.items():
-        if cfg.get(flag) is None:
+        if cfg.get(flag) is None or (algo == "adaptive_entropy" and flag in CONTROL_KNOBS):
             continue
         name = target.get(algo) if isinstance(target, dict) else target
         if name is None or name not in takes:
@@ -298,6 +333,41 @@ def loss_kwargs(cfg):
     if algo == "drgrpo":
         kwargs.setdefault("norm_length", cfg["max_new_tokens"])   # Dr. GRPO's constant: the generation budget
     return kwargs
+
+
+def control_kwargs(cfg):
+    """adaptive_entropy's controller flags as losses.entropy_control_init keywords; an error for another algo
+    (--entropy-coef is also entropy_bonus's alpha, so loss_kwargs judges it there)."""
+    given = [flag for flag in CONTROL_KNOBS if cfg.get(flag) is not None]
+    if cfg["algo"] == "adaptive_entropy":
+        return {CONTROL_KNOBS[flag]: cfg[flag] for flag in given}
+    for flag in given:
+        if flag not in LOSS_KNOBS:
+            raise SystemExit(f"--{flag.replace('_', '-')} does not apply to --algo {cfg['algo']}")
+    return {}
+
+
+def check_knobs(cfg):
+    """The loss and controller flags, checked before the run: a flag the algorithm does not take, or a value
+    out of range (the loss's own check, on a one-token batch), is one SystemExit line naming the flag."""
+    algo = cfg["algo"]
+    kwargs, control = loss_kwargs(cfg), control_kwargs(cfg)
+    flag_of = {v: f for f, v in CONTROL_KNOBS.items()} if algo == "adaptive_entropy" else {}
+    for flag, target in LOSS_KNOBS.items():
+        name = target.get(algo) if isinstance(target, dict) else target
+        if cfg.get(flag) is not None and name not in flag_of:
+            flag_of[name] = flag
+    one = torch.zeros(1, 1)
+    try:
+        if algo == "adaptive_entropy":
+            kwargs["alpha"] = losses.entropy_control_init(**control)["coef"]
+        if algo == "clip_cov":
+            kwargs["generator"] = torch.Generator()                 # leaves the global RNG alone
+        losses.LOSSES[algo](logp=one, old_logp=one, advantages=torch.zeros(1), mask=torch.ones(1, 1), entropy=one,
+                            exact_term=one, ref_logp=one, current_entropy=one, **kwargs)
+    except ValueError as e:
+        flag = flag_of.get(str(e).split("=", 1)[0])
+        raise SystemExit(f"--{flag.replace('_', '-')}: {e}" if flag else str(e)) from None
 
 
 def loss_default(algo, name):
@@ -330,38 +400,41 @@ def _mean_metrics(parts):
     return {k: acc[k] / total[k] for k in acc if total[k] > 0}
 
 
-def update(model, optimizer, batch, cfg, stats_fn):
+def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     """The loss over U mini-batches (one optimizer step each) of the kept responses; returns a metrics dict.
 
     batch: input_ids, attention_mask (N, P+R); mask (N, R); advantages (N,); old_logp, entropy, exact_term
-    and optionally ref_logp (N, R); prompt_length. Mini-batches are whole groups; micro-batches of at most
-    cfg["micro_batch_size"] rows accumulate gradients with the mini-batch's num_tokens / num_seqs.
+    and optionally ref_logp (N, R); prompt_length. Mini-batches are whole groups. For each, one call of
+    losses.batch_statistics gives the mini-batch's num_tokens / num_seqs and the loss's batch-wide inputs
+    (STEER's omega_max, OPEFO's flow totals, Clip-Cov's token choice, KL-Cov's centring and cut, the forking
+    threshold); micro-batches of at most cfg["micro_batch_size"] rows accumulate gradients with them (the
+    per-row ones, such as cov_selected (N, R), sliced with the micro-batch's rows), so the gradient does
+    not depend on the micro-batch size. The entropy-bonus losses (losses.CURRENT_ENTROPY_LOSSES) get the
+    current policy's entropy with its gradient as current_entropy.
+    knobs: loss keywords the loop sets per step on top of the flags' (adaptive_entropy's alpha, clip_cov's
+    generator).
+    Each optimizer step's first-order entropy change is split into STEER's four quadrants with
+    losses.entropy_flow_quadrants, w = -dLoss/dlogp read off the graph, and summed over the mini-batches
+    (flow/<quadrant>_{exact,paper,count}, quadrants losses.QUADRANTS, zero_adv and total).
     A non-finite loss or gradient norm skips that optimizer step (parameters untouched) and is counted.
     stats_fn(b, with_grad=False, with_entropy=True) -> rollout.response_stats of the batch dict b (the caller
     sets temperature, precision and forward micro-batching).
     """
     algo, g = cfg["algo"], cfg["group_size"]
-    kwargs = loss_kwargs(cfg)
+    kwargs = dict(loss_kwargs(cfg), **(knobs or {}))
+    current = algo in losses.CURRENT_ENTROPY_LOSSES
     n = batch["mask"].shape[0]
     groups = list(range(n // g))
     n_mini = 1 if algo == "opefo" else min(cfg["updates_per_batch"], len(groups))
     minis = [sum(([i * g + j for j in range(g)] for i in groups[m::n_mini]), []) for m in range(n_mini)]
-    parts, skipped, grad_norms, measured = [], 0, [], []
-    if algo == "opefo":        # lambda* from the whole batch's flow (pi = pi_old: one on-policy step)
-        flow = losses.entropy_flow(batch["old_logp"], batch["advantages"], batch["mask"], batch["entropy"],
-                                   batch["exact_term"], kwargs.get("flow", loss_default("opefo", "flow")))
-        _, pos, neg = losses.opefo_balance(flow)
-        kwargs["flow_totals"] = (float(pos), float(neg))
+    parts, skipped, grad_norms, measured, flows = [], 0, [], [], []
     for rows in minis:
         mb = _take(batch, rows)
         mask = mb["mask"].bool()
-        totals = dict(num_tokens=int(mask.sum()), num_seqs=len(rows))
-        extra = {}
-        if algo == "steer":    # M over the whole mini-batch, from the behaviour policy (r = 1)
-            form = kwargs.get("omega", loss_default("steer", "omega"))
-            omega = mb["advantages"][:, None] * losses.first_order_term(mb["old_logp"], mb["entropy"],
-                                                                        mb["exact_term"], form)
-            extra["omega_max"] = float(torch.where(mask, omega.abs(), 0.0).max())
+        stats = losses.batch_statistics(algo, mask=mb["mask"], advantages=mb["advantages"], old_logp=mb["old_logp"],
+                                        entropy=mb["entropy"], exact_term=mb["exact_term"], **kwargs)
+        per_row = [k for k, v in stats.items() if torch.is_tensor(v)]        # (rows, R): sliced per micro-batch
+        mb.update({k: stats.pop(k) for k in per_row})
         before = stats_fn(mb, with_entropy=True) if cfg["measure_entropy_change"] else None
         weights = torch.zeros_like(mb["mask"])
         model.train()
@@ -370,18 +443,18 @@ def update(model, optimizer, batch, cfg, stats_fn):
         for s in range(0, len(rows), cfg["micro_batch_size"]):
             sub = list(range(s, min(s + cfg["micro_batch_size"], len(rows))))
             mu = _take(mb, sub)
-            call = dict(kwargs, **extra)
-            logp = stats_fn(mu, with_grad=True, with_entropy=False)["logp"]
-            if cfg["measure_entropy_change"]:
-                logp.retain_grad()
+            out = stats_fn(mu, with_grad=True, with_entropy=current)
+            logp = out["logp"]
+            logp.retain_grad()
             loss, metrics = losses.LOSSES[algo](
                 logp=logp, old_logp=mu["old_logp"], advantages=mu["advantages"], mask=mu["mask"],
-                entropy=mu["entropy"], exact_term=mu["exact_term"], ref_logp=mu.get("ref_logp"), **totals, **call)
+                entropy=mu["entropy"], exact_term=mu["exact_term"], ref_logp=mu.get("ref_logp"),
+                current_entropy=out.get("entropy"), **stats, **{k: mu[k] for k in per_row}, **kwargs)
             if not torch.isfinite(loss):
                 finite = False
                 break
             loss.backward()
-            if cfg["measure_entropy_change"]:
+            if logp.grad is not None:
                 weights[sub] = -logp.grad.detach()          # w = -dLoss/dlogp per token
             loss_sum += float(loss.detach())
             step_parts.append((int(mu["mask"].sum()), metrics))
@@ -398,15 +471,28 @@ def update(model, optimizer, batch, cfg, stats_fn):
             if key in merged:
                 merged[key] = sum(m[key] for _, m in step_parts)
         parts.append((1.0, dict(merged, loss=loss_sum)))
+        flows.append(losses.entropy_flow_quadrants(mb["old_logp"], mb["entropy"], mb["exact_term"],
+                                                   mb["advantages"], weights, mb["mask"]))
         if before is not None:
             after = stats_fn(mb, with_entropy=True)
             measured.append(_entropy_change_terms(before, after, weights, mask))
     out = {f"loss/{k}": v for k, v in _mean_metrics(parts).items()}
     out.update({"updates": len(parts), "skipped_nonfinite": skipped,
-                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")})
+                "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None})
+    out.update(_flow_report(flows))
     if measured:
         out.update(_entropy_change_report(measured))
     return out
+
+
+FLOW_GROUPS = losses.QUADRANTS + ("zero_adv", "total")
+
+
+def _flow_report(flows):
+    """flow/<q>_{exact,paper,count} for q in FLOW_GROUPS, summed over the optimizer steps' quadrant dicts
+    (losses.entropy_flow_quadrants); None when no step was taken."""
+    return {f"flow/{q}_{k}": (sum(f[f"{q}_{k}"] for f in flows) if flows else None)
+            for q in FLOW_GROUPS for k in ("exact", "paper", "count")}
 
 
 def _entropy_change_terms(before, after, weights, mask):
@@ -446,35 +532,84 @@ def _entropy_change_report(measured):
     return out
 
 
-def rl_step(state, cfg, items):
-    """One RL step on the prompts `items`; returns (metrics dict, sample records)."""
-    model, tok, ref_model = state["model"], state["tok"], state["ref_model"]
-    autocast, g = state["autocast"], cfg["group_size"]
-    timings = {}
-    t = time.perf_counter()
-    prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=cfg["system_prompt"]) for it in items]
-    model.eval()
-    with torch.no_grad(), autocast():
-        ro = rollout.generate(model, tok, prompts, group_size=g, max_new_tokens=cfg["max_new_tokens"],
-                              temperature=cfg["temperature"], top_p=cfg["top_p"])
-    timings["generate"] = time.perf_counter() - t
+def overlong_penalty(lengths, max_len, cache):
+    """DAPO's soft overlong punishment (arXiv 2503.14476 sec. 3.4), added to the reward: (N,) float32.
 
-    t = time.perf_counter()
+        R_length(y) = 0                                     if |y| <= L_max - L_cache
+                      ((L_max - L_cache) - |y|) / L_cache   if L_max - L_cache < |y| <= L_max
+                      -1                                    if |y| > L_max
+    lengths (N,): response tokens (EOS included). The paper's values: L_max = 20480, L_cache = 4096 (a
+    16384-token expected length plus a 4096-token soft window). Scaled here: L_max = --max-new-tokens and
+    L_cache = --overlong-cache, by default round(L_max * 4096 / 20480) = round(0.2 L_max), at least 1; a
+    response cut at the budget (|y| = L_max) gets -1.
+    """
+    return ((max_len - cache - lengths.float()) / cache).clamp(-1.0, 0.0)
+
+
+def default_overlong_cache(max_new_tokens):
+    """L_cache for a budget L_max: the paper's ratio 4096 / 20480 = 0.2 of it, rounded, at least 1 token."""
+    return max(1, round(max_new_tokens * 4096 / 20480))
+
+
+def _group_filter(scores, g, drop_equal):
+    """Per group of g consecutive scores: (unparseable gold, all rewards equal, kept) lists of bools."""
+    n = len(scores) // g
+    bad = [any(scores[i * g + j].correct is None for j in range(g)) for i in range(n)]
+    equal = [len({scores[i * g + j].reward for j in range(g)}) == 1 for i in range(n)]
+    return bad, equal, [not b and not (drop_equal and e) for b, e in zip(bad, equal)]
+
+
+def rl_step(state, cfg, items, draw):
+    """One RL step on the prompts `items`; returns (metrics dict, sample records). draw(n) -> n more prompts.
+
+    Dynamic sampling with refill (DAPO, arXiv 2503.14476 sec. 3.2; --drop-equal-groups with
+    --max-refill-rounds K > 0): while fewer than len(items) groups have non-equal rewards, up to K more
+    rounds of len(items) prompts from draw(n) are sampled; the kept groups then train, in sampling order, up
+    to len(items) of them (the surplus is dropped, as DAPO's recipe does; at the cap, fewer). The groups are
+    judged on the verifier's rewards (DAPO filters on accuracy), before any overlong penalty. The step's
+    sample metrics (reward, accuracy, entropy, lengths) are over every response sampled in the step.
+    """
+    model, tok, ref_model = state["model"], state["tok"], state["ref_model"]
+    autocast, g, target = state["autocast"], cfg["group_size"], len(items)
     score_fn = state["score"]
-    scores = [score_fn(c, items[int(i)]) for c, i in zip(ro.completions, ro.prompt_index.tolist())]
-    timings["score"] = time.perf_counter() - t
+    refill = cfg["max_refill_rounds"] if cfg["drop_equal_groups"] else 0
+    timings = {"generate": 0.0, "score": 0.0}
+    parts, sampled, scores, kept, rounds = [], [], [], 0, 0
+    while True:
+        t = time.perf_counter()
+        prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=cfg["system_prompt"]) for it in items]
+        model.eval()
+        with torch.no_grad(), autocast():
+            part = rollout.generate(model, tok, prompts, group_size=g, max_new_tokens=cfg["max_new_tokens"],
+                                    temperature=cfg["temperature"], top_p=cfg["top_p"])
+        timings["generate"] += time.perf_counter() - t
+        t = time.perf_counter()
+        part_scores = [score_fn(c, items[int(i)]) for c, i in zip(part.completions, part.prompt_index.tolist())]
+        timings["score"] += time.perf_counter() - t
+        parts.append(part)
+        sampled += items
+        scores += part_scores
+        kept += sum(_group_filter(part_scores, g, cfg["drop_equal_groups"])[2])
+        if kept >= target or rounds >= refill:
+            break
+        rounds += 1
+        items = draw(target)
+    ro, items = rollout.concat_rollouts(parts, tok.pad_token_id), sampled
     rewards = torch.tensor([s.reward for s in scores])
-    bad_gold = [any(scores[i * g + j].correct is None for j in range(g)) for i in range(len(items))]
-    adv = losses.group_advantages(rewards, g, std_normalize=cfg["algo"] != "drgrpo").to(ro.response_mask.device)
-    all_equal = (rewards.view(-1, g) == rewards.view(-1, g)[:, :1]).all(1).tolist()
-    keep_groups = [i for i in range(len(items))
-                   if not bad_gold[i] and not (cfg["drop_equal_groups"] and all_equal[i])]
+    bad_gold, all_equal, passed = _group_filter(scores, g, cfg["drop_equal_groups"])
+    keep_groups = [i for i, ok in enumerate(passed) if ok][:target]
+    shaped = rewards
+    if cfg["overlong_penalty"]:
+        penalty = overlong_penalty(ro.response_length.cpu(), cfg["max_new_tokens"], cfg["overlong_cache"])
+        shaped = rewards + penalty
+    adv = losses.group_advantages(shaped, g, std_normalize=cfg["algo"] != "drgrpo").to(ro.response_mask.device)
     lengths = ro.response_length.float()
     valid_resp = ro.response_mask.sum()
     metrics = {
         "reward": float(rewards.mean()), "accuracy": sum(s.correct is True for s in scores) / len(scores),
         "response_length": float(lengths.mean()), "truncation_rate": float(ro.truncated.float().mean()),
         "groups_kept": len(keep_groups), "groups_all_equal": sum(all_equal),
+        "groups_sampled": len(items), "groups_kept_frac": sum(passed) / len(items), "refill_rounds": rounds,
         "skipped_unparseable_gold": sum(bad_gold),
         "timed_out_verifications": sum(bool(s.timed_out) for s in scores),
     }
@@ -501,6 +636,16 @@ def rl_step(state, cfg, items):
         metrics["entropy/fork"] = float(old["entropy"][forks].mean()) if forks.any() else None
         metrics["entropy/other"] = float(old["entropy"][rest].mean()) if rest.any() else None
         metrics["fork_tokens"] = int(forks.sum())
+    if cfg["overlong_penalty"]:
+        metrics["overlong_penalty"] = float(penalty.mean())
+    knobs = {}
+    if cfg["algo"] == "adaptive_entropy":  # Skywork-OR1: one controller step per RL step, on the rollout's entropy
+        knobs["alpha"], state["entropy_control"] = losses.entropy_control_step(state["entropy_control"],
+                                                                               metrics["entropy"])
+        metrics["entropy_control/alpha"] = knobs["alpha"]
+        metrics["entropy_control/coef"] = state["entropy_control"]["coef"]          # the next step's c
+    if cfg["algo"] == "clip_cov":
+        knobs["generator"] = state["generator"]
     rows = [i * g + j for i in keep_groups for j in range(g)]
     timings["stats"] = time.perf_counter() - t
     if rows:
@@ -511,11 +656,11 @@ def rl_step(state, cfg, items):
             batch["ref_logp"] = stats_fn(batch, with_entropy=False, net=ref_model)["logp"]
             timings["stats"] += time.perf_counter() - t
         t = time.perf_counter()
-        metrics.update(update(model, state["optimizer"], batch, cfg, stats_fn))
+        metrics.update(update(model, state["optimizer"], batch, cfg, stats_fn, knobs=knobs))
         timings["update"] = time.perf_counter() - t
         metrics["update_tokens"] = int(batch["mask"].sum())
     else:
-        metrics.update(updates=0, skipped_nonfinite=0, update_tokens=0)
+        metrics.update(updates=0, skipped_nonfinite=0, update_tokens=0, **_flow_report([]))
         timings["update"] = 0.0
     gen_tokens = int(valid_resp)
     metrics["tokens_per_s/generate"] = gen_tokens / max(timings["generate"], 1e-9)
@@ -525,26 +670,32 @@ def rl_step(state, cfg, items):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def rng_state(data_rng, order):
-    """Every RNG the run draws from: torch (CPU and CUDA), python's global random, and the data order
-    (the data-order RNG and the unvisited rest of the current epoch's shuffled order)."""
+def rng_state(data_rng, order, generator=None):
+    """Every RNG the run draws from: torch (CPU and CUDA), python's global random, the data order (the
+    data-order RNG and the unvisited rest of the current epoch's shuffled order) and Clip-Cov's generator."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "data": data_rng.getstate(),
-            "order": list(order), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "order": list(order), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "clip_cov": generator.get_state() if generator is not None else None}
 
 
-def set_rng_state(saved, data_rng):
+def set_rng_state(saved, data_rng, generator=None):
     """Restore what rng_state saved; returns the data order to continue with."""
     torch.set_rng_state(saved["torch"])
     random.setstate(saved["python"])
     data_rng.setstate(saved["data"])
     if saved["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
+    if generator is not None:
+        generator.set_state(saved["clip_cov"])
     return list(saved["order"])
 
 
-def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order):
+def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, *, generator=None,
+                    entropy_control=None):
     """checkpoints/step_NNNNNN with model + tokenizer (save_pretrained) and trainer_state.pt, atomically.
 
+    trainer_state.pt: the step, the optimizer, rng_state (with Clip-Cov's generator) and the adaptive
+    entropy controller's state (losses.entropy_control_init's dict, or None).
     Written into a temporary folder, renamed into place, then the `latest` pointer file is replaced with
     os.replace; older checkpoints are removed only after that. A crash at any point leaves the previous
     checkpoint as `latest`.
@@ -556,8 +707,8 @@ def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order):
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(data_rng, order)},
-               tmp / "trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(data_rng, order, generator),
+                "entropy_control": entropy_control}, tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     pointer = root / ".latest.tmp"
@@ -588,7 +739,8 @@ def _truncate_jsonl(path, last_step):
 
 # ------------------------------------------------------------------------------------------- driver
 def build_parser():
-    p = argparse.ArgumentParser(description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer). "
+    p = argparse.ArgumentParser(description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer and "
+                                "the entropy interventions). "
                                 "A flag left unset takes the preset's value, then the algorithm's, then "
                                 "BASE_DEFAULTS (all in train.py); unset loss knobs keep losses.py's defaults.")
     a = p.add_argument
@@ -615,6 +767,13 @@ def build_parser():
     a("--max-grad-norm", type=float, help="gradient clipping norm")
     a("--drop-equal-groups", action=argparse.BooleanOptionalAction, default=None,
       help="drop groups whose rewards are all equal (default: on for dapo, archer)")
+    a("--max-refill-rounds", type=int, help="DAPO's dynamic sampling: at most this many extra rounds of "
+      "prompts per step until the batch holds --prompts-per-step groups with non-equal rewards (default: 9 "
+      "for dapo, 0 = no refill otherwise; needs --drop-equal-groups)")
+    a("--overlong-penalty", action=argparse.BooleanOptionalAction, default=None,
+      help="DAPO's soft overlong punishment added to the reward (default: on for dapo)")
+    a("--overlong-cache", type=int, help="L_cache of the overlong penalty in tokens: 0 up to "
+      "max-new-tokens - L_cache, then linear to -1 at --max-new-tokens (default: 0.2 x --max-new-tokens)")
     a("--clip-low", type=float, help="PPO clip epsilon below 1 (grpo/dapo/drgrpo/steer)")
     a("--clip-high", type=float, help="PPO clip epsilon above 1 (grpo/dapo/drgrpo/steer)")
     a("--dual-clip", type=float, help="dual-clip constant c for negative advantages")
@@ -626,6 +785,20 @@ def build_parser():
     a("--clip-reasoning", type=float, help="Archer's clip range on high-entropy tokens")
     a("--clip-knowledge", type=float, help="Archer's clip range on low-entropy tokens")
     a("--kl-knowledge", type=float, help="Archer's KL coefficient on low-entropy tokens")
+    a("--entropy-coef", type=float, help="entropy_bonus's alpha (default 0.001); adaptive_entropy's "
+      "starting coefficient (default 0.005)")
+    a("--target-entropy", type=float, help="adaptive_entropy's target mean token entropy (default 0.2)")
+    a("--entropy-coef-delta", type=float, help="adaptive_entropy's coefficient step per RL step (default 0.001)")
+    a("--entropy-coef-max", type=float, help="adaptive_entropy's largest coefficient (default 0.5)")
+    a("--clip-cov-ratio", type=float, help="Clip-Cov's fraction of tokens whose gradient is removed (default 2e-4)")
+    a("--clip-cov-lb", type=float, help="Clip-Cov's lower covariance bound (default 1)")
+    a("--clip-cov-ub", type=float, help="Clip-Cov's upper covariance bound (default 5)")
+    a("--kl-cov-ratio", type=float, help="KL-Cov's fraction (not percent) of top-covariance tokens (default 2e-3)")
+    a("--kl-cov-coef", type=float, help="KL-Cov's coefficient beta of |log pi - log pi_old| (default 1)")
+    a("--top-frac", type=float, help="forking: share of highest-entropy tokens that get the gradient (default 0.2)")
+    a("--entropy-adv-alpha", type=float, help="entropy_adv's alpha in A + min(alpha H, |A| / kappa) (default 0.4)")
+    a("--entropy-adv-kappa", type=float, help="entropy_adv's kappa in A + min(alpha H, |A| / kappa) (default 2)")
+    a("--positive-weight", type=float, help="w_reinforce's weight lambda on positive samples (default 0.1)")
     a("--eval-interval", type=int, help="evaluate every N steps (0: only at start and end)")
     a("--eval-k", type=int, help="samples per held-out problem for avg@k / pass@k")
     a("--eval-size", type=int, help="use the first N held-out problems")
@@ -656,7 +829,7 @@ def resolve_config(args, log=print):
             + (" (the offline tiny lab, since CUDA is not available)" if cfg["preset"] == "tiny" else ""))
     if cfg["preset"] == "tiny" and cfg["model"]:
         raise SystemExit("--model does not apply to --preset tiny (the tiny lab builds its own model)")
-    for source in (PRESETS.get(cfg["preset"], {}), ALGO_DEFAULTS[cfg["algo"]], BASE_DEFAULTS):
+    for source in (PRESETS.get(cfg["preset"], {}), ALGO_DEFAULTS.get(cfg["algo"], {}), BASE_DEFAULTS):
         for k, v in source.items():
             if cfg.get(k) is None:
                 cfg[k] = v
@@ -670,7 +843,19 @@ def resolve_config(args, log=print):
         raise SystemExit("--temperature must be > 0 for RL rollouts")
     if cfg["preset"] != "tiny" and not cfg.get("dataset"):
         raise SystemExit("--dataset is required with --model (a .jsonl file or a Hub dataset name)")
-    loss_kwargs(cfg)                          # raises on a knob the loss does not take
+    if cfg["max_refill_rounds"] < 0:
+        raise SystemExit(f"--max-refill-rounds must be >= 0, got {cfg['max_refill_rounds']}")
+    if cfg["max_refill_rounds"] and not cfg["drop_equal_groups"]:
+        raise SystemExit("--max-refill-rounds needs --drop-equal-groups (a refill looks for groups to keep)")
+    if cfg["overlong_penalty"]:
+        if cfg["overlong_cache"] is None:
+            cfg["overlong_cache"] = default_overlong_cache(cfg["max_new_tokens"])
+        if not 1 <= cfg["overlong_cache"] <= cfg["max_new_tokens"]:
+            raise SystemExit(f"--overlong-cache must be in [1, --max-new-tokens={cfg['max_new_tokens']}], "
+                             f"got {cfg['overlong_cache']}")
+    elif cfg["overlong_cache"] is not None:
+        raise SystemExit("--overlong-cache needs --overlong-penalty")
+    check_knobs(cfg)                          # raises on a knob the loss does not take, or out of its range
     if cfg["out"] is None:
         cfg["out"] = str(Path("runs") / f"{cfg['algo']}-seed{cfg['seed']}")
     return cfg
@@ -688,6 +873,11 @@ def _eval_summary(row):
                      if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")))
 
 
+def _json_value(v):
+    """A metric as JSON can hold it: a non-finite float (no update, an empty selection) becomes None (null)."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _autocast_factory(device, bf16):
     if not bf16:
         return contextlib.nullcontext
@@ -701,7 +891,9 @@ def _peak_mem_mb(device):
 
 
 def plot_curves(run_dir):
-    """curves.png: reward and entropy per step, held-out avg@k and greedy accuracy at each evaluation."""
+    """curves.png: reward and entropy per step, held-out avg@k and greedy accuracy at each evaluation, and the
+    four-quadrant first-order entropy change per step (flow/<q>_exact, stacked: increases above 0, decreases
+    below; steps without an update, whose values are null, are skipped)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -709,7 +901,7 @@ def plot_curves(run_dir):
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     train = [r for r in rows if "reward" in r]
     evals = [r for r in rows if any(k.startswith("eval/avg@") for k in r)]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     for ax, key in zip(axes, ("reward", "entropy")):
         ax.plot([r["step"] for r in train], [r[key] for r in train])
         ax.set(title=key, xlabel="step")
@@ -719,6 +911,20 @@ def plot_curves(run_dir):
         axes[2].plot([r["step"] for r in evals], [r["eval/greedy_acc"] for r in evals], marker="s", label="greedy")
         axes[2].legend()
     axes[2].set(title="held-out accuracy", xlabel="step")
+    flow = [r for r in train if all(r.get(f"flow/{q}_exact") is not None for q in losses.QUADRANTS)]
+    steps = [r["step"] for r in flow]
+    up, down = [0.0] * len(flow), [0.0] * len(flow)
+    for q in losses.QUADRANTS:
+        values = [r[f"flow/{q}_exact"] for r in flow]
+        base = [u if v >= 0 else d for v, u, d in zip(values, up, down)]
+        axes[3].bar(steps, values, bottom=base, label=q, width=0.8)
+        up = [u + max(v, 0.0) for v, u in zip(values, up)]
+        down = [d + min(v, 0.0) for v, d in zip(values, down)]
+    if flow:
+        axes[3].plot(steps, [r["flow/total_exact"] for r in flow], color="k", marker=".", label="total")
+        axes[3].legend(fontsize="small")
+    axes[3].axhline(0.0, color="grey", linewidth=0.5)
+    axes[3].set(title="first-order entropy change by quadrant", xlabel="step")
     fig.tight_layout()
     fig.savefig(Path(run_dir) / "curves.png", dpi=100)
     plt.close(fig)
@@ -731,6 +937,8 @@ def main(argv=None):
         if not (run_dir / "config.json").exists():
             raise SystemExit(f"--resume {run_dir}: no config.json there")
         cfg = json.loads((run_dir / "config.json").read_text())
+        for key, off in (("max_refill_rounds", 0), ("overlong_penalty", False), ("overlong_cache", None)):
+            cfg.setdefault(key, off)          # a run started before DAPO's last two parts were flags
         if args.steps is not None:
             cfg["steps"] = args.steps
         cfg["resume"] = str(run_dir)
@@ -788,11 +996,15 @@ def train(cfg, run_dir):
     opt_kw = dict(weight_decay=0.0) if cfg["optimizer"] == "adamw" else {}
     optimizer = opt_cls(model.parameters(), lr=cfg["lr"], **opt_kw)
     start_step, order = 0, []
+    # Clip-Cov's token draw has its own generator, seeded from --seed; adaptive_entropy's controller state
+    generator = torch.Generator().manual_seed(cfg["seed"]) if cfg["algo"] == "clip_cov" else None
+    control = losses.entropy_control_init(**control_kwargs(cfg)) if cfg["algo"] == "adaptive_entropy" else None
     metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
     if ckpt:
         saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
-        order = set_rng_state(saved["rng"], data_rng)
+        order = set_rng_state(saved["rng"], data_rng, generator)
+        control = saved.get("entropy_control", control)
         start_step = saved["step"]
         _truncate_jsonl(metrics_path, start_step)
         _truncate_jsonl(samples_path, start_step)
@@ -803,7 +1015,18 @@ def train(cfg, run_dir):
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
     autocast = _autocast_factory(device, cfg["bf16"])
     state = dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, autocast=autocast,
-                 score=score_fn, fork_mask=fork_mask)
+                 score=score_fn, fork_mask=fork_mask, generator=generator, entropy_control=control)
+
+    def draw(n):
+        """n training prompts, in epochs over a shuffled order drawn from data_rng."""
+        nonlocal order
+        picked = []
+        for _ in range(n):
+            if not order:
+                order = list(range(len(train_items)))
+                data_rng.shuffle(order)
+            picked.append(train_items[order.pop()])
+        return picked
 
     def run_eval(step):
         if not eval_sets:
@@ -825,7 +1048,7 @@ def train(cfg, run_dir):
 
     def write(path, record):
         with open(path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
 
     if start_step == 0:
         row = {"step": 0, **run_eval(0)}
@@ -838,17 +1061,11 @@ def train(cfg, run_dir):
     for step in bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        items = []
-        for _ in range(cfg["prompts_per_step"]):   # epochs over a shuffled order, drawn from data_rng
-            if not order:
-                order = list(range(len(train_items)))
-                data_rng.shuffle(order)
-            items.append(train_items[order.pop()])
-        metrics, records = rl_step(state, cfg, items)
+        metrics, records = rl_step(state, cfg, draw(cfg["prompts_per_step"]), draw)
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
             metrics.update(run_eval(step))
         metrics["peak_mem_mb"] = _peak_mem_mb(device)
-        row = {"step": step, **metrics}
+        row = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
         write(metrics_path, row)
         for r in records:
             write(samples_path, {"step": step, **r})
@@ -856,7 +1073,8 @@ def train(cfg, run_dir):
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
         if step % cfg["save_interval"] == 0 or step == cfg["steps"]:
             t = time.perf_counter()
-            save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order)
+            save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, generator=generator,
+                            entropy_control=state["entropy_control"])
             log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
     if rows and "eval/n" in rows[-1]:
         log(f"step {rows[-1]['step']}: {_eval_summary(rows[-1])}")

@@ -38,30 +38,49 @@ def run(argv):
     return train.main(argv)
 
 
+def _no_nan(name):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
 def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line, parse_constant=_no_nan) for line in path.read_text().splitlines()]
 
 
 def strip_timing(row):
     return {k: v for k, v in row.items() if not k.startswith(train.TIMING_KEYS)}
 
 
+# per algorithm: flags that make its own machinery visible in two steps
+ALGO_FLAGS = {"steer": ["--measure-entropy-change"],
+              "adaptive_entropy": ["--target-entropy", "10", "--entropy-coef", "0.01", "--entropy-coef-delta", "0.002"],
+              "clip_cov": ["--clip-cov-lb", "-100", "--clip-cov-ub", "100", "--clip-cov-ratio", "0.1",
+                           "--micro-batch-size", "3"]}
+
+
 @pytest.mark.parametrize("algo", train.ALGOS)
 def test_end_to_end_and_resume(algo, tmp_path, cache, parity_reward):
     full, part = tmp_path / "full", tmp_path / "part"
-    extra = ["--measure-entropy-change"] if algo == "steer" else []
-    common = TINY + ["--algo", algo, "--cache-dir", cache, "--save-interval", "1", "--eval-interval", "1"] + extra
+    common = (TINY + ["--algo", algo, "--cache-dir", cache, "--save-interval", "1", "--eval-interval", "1"]
+              + ALGO_FLAGS.get(algo, []))
     run(common + ["--steps", "2", "--out", str(full)])
     rows = read_rows(full / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         for key in ("reward", "accuracy", "entropy", "response_length", "truncation_rate", "loss/loss",
                     "loss/pg_loss", "time/generate", "time/score", "time/stats", "time/update",
-                    "tokens_per_s/generate", "peak_mem_mb", "grad_norm"):
+                    "tokens_per_s/generate", "peak_mem_mb", "grad_norm", "groups_kept_frac", "refill_rounds"):
             assert key in r, key
         assert r["groups_kept"] >= 1 and r["updates"] == min(1 if algo == "opefo" else 2, r["groups_kept"])
         assert torch.isfinite(torch.tensor(r["loss/loss"])) and r["grad_norm"] > 0
         assert 0 < r["entropy"] < 5.0                       # log(99) = 4.6 is the ceiling
+        # the four quadrants (and the A = 0 tokens) partition the update's tokens and its entropy change
+        for k in ("exact", "paper", "count"):
+            parts = [r[f"flow/{q}_{k}"] for q in losses.QUADRANTS + ("zero_adv",)]
+            scale = sum(abs(v) for v in parts)          # float32 sums; OPEFO balances the paper flow to ~0
+            assert sum(parts) == pytest.approx(r[f"flow/total_{k}"], abs=1e-6 * scale + 1e-12), k
+        assert r["flow/total_count"] == r["update_tokens"] and r["flow/total_exact"] != 0
+        if algo not in ("archer", "kl_cov"):                 # no KL term: A = 0 tokens carry no weight
+            assert r["flow/zero_adv_exact"] == 0
     assert "eval/avg@2" in rows[2] and "eval/pass@2" in rows[2] and "eval/greedy_acc" in rows[0]
     assert (full / "checkpoints" / "latest").read_text() == "step_000002"
     assert (full / "checkpoints" / "step_000002" / "model" / "model.safetensors").exists()
@@ -72,6 +91,14 @@ def test_end_to_end_and_resume(algo, tmp_path, cache, parity_reward):
     if algo == "steer":
         assert -1 <= rows[1]["dH/pearson_exact"] <= 1 and rows[1]["dH/tokens"] > 0
         assert 0 < rows[1]["loss/weight_min"] <= rows[1]["loss/weight_max"] <= 1
+    if algo == "adaptive_entropy":          # entropy below the target: alpha = c, and c grows by delta a step
+        assert [r["entropy_control/alpha"] for r in rows[1:]] == pytest.approx([0.01, 0.012])
+        assert [r["loss/alpha"] for r in rows[1:]] == pytest.approx([0.01, 0.012])
+        assert [r["entropy_control/coef"] for r in rows[1:]] == pytest.approx([0.012, 0.014])
+        saved = torch.load(full / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+        assert saved["entropy_control"]["coef"] == pytest.approx(0.014) and saved["entropy_control"]["steps"] == 2
+    if algo == "clip_cov":                  # the batch's draw, exact over micro-batches of 3 rows
+        assert all(0 < r["loss/cov_frac"] <= 0.11 for r in rows[1:])
 
     # interrupted after step 1, resumed to step 2: the same numbers as the uninterrupted run
     run(common + ["--steps", "1", "--out", str(part)])
@@ -80,9 +107,8 @@ def test_end_to_end_and_resume(algo, tmp_path, cache, parity_reward):
     assert [strip_timing(r) for r in resumed] == [strip_timing(r) for r in rows]
 
 
-def test_micro_batching_gives_the_same_update(tmp_path, cache):
-    """One update with micro-batches of 1 sequence equals one with the whole mini-batch (global normalisers,
-    STEER's mini-batch M, OPEFO's batch flow totals)."""
+def _update_batch(cache):
+    """A rollout of the untrained lab model (2 prompts x 3) with fixed advantages and its behaviour statistics."""
     path = tiny_lab.warm_start(0, cache)
     torch.manual_seed(0)
     base, tok = train.load_model(str(path), device=torch.device("cpu"))
@@ -91,24 +117,213 @@ def test_micro_batching_gives_the_same_update(tmp_path, cache):
              "prompt_length": ro.prompt_length, "advantages": torch.tensor([1.0, -0.5, -0.5, 0.3, 0.7, -1.0])}
     stats = train.rollout.response_stats(base, ro.input_ids, ro.attention_mask, ro.prompt_length, ro.response_mask)
     batch.update(old_logp=stats["logp"], entropy=stats["entropy"], exact_term=stats["exact_term"])
-    for algo, agg in (("dapo", None), ("grpo", "seq-mean-token-mean"), ("steer", None), ("opefo", None)):
+    return path, base, batch
+
+
+def _one_update(path, batch, algo, micro, knobs=None, **flags):
+    """train.update with one optimizer step (plain SGD, lr 1) from the lab's start model; (metrics, parameters)."""
+    model, _ = train.load_model(str(path), device=torch.device("cpu"))
+    cfg = dict(algo=algo, group_size=3, updates_per_batch=1, micro_batch_size=micro, max_grad_norm=1e9,
+               measure_entropy_change=False, temperature=1.0, max_new_tokens=5, **flags)
+    cfg.update({k: None for k in train.LOSS_KNOBS if k not in cfg})
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    def stats_fn(b, with_grad=False, with_entropy=True):
+        return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"],
+                                            b["mask"], with_grad=with_grad, with_entropy=with_entropy)
+    out = train.update(model, opt, batch, cfg, stats_fn, knobs=knobs)
+    return out, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+MICRO_CASES = [("dapo", {}, None), ("grpo", dict(agg="seq-mean-token-mean"), None), ("steer", {}, None),
+               ("opefo", {}, None), ("entropy_bonus", dict(entropy_coef=0.1), None),
+               ("adaptive_entropy", {}, dict(alpha=0.05)),
+               ("clip_cov", dict(clip_cov_lb=-100.0, clip_cov_ub=100.0, clip_cov_ratio=0.3), "generator"),
+               ("kl_cov", dict(kl_cov_ratio=0.3), None), ("forking", {}, None), ("entropy_adv", {}, None),
+               ("w_reinforce", {}, None)]
+
+
+def test_micro_batching_gives_the_same_update(tmp_path, cache):
+    """One update with micro-batches of 1 sequence equals one with the whole mini-batch (batch_statistics:
+    global normalisers, STEER's mini-batch M, OPEFO's batch flow totals, Clip-Cov's draw sliced per
+    micro-batch, KL-Cov's and forking's cuts; the entropy bonus's current entropy with its gradient)."""
+    path, base, batch = _update_batch(cache)
+    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    for algo, flags, knobs in MICRO_CASES:
         results = []
         for micro in (6, 1):
-            model, _ = train.load_model(str(path), device=torch.device("cpu"))
-            cfg = dict(algo=algo, group_size=3, updates_per_batch=1, micro_batch_size=micro, max_grad_norm=1e9,
-                       measure_entropy_change=False, temperature=1.0, max_new_tokens=5, agg=agg)
-            cfg.update({k: None for k in train.LOSS_KNOBS if k not in cfg})
-            opt = torch.optim.SGD(model.parameters(), lr=1.0)
-
-            def stats_fn(b, with_grad=False, with_entropy=True):
-                return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"],
-                                                    b["mask"], with_grad=with_grad, with_entropy=with_entropy)
-            out = train.update(model, opt, batch, cfg, stats_fn)
-            results.append((out["loss/loss"], torch.cat([p.detach().flatten() for p in model.parameters()])))
-        (loss_a, par_a), (loss_b, par_b) = results
-        assert loss_a == pytest.approx(loss_b, rel=1e-5, abs=1e-7), algo
+            extra = {"generator": torch.Generator().manual_seed(3)} if knobs == "generator" else knobs
+            results.append(_one_update(path, batch, algo, micro, knobs=extra, **flags))
+        (out_a, par_a), (out_b, par_b) = results
+        assert out_a["loss/loss"] == pytest.approx(out_b["loss/loss"], rel=1e-5, abs=1e-7), algo
+        assert out_a["flow/total_exact"] == pytest.approx(out_b["flow/total_exact"], rel=1e-4, abs=1e-9), algo
         assert torch.allclose(par_a, par_b, atol=1e-6), algo
-        assert not torch.equal(par_a, torch.cat([p.detach().flatten() for p in base.parameters()])), algo
+        assert not torch.equal(par_a, start), algo
+        if algo == "clip_cov":
+            assert out_a["loss/cov_frac"] == pytest.approx(out_b["loss/cov_frac"]) and out_a["loss/cov_frac"] > 0.2
+        if algo in ("entropy_bonus", "adaptive_entropy"):
+            assert out_a["loss/alpha"] == pytest.approx(flags.get("entropy_coef", (knobs or {}).get("alpha")))
+            assert out_a["loss/entropy_bonus"] > 0
+
+
+def test_entropy_bonus_moves_the_parameters_through_the_entropy(cache):
+    """alpha > 0 changes the update against alpha = 0 (the entropy's gradient reaches the model), and the
+    flow quadrants, which see only w on log pi(a), stay those of the PPO part."""
+    path, _, batch = _update_batch(cache)
+    (with_bonus, par_a), (without, par_b) = (_one_update(path, batch, "entropy_bonus", 6, entropy_coef=c)
+                                             for c in (0.5, 0.0))
+    assert not torch.allclose(par_a, par_b, atol=1e-6)
+    assert with_bonus["flow/total_exact"] == pytest.approx(without["flow/total_exact"], rel=1e-6)
+
+
+def test_flow_quadrants_match_the_hand_formula(cache):
+    """GRPO's first update (r = 1, no clip, token-mean): w = A / num_tokens on every valid token, so the
+    logged total is -sum A g_exact / N and each quadrant the same sum over its tokens."""
+    path, _, batch = _update_batch(cache)
+    out, _ = _one_update(path, batch, "grpo", 2)
+    mask = batch["mask"].bool()
+    adv = batch["advantages"][:, None].expand_as(mask)
+    g = losses.first_order_term(batch["old_logp"], batch["entropy"], batch["exact_term"], "exact")
+    contrib = torch.where(mask, -adv * g / mask.sum(), 0.0).double()
+    likely = (batch["old_logp"] + batch["entropy"]) > 0
+    hand = {"pos_likely": (adv > 0) & likely, "pos_unlikely": (adv > 0) & ~likely,
+            "neg_likely": (adv < 0) & likely, "neg_unlikely": (adv < 0) & ~likely}
+    for q, sel in hand.items():
+        assert out[f"flow/{q}_exact"] == pytest.approx(float(contrib[sel & mask].sum()), rel=1e-4, abs=1e-10), q
+        assert out[f"flow/{q}_count"] == int((sel & mask).sum()), q
+    assert out["flow/total_exact"] == pytest.approx(float(contrib.sum()), rel=1e-4)
+    assert out["flow/zero_adv_count"] == 0
+
+
+@pytest.mark.parametrize("algo,flags,expected", [
+    ("entropy_bonus", ["--entropy-coef", "0.03"], {"alpha": 0.03}),
+    ("clip_cov", ["--clip-cov-ratio", "0.01", "--clip-cov-lb", "0.5", "--clip-cov-ub", "7"],
+     {"clip_cov_ratio": 0.01, "cov_lb": 0.5, "cov_ub": 7.0}),
+    ("kl_cov", ["--kl-cov-ratio", "0.05", "--kl-cov-coef", "2"], {"kl_cov_ratio": 0.05, "kl_coef": 2.0}),
+    ("forking", ["--top-frac", "0.3", "--clip-high", "0.3"], {"top_frac": 0.3, "clip_high": 0.3}),
+    ("entropy_adv", ["--entropy-adv-alpha", "0.2", "--entropy-adv-kappa", "3"], {"alpha": 0.2, "kappa": 3.0}),
+    ("w_reinforce", ["--positive-weight", "0.5"], {"positive_weight": 0.5}),
+])
+def test_new_flags_reach_the_loss(algo, flags, expected, tmp_path, cache, parity_reward, monkeypatch):
+    """A spy on LOSSES[algo] and batch_statistics: every micro-batch call gets the flags' values under the
+    loss's keywords; unset knobs are not passed (losses.py's defaults hold)."""
+    calls, stat_calls = [], []
+    real, real_stats = losses.LOSSES[algo], losses.batch_statistics
+
+    def spy(**kw):
+        calls.append(kw)
+        return real(**kw)
+
+    def stats_spy(name, **kw):
+        stat_calls.append(kw)
+        return real_stats(name, **kw)
+    monkeypatch.setitem(losses.LOSSES, algo, spy)
+    monkeypatch.setattr(losses, "batch_statistics", stats_spy)
+    run(TINY + ["--algo", algo, "--cache-dir", cache, "--steps", "1", "--out", str(tmp_path / "r"),
+                "--eval-interval", "0", "--eval-size", "1", "--micro-batch-size", "2"] + flags)
+    assert calls[0]["mask"].shape == (1, 1)                  # resolve_config's check on a one-token batch
+    calls = calls[1:]
+    assert len(calls) == 4 and len(stat_calls) == 2          # 2 mini-batches of 4 rows, micro-batches of 2
+    for kw in calls + stat_calls:
+        assert {k: kw[k] for k in expected} == expected
+    untouched = {"clip_low", "dual_clip", "agg"} - {k for f in flags for k in [f.lstrip("-").replace("-", "_")]}
+    assert not untouched & set(calls[0])
+    if algo == "clip_cov":
+        assert isinstance(stat_calls[0]["generator"], torch.Generator)
+        assert calls[0]["cov_selected"].shape == calls[0]["mask"].shape == (2, calls[0]["mask"].shape[1])
+    if algo == "entropy_bonus":
+        assert calls[0]["current_entropy"].requires_grad
+
+
+def test_dynamic_sampling_refills_to_the_requested_groups(tmp_path, cache, monkeypatch):
+    """The first round's groups all have equal rewards (0), later rounds alternate 0/1 within each group:
+    one refill round gives the 2 requested groups."""
+    count = [0]
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {})         # every score call is a training one
+
+    def score(response, item):
+        count[0] += 1
+        ok = count[0] > 8 and count[0] % 2 == 0
+        return verifier.Score(float(ok), "", ok, False)
+    monkeypatch.setattr(tiny_lab, "score", score)
+    out = tmp_path / "refill"
+    run(TINY + ["--algo", "dapo", "--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
+                "--eval-size", "1", "--no-overlong-penalty"])
+    row = read_rows(out / "metrics.jsonl")[1]
+    assert (row["refill_rounds"], row["groups_sampled"], row["groups_kept"], row["groups_all_equal"]) == (1, 4, 2, 2)
+    assert row["groups_kept_frac"] == 0.5 and row["updates"] == 2 and row["update_tokens"] > 0
+    assert row["reward"] == pytest.approx(sum(n > 8 and n % 2 == 0 for n in range(1, 17)) / 16)
+
+
+def test_dynamic_sampling_stops_at_the_cap(tmp_path, cache, monkeypatch):
+    """Every group has equal rewards: --max-refill-rounds 3 extra rounds, then no update."""
+    monkeypatch.setattr(tiny_lab, "score", lambda response, item: verifier.Score(0.0, "", False, False))
+    out = tmp_path / "cap"
+    run(TINY + ["--algo", "dapo", "--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
+                "--eval-size", "1", "--max-refill-rounds", "3", "--plot"])
+    row = read_rows(out / "metrics.jsonl")[1]
+    assert (row["refill_rounds"], row["groups_sampled"], row["groups_kept"], row["updates"]) == (3, 8, 0, 0)
+    assert row["groups_kept_frac"] == 0.0 and row["flow/total_exact"] is None
+    assert (out / "curves.png").exists()                      # the null flow step is skipped, not drawn
+
+
+def test_dapo_refill_resumes_bit_exactly(tmp_path, cache, monkeypatch):
+    """Half the problems (by their text) always score 0, so refills happen; the refill draws prompts from the
+    data order and samples with the global RNG, and a resumed run still repeats the uninterrupted one."""
+    def score(response, item):
+        ok = sum(map(ord, item["problem"])) % 2 == 1 and sum(map(ord, response)) % 2 == 0
+        return verifier.Score(float(ok), "", ok, False)
+    monkeypatch.setattr(tiny_lab, "score", score)
+    common = TINY + ["--algo", "dapo", "--cache-dir", cache, "--save-interval", "1", "--eval-interval", "1",
+                     "--eval-size", "1", "--prompts-per-step", "3"]
+    run(common + ["--steps", "3", "--out", str(tmp_path / "full"), "--plot"])
+    rows = read_rows(tmp_path / "full" / "metrics.jsonl")
+    height, width, _ = __import__("matplotlib.image").image.imread(tmp_path / "full" / "curves.png").shape
+    assert (width, height) == (1700, 350)                     # four panels, the fourth the quadrant flow
+    assert sum(r["refill_rounds"] for r in rows[1:]) > 0 and all(r["groups_kept"] <= 3 for r in rows[1:])
+    run(common + ["--steps", "1", "--out", str(tmp_path / "part")])
+    run(["--resume", str(tmp_path / "part"), "--steps", "3"])
+    resumed = read_rows(tmp_path / "part" / "metrics.jsonl")
+    assert [strip_timing(r) for r in resumed] == [strip_timing(r) for r in rows]
+
+
+def test_overlong_penalty_by_hand():
+    """L_max = 20, L_cache = 4: 0 up to 16 tokens, then -1/4 per token to -1 at 20, -1 beyond."""
+    got = train.overlong_penalty(torch.tensor([1, 10, 16, 17, 18, 19, 20, 25]), 20, 4)
+    assert got.tolist() == [0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
+    assert train.overlong_penalty(torch.tensor([20479, 16384, 16385]), 20480, 4096).tolist() == pytest.approx(
+        [-4095 / 4096, 0.0, -1 / 4096])
+    assert [train.default_overlong_cache(n) for n in (20480, 1024, 20, 6, 1)] == [4096, 205, 4, 1, 1]
+
+
+def test_overlong_penalty_shapes_the_advantages(tmp_path, cache, monkeypatch):
+    """A constant verifier reward makes every group all-equal, so only the penalty gives an advantage
+    (L_cache = L_max = 6: -length / 6): within each group a longer response gets a lower advantage, and the
+    logged mean penalty is that of the responses the loss saw."""
+    monkeypatch.setattr(tiny_lab, "score", lambda response, item: verifier.Score(1.0, "", True, False))
+    seen = []
+    real = losses.LOSSES["dapo"]
+
+    def spy(**kw):
+        seen.append((kw["advantages"], kw["mask"].sum(1)))
+        return real(**kw)
+    monkeypatch.setitem(losses.LOSSES, "dapo", spy)
+    out = tmp_path / "long"
+    run(TINY + ["--algo", "dapo", "--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
+                "--eval-size", "1", "--no-drop-equal-groups", "--max-refill-rounds", "0", "--overlong-cache", "6"])
+    row = read_rows(out / "metrics.jsonl")[1]
+    groups = seen[1:]                                        # seen[0]: resolve_config's one-token check
+    assert len(groups) == 2 and all(len(a) == 4 for a, _ in groups)       # one group per mini-batch
+    lengths = torch.cat([n for _, n in groups])
+    assert row["overlong_penalty"] == pytest.approx(float((-lengths / 6).clamp(-1, 0).mean()), abs=1e-6)
+    assert row["reward"] == 1.0 and sum(float(a.abs().sum()) for a, _ in groups) > 0
+    for adv, n in groups:
+        for i in range(4):
+            for j in range(4):
+                if n[i] > n[j]:
+                    assert adv[i] < adv[j]
+                if n[i] == n[j]:
+                    assert adv[i] == adv[j]
 
 
 def test_nonfinite_loss_skips_the_step(tmp_path, cache, parity_reward, monkeypatch):
@@ -117,8 +332,9 @@ def test_nonfinite_loss_skips_the_step(tmp_path, cache, parity_reward, monkeypat
     monkeypatch.setitem(losses.LOSSES, "grpo", nan_loss)
     out = tmp_path / "nan"
     run(TINY + ["--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0"])
-    row = read_rows(out / "metrics.jsonl")[1]
+    row = read_rows(out / "metrics.jsonl")[1]          # strict JSON: no NaN, null instead
     assert row["updates"] == 0 and row["skipped_nonfinite"] == 2
+    assert row["grad_norm"] is None and row["flow/total_exact"] is None
     start = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))[0]
     saved = train.load_model(str(out / "checkpoints" / "step_000001" / "model"), device=torch.device("cpu"))[0]
     for a, b in zip(start.parameters(), saved.parameters()):
@@ -230,6 +446,30 @@ def test_cli_validation(capsys):
     assert not train.needs_reference(cfg)
     for action in train.build_parser()._actions:
         assert action.help, action.dest
+    cfg = train.resolve_config(train.build_parser().parse_args(["--algo", "dapo", "--max-new-tokens", "100"]),
+                               log=lambda m: None)
+    assert (cfg["max_refill_rounds"], cfg["overlong_penalty"], cfg["overlong_cache"]) == (9, True, 20)
+    cfg = train.resolve_config(train.build_parser().parse_args(["--algo", "grpo"]), log=lambda m: None)
+    assert (cfg["max_refill_rounds"], cfg["overlong_penalty"], cfg["drop_equal_groups"]) == (0, False, False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algo", "grpo", "--target-entropy", "1"], "--target-entropy does not apply to --algo grpo"),
+    (["--algo", "kl_cov", "--kl-coef", "1"], "--kl-coef does not apply to --algo kl_cov"),
+    (["--algo", "grpo", "--positive-weight", "1"], "--positive-weight does not apply to --algo grpo"),
+    (["--algo", "clip_cov", "--clip-cov-ratio", "0"], r"--clip-cov-ratio: clip_cov_ratio=0.0 must be in \(0, 1\]"),
+    (["--algo", "adaptive_entropy", "--target-entropy", "-1"], "--target-entropy: target=-1.0 must be >= 0"),
+    (["--algo", "entropy_bonus", "--entropy-coef", "-1"], "--entropy-coef: alpha=-1.0 must be >= 0"),
+    (["--algo", "entropy_adv", "--entropy-adv-kappa", "0"], "--entropy-adv-kappa: kappa=0.0 must be > 0"),
+    (["--algo", "forking", "--top-frac", "2"], "--top-frac: top_frac=2.0 must be in"),
+    (["--algo", "dapo", "--overlong-cache", "30"], r"--overlong-cache must be in \[1, --max-new-tokens=20\]"),
+    (["--algo", "grpo", "--overlong-cache", "3"], "--overlong-cache needs --overlong-penalty"),
+    (["--algo", "grpo", "--max-refill-rounds", "2"], "--max-refill-rounds needs --drop-equal-groups"),
+    (["--algo", "dapo", "--max-refill-rounds", "-1"], "--max-refill-rounds must be >= 0"),
+])
+def test_bad_flags_name_the_flag(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        train.resolve_config(train.build_parser().parse_args(argv), log=lambda m: None)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
