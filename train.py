@@ -376,12 +376,13 @@ def loss_default(algo, name):
 
 
 def needs_reference(cfg):
-    """A frozen reference model is needed for Archer's KL (on unless both coefficients are 0) and GRPO's kl_coef."""
+    """A frozen reference model is needed for Archer's KL (on unless both coefficients are 0) and GRPO's
+    --kl-coef (KL-Cov's penalty is to pi_old: no reference)."""
     kw = loss_kwargs(cfg)
     if cfg["algo"] == "archer":
         return bool(kw.get("kl_knowledge", loss_default("archer", "kl_knowledge"))
                     or kw.get("kl_reasoning", loss_default("archer", "kl_reasoning")))
-    return bool(kw.get("kl_coef", 0.0))
+    return bool(cfg.get("kl_coef"))
 
 
 def _take(batch, rows):
@@ -412,7 +413,8 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     not depend on the micro-batch size. The entropy-bonus losses (losses.CURRENT_ENTROPY_LOSSES) get the
     current policy's entropy with its gradient as current_entropy.
     knobs: loss keywords the loop sets per step on top of the flags' (adaptive_entropy's alpha, clip_cov's
-    generator).
+    generator); without an alpha (one update on its own, as bench_train.py runs it) adaptive_entropy takes
+    the controller's starting coefficient.
     Each optimizer step's first-order entropy change is split into STEER's four quadrants with
     losses.entropy_flow_quadrants, w = -dLoss/dlogp read off the graph, and summed over the mini-batches
     (flow/<quadrant>_{exact,paper,count}, quadrants losses.QUADRANTS, zero_adv and total).
@@ -422,6 +424,8 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     """
     algo, g = cfg["algo"], cfg["group_size"]
     kwargs = dict(loss_kwargs(cfg), **(knobs or {}))
+    if algo == "adaptive_entropy":
+        kwargs.setdefault("alpha", losses.entropy_control_init(**control_kwargs(cfg))["coef"])
     current = algo in losses.CURRENT_ENTROPY_LOSSES
     n = batch["mask"].shape[0]
     groups = list(range(n // g))
@@ -922,7 +926,7 @@ def plot_curves(run_dir):
         down = [d + min(v, 0.0) for v, d in zip(values, down)]
     if flow:
         axes[3].plot(steps, [r["flow/total_exact"] for r in flow], color="k", marker=".", label="total")
-        axes[3].legend(fontsize="small")
+        axes[3].legend(fontsize="x-small", ncol=2)
     axes[3].axhline(0.0, color="grey", linewidth=0.5)
     axes[3].set(title="first-order entropy change by quadrant", xlabel="step")
     fig.tight_layout()

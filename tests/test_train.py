@@ -137,7 +137,7 @@ def _one_update(path, batch, algo, micro, knobs=None, **flags):
 
 MICRO_CASES = [("dapo", {}, None), ("grpo", dict(agg="seq-mean-token-mean"), None), ("steer", {}, None),
                ("opefo", {}, None), ("entropy_bonus", dict(entropy_coef=0.1), None),
-               ("adaptive_entropy", {}, dict(alpha=0.05)),
+               ("adaptive_entropy", {}, dict(alpha=0.05)), ("adaptive_entropy", dict(entropy_coef=0.02), None),
                ("clip_cov", dict(clip_cov_lb=-100.0, clip_cov_ub=100.0, clip_cov_ratio=0.3), "generator"),
                ("kl_cov", dict(kl_cov_ratio=0.3), None), ("forking", {}, None), ("entropy_adv", {}, None),
                ("w_reinforce", {}, None)]
@@ -162,7 +162,7 @@ def test_micro_batching_gives_the_same_update(tmp_path, cache):
         if algo == "clip_cov":
             assert out_a["loss/cov_frac"] == pytest.approx(out_b["loss/cov_frac"]) and out_a["loss/cov_frac"] > 0.2
         if algo in ("entropy_bonus", "adaptive_entropy"):
-            assert out_a["loss/alpha"] == pytest.approx(flags.get("entropy_coef", (knobs or {}).get("alpha")))
+            assert out_a["loss/alpha"] == pytest.approx((knobs or {}).get("alpha", flags.get("entropy_coef")))
             assert out_a["loss/entropy_bonus"] > 0
 
 
@@ -444,6 +444,9 @@ def test_cli_validation(capsys):
     assert train.needs_reference(cfg)
     cfg = train.resolve_config(train.build_parser().parse_args(["--algo", "grpo"]), log=lambda m: None)
     assert not train.needs_reference(cfg)
+    cfg = train.resolve_config(train.build_parser().parse_args(["--algo", "kl_cov", "--kl-cov-coef", "2"]),
+                               log=lambda m: None)
+    assert train.loss_kwargs(cfg) == {"kl_coef": 2.0} and not train.needs_reference(cfg)   # KL to pi_old
     for action in train.build_parser()._actions:
         assert action.help, action.dest
     cfg = train.resolve_config(train.build_parser().parse_args(["--algo", "dapo", "--max-new-tokens", "100"]),
