@@ -23,9 +23,11 @@ Algorithm-specific wiring (where the papers or their code leave a choice):
             split; its KL sits inside the token aggregation (losses.py), so num_tokens keeps it exact.
     GRPO    a frozen reference model is loaded only when --kl-coef > 0 (Archer: when its KL is on).
     DAPO    all four parts (arXiv 2503.14476): clip-higher and token-mean (losses.dapo_loss), dynamic
-            sampling with refill (sec. 3.2; --max-refill-rounds, 9 by default: DAPO's recipe draws at most
-            10 generation batches) and the soft overlong punishment (sec. 3.4; overlong_penalty, with
-            L_max = --max-new-tokens and L_cache = --overlong-cache, 0.2 L_max by default).
+            sampling with refill (sec. 3.2; --max-refill-rounds, 9 by default: DAPO's released recipe draws
+            at most 10 generation batches, of 3x the batch each; here a round is one batch of prompts) and
+            the soft overlong punishment (sec. 3.4; overlong_penalty, with L_max = --max-new-tokens and
+            L_cache = --overlong-cache, 0.2 L_max by default). Logged: refill_rounds, groups_sampled,
+            groups_kept_frac (share of the sampled groups that pass the filter), overlong_penalty (mean).
     entropy_bonus / adaptive_entropy  the current policy's entropy WITH its gradient (response_stats with
             with_grad and with_entropy) as current_entropy; adaptive_entropy's controller
             (losses.entropy_control_step, Skywork-OR1) takes one step per RL step on the rollout's mean token
@@ -75,7 +77,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import sys

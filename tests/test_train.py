@@ -6,7 +6,6 @@ character codes -> 1.0), so every group has a real advantage signal without any 
 in test_tiny_lab.py, the verifier in test_verifier.py and its use here (gold parsing, skipping) below.
 """
 import json
-import types
 
 import pytest
 import torch
@@ -285,6 +284,22 @@ def test_dapo_refill_resumes_bit_exactly(tmp_path, cache, monkeypatch):
     run(["--resume", str(tmp_path / "part"), "--steps", "3"])
     resumed = read_rows(tmp_path / "part" / "metrics.jsonl")
     assert [strip_timing(r) for r in resumed] == [strip_timing(r) for r in rows]
+
+
+def test_resume_of_a_run_from_before_the_dapo_flags(tmp_path, cache, parity_reward):
+    """A config.json without max_refill_rounds / overlong_penalty / overlong_cache (a DAPO run started before
+    they existed) resumes with both parts off, as it was trained."""
+    out = tmp_path / "old"
+    run(TINY + ["--algo", "dapo", "--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
+                "--eval-size", "1", "--max-refill-rounds", "0", "--no-overlong-penalty"])
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("max_refill_rounds", "overlong_penalty", "overlong_cache"):
+        del cfg[key]
+    (out / "config.json").write_text(json.dumps(cfg))
+    run(["--resume", str(out), "--steps", "2"])
+    row = read_rows(out / "metrics.jsonl")[2]
+    assert row["refill_rounds"] == 0 and "overlong_penalty" not in row
+    assert json.loads((out / "config.json").read_text())["max_refill_rounds"] == 0
 
 
 def test_overlong_penalty_by_hand():
