@@ -779,8 +779,8 @@ def build_parser():
       help="DAPO's soft overlong punishment added to the reward (default: on for dapo)")
     a("--overlong-cache", type=int, help="L_cache of the overlong penalty in tokens: 0 up to "
       "max-new-tokens - L_cache, then linear to -1 at --max-new-tokens (default: 0.2 x --max-new-tokens)")
-    a("--clip-low", type=float, help="PPO clip epsilon below 1 (grpo/dapo/drgrpo/steer)")
-    a("--clip-high", type=float, help="PPO clip epsilon above 1 (grpo/dapo/drgrpo/steer)")
+    a("--clip-low", type=float, help="PPO clip epsilon below 1 (every algo but opefo, archer, kl_cov)")
+    a("--clip-high", type=float, help="PPO clip epsilon above 1 (every algo but opefo, archer, kl_cov)")
     a("--dual-clip", type=float, help="dual-clip constant c for negative advantages")
     a("--agg", choices=losses.AGG_MODES, help="loss aggregation mode")
     a("--kl-coef", type=float, help="GRPO's k3 KL coefficient to the frozen start model")
