@@ -144,15 +144,22 @@ def run_figures(rows):
         if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")):
             out[k] = v
             out[f"{k} start"] = start_eval.get(k)
-    for k in {k for r in rows for k in r if k.startswith("dH/")}:
+    for k in {k for r in rows for k in r if k.startswith("dH/") or (k.startswith("flow/") and k.endswith("_exact"))}:
         out[k] = window_mean(rows, k, 1, steps)
     return out
 
 
 def summarise(results):
-    """{cell: {figure: (mean, ci)}} over the seeds of each cell."""
-    return {name: {k: mean_ci([run[k] for run in runs if k in run]) for k in runs[0]}
-            for name, runs in results.items() if runs}
+    """{cell: {figure: (mean, ci)}} over the seeds of each cell, after a "start model" row: the held-out
+    figures of step 0 (the warm start, the same for every cell)."""
+    out = {}
+    first = next((runs for runs in results.values() if runs), None)
+    if first:
+        out["start model"] = {k[:-len(" start")]: mean_ci([run[k] for run in first if k in run])
+                              for k in first[0] if k.startswith("eval") and k.endswith(" start")}
+    out.update({name: {k: mean_ci([run[k] for run in runs if k in run]) for k in runs[0]}
+                for name, runs in results.items() if runs})
+    return out
 
 
 def _fmt(mc):
@@ -163,8 +170,7 @@ def _fmt(mc):
 
 
 TABLE_COLUMNS = ("entropy start", "entropy end", "entropy/fork start", "entropy/fork end", "entropy/other end",
-                 "eval/avg@64", "eval/pass@1", "eval/pass@64", "eval/distinct", "eval_unique/pass@64",
-                 "eval_unique/distinct")
+                 "eval/avg@64", "eval/pass@64", "eval/distinct", "eval_unique/avg@64", "eval_unique/pass@64")
 
 
 def table(summary, columns=TABLE_COLUMNS):
@@ -176,13 +182,14 @@ def table(summary, columns=TABLE_COLUMNS):
     return "\n".join(lines)
 
 
+FLOW_COLUMNS = tuple(f"flow/{q}_exact" for q in losses.QUADRANTS + ("zero_adv", "total"))
 ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain") for form in losses.FIRST_ORDER_FORMS
                           for stat in ("pearson", "spearman", "sign_agree"))
 
 
 def separated_pairs(summary, keys=("entropy end", "eval/pass@64")):
     """Pairs of cells whose 95% intervals do not overlap on one of `keys`: [(key, a, b), ...]."""
-    out, names = [], list(summary)
+    out, names = [], [n for n in summary if n != "start model"]
     for key in keys:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
@@ -261,6 +268,10 @@ def main(argv=None):
     if any("dH/pearson_exact" in s for s in summary.values()):
         text += ("\n\nEstimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, "
                  "mean over steps; *_uncertain: only tokens with pi_a < 0.99:\n\n" + table(summary, ESTIMATOR_COLUMNS))
+    if any("flow/total_exact" in s for s in summary.values()):
+        text += ("\n\nExact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's "
+                 "tokens of -w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps:\n\n"
+                 + table(summary, FLOW_COLUMNS))
     pairs = separated_pairs(summary)
     text += "\n\nPairs separated by more than their 95% intervals: " + (
         "; ".join(f"{a} vs {b} on {k}" for k, a, b in pairs) if pairs else "none") + "\n"
