@@ -48,8 +48,11 @@ def test_small_comparison_end_to_end_and_resume(tmp_path, monkeypatch):
     compare.main(argv)
     root = tmp_path / "default"
     data = json.loads((root / "results.json").read_text())
-    assert set(data["summary"]) == {"grpo", "steer"} and len(data["runs"]["steer"]) == 2
+    assert set(data["summary"]) == {"start model", "grpo", "steer"} and len(data["runs"]["steer"]) == 2
+    start = data["summary"]["start model"]["eval/pass@4"][0]
+    assert start == pytest.approx(sum(r["eval/pass@4 start"] for r in data["runs"]["grpo"]) / 2)
     assert "entropy end" in data["summary"]["grpo"] and "eval/pass@4" in data["runs"]["grpo"][0]
-    assert "| grpo |" in (root / "table.md").read_text()
+    text = (root / "table.md").read_text()
+    assert "| grpo |" in text and "| start model |" in text and "flow/pos_likely_exact" in text
     monkeypatch.setattr(compare.subprocess, "call", lambda *a, **k: pytest.fail("a finished run was redone"))
     compare.main(argv)                                           # every run finished: only the tables again
