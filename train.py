@@ -49,11 +49,26 @@ in code and a cached supervised warm start. There the reward is tiny_lab.score, 
 "test" (logged as eval/) and "unique" (eval_unique/), and each step also logs the entropy at the fork
 tokens, where valid solutions branch (entropy/fork), and elsewhere (entropy/other). Runs offline on CPU.
 
-Outputs in the run directory: config.json, metrics.jsonl (one line per step; step 0 holds the evaluation of
-the starting model; a value that is not finite is written as null), samples.jsonl, checkpoints/step_NNNNNN
-(save_pretrained + optimizer, RNG, data-order, Clip-Cov generator and entropy-controller state; written to a
-temporary folder and renamed, then the `latest` pointer is replaced atomically) and, with --plot, curves.png.
---resume DIR continues a run bit-for-bit on CPU (same metrics except timings).
+Outputs in the run directory (default runs/<preset>-<algo>-seed<seed>): config.json, metrics.jsonl (one
+line per step; step 0 holds the evaluation of the starting model; a value that is not finite is written as
+null), samples.jsonl, checkpoints/step_NNNNNN (save_pretrained + optimizer, RNG, data-order, Clip-Cov
+generator and entropy-controller state; written to a temporary folder and renamed, then the `latest` pointer
+is replaced atomically; the last two are kept) and, with --plot, curves.png. --resume DIR continues a run
+bit-for-bit on CPU (same metrics except timings).
+
+Run directories never lose data:
+    a new run refuses a non-empty --out unless --overwrite is given (which removes only the files a run
+    writes: config.json, metrics.jsonl, samples.jsonl, curves.png, checkpoints/);
+    the lock file .lock (an flock held for the whole run, holding the pid) stops a second run into the same
+    directory; a lock left by a process that is gone is taken over with a message;
+    --resume loads the newest checkpoint that loads, falling back to the previous one with a message when
+    the newest is damaged, and drops a half-written last line of metrics.jsonl / samples.jsonl;
+    --resume refuses every flag that would change the run (naming them); only the flags of RESUME_FLAGS
+    (--steps, the new total, and settings of what is logged or saved) may differ from the saved ones.
+Flags are checked before any work (the run directory and --cache-dir must be writable, every dataset row
+must be usable). Exit status (the command line, cli()): 0 done, 2 a user error (one line on stderr: a bad
+flag, a bad data file or run directory, an unreachable model or dataset), 130 interrupted by Ctrl-C (the
+message names the last checkpoint); a traceback means a bug.
 
 --measure-entropy-change re-computes the entropy on each mini-batch after its update and logs the Pearson /
 Spearman correlation between each token's predicted first-order change (exact, STEER-code and paper forms,
@@ -72,6 +87,7 @@ Run:
 """
 import argparse
 import contextlib
+import fcntl
 import inspect
 import json
 import math
@@ -79,8 +95,11 @@ import os
 import random
 import resource
 import shutil
+import socket
 import sys
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -101,11 +120,14 @@ BASE_DEFAULTS = dict(
     updates_per_batch=2, micro_batch_size=8, max_grad_norm=1.0, optimizer="adamw", eval_interval=20,
     eval_k=8, eval_size=None, eval_temperature=1.0, save_interval=20, log_samples=2, seed=0,
     dataset_split="train", eval_split="test", answer_format="auto", bf16=False, gradient_checkpointing=False,
-    tiny_sft_steps=1500, drop_equal_groups=False, max_refill_rounds=0, overlong_penalty=False,
+    tiny_sft_steps=1500, drop_equal_groups=False, max_refill_rounds=0, overlong_penalty=False, overlong_cache=None,
+    max_prompt_tokens=1024, system_prompt=rollout.DEFAULT_SYSTEM_PROMPT, cache_dir=str(tiny_lab.CACHE_DIR),
+    measure_entropy_change=False, plot=False, overwrite=False,
 )
 PRESETS = {
     "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=20, lr=5e-4, steps=100, updates_per_batch=2,
-                 micro_batch_size=64, eval_interval=25, eval_k=64, eval_size=64, save_interval=50),
+                 micro_batch_size=64, eval_interval=25, eval_k=64, eval_size=64, save_interval=50,
+                 max_prompt_tokens=32),    # lab prompts are ~10 characters; the model has 64 positions
     "qwen-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B", dataset="DigitalLearningGmbH/MATH-lighteval",
                            eval_dataset="HuggingFaceH4/MATH-500", dataset_split="train", eval_split="test",
                            prompts_per_step=8, group_size=8, max_new_tokens=1024, lr=1e-6, steps=500,
@@ -148,9 +170,36 @@ LOSS_FUNCS = {"grpo": losses.grpo_loss, "dapo": losses.grpo_loss, "drgrpo": loss
 SUMMED_METRICS = ("pg_loss", "kl", "weighted_flow", "entropy_bonus", "kl_cov")
 # metrics whose values depend on the machine's speed, not on the run's numbers (ignored by resume checks)
 TIMING_KEYS = ("time/", "tokens_per_s", "peak_mem_mb")
+# the range each flag must lie in, checked on the resolved configuration before any work (unset knobs skipped;
+# the loss knobs the loss checks itself are checked by check_knobs)
+FLAG_RANGES = {
+    **{k: (lambda v: v >= 1, ">= 1") for k in ("prompts_per_step", "group_size", "max_new_tokens", "steps",
+                                              "updates_per_batch", "micro_batch_size", "eval_k", "save_interval",
+                                              "eval_size", "max_prompt_tokens")},
+    **{k: (lambda v: v >= 0, ">= 0") for k in ("log_samples", "tiny_sft_steps", "eval_temperature", "kl_coef",
+                                              "kl_knowledge", "max_refill_rounds")},
+    "eval_interval": (lambda v: v >= 0, ">= 0 (0: evaluate only at the start and the end)"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "max_grad_norm": (lambda v: v > 0, "> 0"),
+    "temperature": (lambda v: v > 0, "> 0 for RL rollouts"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+# flags that --resume accepts with a new value: the new total, and what is evaluated, logged, saved or plotted
+# (evaluation forks the RNG, so none of them changes the training numbers)
+RESUME_FLAGS = ("steps", "eval_interval", "save_interval", "log_samples", "plot", "cache_dir")
+# the files and folders a run writes into its directory (what --overwrite removes)
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "curves.png", "checkpoints")
+LOCK_FILE = ".lock"
 
 
 # ------------------------------------------------------------------------------------------- datasets
+class DataError(ValueError):
+    """A dataset file or row that cannot be used; the message names the file and the row."""
+
+
+JSONL_HINT = "expected UTF-8 JSON Lines: one JSON object per line"
+
+
 def _gsm8k_answer(text):
     """The number after GSM8K's "####" marker (thousands separators removed), or None."""
     if "####" not in text:
@@ -171,16 +220,17 @@ def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_for
                plain otherwise
     """
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        hint = " (a JSON array: write one object per line instead)" if isinstance(row, list) else ""
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}{hint}; {JSONL_HINT}")
     pf = problem_field or next((f for f in ("problem", "question") if f in row), "problem")
     af = answer_field or ("answer" if "answer" in row else "solution")
     problem = row.get(pf)
     if not isinstance(problem, str) or not problem.strip():
-        raise ValueError(f"{where}: field {pf!r} (the problem) is missing or empty; "
+        raise DataError(f"{where}: field {pf!r} (the problem) is missing or empty; "
                          f"fields present: {sorted(row)} (choose one with --problem-field)")
     raw = row.get(af)
     if raw is None or isinstance(raw, (dict, list, bool)) or (isinstance(raw, str) and not raw.strip()):
-        raise ValueError(f"{where}: field {af!r} (the answer) is missing, empty or not text/number: {raw!r}; "
+        raise DataError(f"{where}: field {af!r} (the answer) is missing, empty or not text/number: {raw!r}; "
                          f"fields present: {sorted(row)} (choose one with --answer-field)")
     text = raw if isinstance(raw, str) else json.dumps(raw)
     fmt = answer_format
@@ -193,34 +243,44 @@ def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_for
     elif fmt == "plain":
         answer = text.strip()
     else:
-        raise ValueError(f"unknown --answer-format {answer_format!r}; choose auto, plain, gsm8k or boxed")
+        raise DataError(f"unknown --answer-format {answer_format!r}; choose auto, plain, gsm8k or boxed")
     if not answer:
-        raise ValueError(f"{where}: field {af!r} has no {fmt} answer in {text[-80:]!r}")
+        raise DataError(f"{where}: field {af!r} has no {fmt} answer in {text[-80:]!r}")
     return {"problem": problem, "answer": answer, "source": where}
 
 
 def load_items(spec, split, *, problem_field=None, answer_field=None, answer_format="auto"):
     """Problems from a local JSON Lines file (path ending .jsonl/.json) or a Hub dataset "name[:config]".
 
-    Every row must be usable: a bad row raises ValueError naming the file, the 1-based row and the field.
+    Every row must be usable: a bad row (not UTF-8, not JSON, not an object, a missing field) raises
+    DataError (a ValueError) naming the file, the 1-based row and the problem. A UTF-8 byte-order mark is
+    accepted.
     """
     fields = dict(problem_field=problem_field, answer_field=answer_field, answer_format=answer_format)
     path = Path(spec)
     if path.suffix in (".jsonl", ".json") or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"dataset file {spec} not found")
+            raise DataError(f"dataset file {spec} not found")
         items = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                where = f"{path}, row {n}"
+                try:
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                                    f"{e.start + 1}); {JSONL_HINT}") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, row {n}: not valid JSON ({e.msg})") from None
-                items.append(row_to_item(row, f"{path}, row {n}", **fields))
+                    hint = (" (the file looks like a JSON array or a pretty-printed object: write one object per "
+                            "line instead)" if n == 1 and line.strip() in ("[", "{") else "")
+                    raise DataError(f"{where}: not valid JSON ({e.msg}){hint}; {JSONL_HINT}") from None
+                items.append(row_to_item(row, where, **fields))
         if not items:
-            raise ValueError(f"dataset file {path} has no rows")
+            raise DataError(f"dataset file {path} has no rows")
         return items
     name, _, config = spec.partition(":")
     try:
@@ -228,9 +288,45 @@ def load_items(spec, split, *, problem_field=None, answer_field=None, answer_for
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # the hub is unreachable, the name is wrong, or the split does not exist
         raise SystemExit(f"cannot load dataset {spec!r} (split {split!r}) from the Hugging Face Hub: "
-                         f"{type(e).__name__}: {str(e)[:200]}\nOffline alternatives: a local JSON Lines file "
+                         f"{type(e).__name__}: {_one_line(e, 200)}. Offline alternatives: a local JSON Lines file "
                          f"(--dataset path/to/file.jsonl with --problem-field/--answer-field), or --preset tiny.")
     return [row_to_item(dict(row), f"{spec}[{split}], row {n}", **fields) for n, row in enumerate(ds, 1)]
+
+
+def _one_line(error, limit):
+    """The message of an exception on one line, at most `limit` characters."""
+    return " ".join(str(error).split())[:limit]
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' progress bars ("Loading weights", "Writing model shards") inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def drop_long_prompts(items, tok, limit, system_prompt):
+    """(the items whose prompt, as rollout.generate tokenizes it, has at most `limit` tokens; the number left
+    out). A prompt is tokenized only when it could be too long: every token covers at least one UTF-8 byte
+    (byte-level BPE, character-level) and the chat template puts a fixed text around the problem."""
+    special = not getattr(tok, "chat_template", None)      # rollout.generate's rule for special tokens
+    template = len(rollout.format_prompt(tok, "x", system_prompt=system_prompt).encode()) - 1
+    frame = template + 2                                    # and at most two special tokens
+
+    def fits(problem):
+        if len(problem.encode()) + frame <= limit:
+            return True
+        prompt = rollout.format_prompt(tok, problem, system_prompt=system_prompt)
+        return len(tok(prompt, add_special_tokens=special)["input_ids"]) <= limit
+    kept = [it for it in items if fits(it["problem"])]
+    return kept, len(items) - len(kept)
 
 
 def load_model(name_or_path, *, device, bf16=False, gradient_checkpointing=False, trainable=True):
@@ -243,11 +339,12 @@ def load_model(name_or_path, *, device, bf16=False, gradient_checkpointing=False
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=torch.bfloat16 if (bf16 and not trainable) else torch.float32,
-            attn_implementation="sdpa")
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=torch.bfloat16 if (bf16 and not trainable) else torch.float32,
+                attn_implementation="sdpa")
     except OSError as e:
-        raise SystemExit(f"cannot load model {name_or_path!r}: {str(e)[:300]}\nOffline alternatives: a local "
+        raise SystemExit(f"cannot load model {name_or_path!r}: {_one_line(e, 300)}. Offline alternatives: a local "
                          f"folder written by save_pretrained (--model path/to/model), or --preset tiny.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -701,28 +798,74 @@ def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, *, ge
 
     trainer_state.pt: the step, the optimizer, rng_state (with Clip-Cov's generator) and the adaptive
     entropy controller's state (losses.entropy_control_init's dict, or None).
-    Written into a temporary folder, renamed into place, then the `latest` pointer file is replaced with
-    os.replace; older checkpoints are removed only after that. A crash at any point leaves the previous
-    checkpoint as `latest`.
+    Written into a temporary folder, checked to load (check_checkpoint), renamed into place, then the
+    `latest` pointer file is replaced with os.replace. The previous checkpoint (the one `latest` named) is
+    kept, so a new one damaged later (a truncated file) still leaves one to resume from; older ones are
+    removed. A crash at any point leaves the previous checkpoint as `latest`.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    previous = latest_checkpoint(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
+    with quiet_transformers():
+        model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(data_rng, order, generator),
                 "entropy_control": entropy_control}, tmp / "trainer_state.pt")
+    check_checkpoint(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
+    point_latest(run_dir, final)
     for old in root.glob("step_*"):
-        if old != final:
+        if old not in (final, previous):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def point_latest(run_dir, ckpt):
+    """Make checkpoints/latest name the checkpoint folder `ckpt` (atomic replace)."""
+    pointer = Path(run_dir) / "checkpoints" / ".latest.tmp"
+    pointer.write_text(Path(ckpt).name)
+    os.replace(pointer, pointer.with_name("latest"))
+
+
+def check_checkpoint(ckpt):
+    """Raise if checkpoint folder `ckpt` is incomplete or truncated, without reading the tensors: the zip
+    directory at the end of trainer_state.pt (torch.save's format) and every model/*.safetensors file's
+    header and length are checked."""
+    from safetensors import safe_open
+
+    with zipfile.ZipFile(Path(ckpt) / "trainer_state.pt"):
+        pass
+    weights = sorted((Path(ckpt) / "model").glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"no model weights (*.safetensors) in {Path(ckpt) / 'model'}")
+    for path in weights:
+        with safe_open(path, "pt"):
+            pass
+
+
+def resume_checkpoint(run_dir, log):
+    """(checkpoint folder, trainer state) to resume from: the one `latest` names, or, when it does not load,
+    the newest older one that does (with a message; `latest` is pointed at it)."""
+    root = Path(run_dir) / "checkpoints"
+    named = latest_checkpoint(run_dir)
+    older = sorted((p for p in root.glob("step_*") if p != named), key=lambda p: p.name, reverse=True)
+    candidates = ([named] if named else []) + older
+    for n, ckpt in enumerate(candidates):
+        try:
+            check_checkpoint(ckpt)
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        except Exception as e:          # whatever the damage, the next candidate may load
+            nxt = f"falling back to {candidates[n + 1].name}" if n + 1 < len(candidates) else "no older checkpoint"
+            log(f"checkpoint {ckpt} does not load ({type(e).__name__}: {_one_line(e, 120)}); {nxt}")
+            continue
+        if ckpt != named:
+            point_latest(run_dir, ckpt)
+        return ckpt, state
+    raise SystemExit(f"--resume {run_dir}: no checkpoint that loads under {root}")
 
 
 def latest_checkpoint(run_dir):
@@ -734,22 +877,162 @@ def latest_checkpoint(run_dir):
     return path if (path / "trainer_state.pt").exists() else None
 
 
-def _truncate_jsonl(path, last_step):
-    """Keep only the lines of a JSON Lines log whose "step" is <= last_step (the resumed run rewrites the rest)."""
+def _truncate_jsonl(path, last_step, log):
+    """Keep only the lines of a JSON Lines log whose "step" is <= last_step (the resumed run rewrites the rest).
+
+    A half-written last line (a run killed while writing it) is dropped with a message; a damaged line
+    elsewhere is an error naming the file and the line.
+    """
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    kept = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if n == len(lines):
+                log(f"{path}: dropping the half-written last line {n}")
+                break
+            raise SystemExit(f"{path}, line {n}: not valid JSON; the run's log is damaged (remove or repair "
+                             f"that line to resume)") from None
+        if row["step"] <= last_step:
+            kept.append(raw.decode("utf-8") + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float (also inside dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------- run directory
+def _check_writable(folder, flag):
+    """Create `folder` if needed and write a file into it; a one-line error naming `flag` when that fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag} {folder} is not writable ({e.strerror or e})") from None
+
+
+def take_lock(run_dir, log):
+    """Hold run_dir/.lock for the life of the run: an exclusive flock on a file holding "pid host". Returns
+    the open file (closing it, or the process ending, releases the lock). A lock held by another process is
+    an error naming it; a lock file left behind by a process that has ended is taken over with a message."""
+    path = Path(run_dir) / LOCK_FILE
+    while True:
+        try:
+            fh = open(path, "a+")
+        except OSError as e:
+            raise SystemExit(f"--out {run_dir} is not writable ({e.strerror or e})") from None
+        fh.seek(0)
+        owner = fh.read().split()
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            who = f"process {owner[0]} on {owner[1]}" if len(owner) == 2 else "another process"
+            raise SystemExit(f"{run_dir} is in use by another run ({who}, lock file {path}); wait for it to "
+                             f"end or choose another --out") from None
+        except OSError as e:            # a file system without locks
+            fh.close()
+            raise SystemExit(f"--out {run_dir}: cannot lock {path} ({e.strerror or e})") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+            break
+        fh.close()                      # the file was removed by its owner in between: lock the new one
+    if owner:
+        log(f"{path}: taking over the lock of process {' on '.join(owner[:2])}, which is no longer running")
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+    fh.flush()
+    return fh
+
+
+def release_lock(run_dir, fh):
+    """Remove run_dir/.lock and release the flock taken by take_lock."""
+    (Path(run_dir) / LOCK_FILE).unlink(missing_ok=True)
+    fh.close()
+
+
+def claim_run_dir(run_dir, cfg, log):
+    """Create the run directory, take its lock (take_lock) and check it may be written: a new run refuses a
+    directory that holds anything unless cfg["overwrite"], which removes the RUN_FILES of the previous run
+    (nothing else). Returns the lock's file."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {run_dir}: cannot create the run directory ({e.strerror or e})") from None
+    lock = take_lock(run_dir, log)
+    try:
+        present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+        if not cfg.get("resume") and present:
+            if not cfg["overwrite"]:
+                shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+                raise SystemExit(f"--out {run_dir} is not empty ({shown}): continue that run with --resume "
+                                 f"{run_dir}, choose another --out, or give --overwrite to replace it")
+            for name in RUN_FILES:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+            log(f"--overwrite: removed the previous run's files in {run_dir}")
+        _check_writable(run_dir, "--out")
+    except BaseException:
+        release_lock(run_dir, lock)
+        raise
+    return lock
 
 
 # ------------------------------------------------------------------------------------------- driver
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error message (no usage block) and negative numbers in any notation as values:
+    "--lr -1e-4" is read as --lr=-1e-4 (plain argparse takes "-1e-4" for an option), and then refused by
+    resolve_config as out of range."""
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        joined = []
+        for arg in args:
+            if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _is_negative_number(arg):
+                joined[-1] = f"{joined[-1]}={arg}"
+            else:
+                joined.append(arg)
+        return super().parse_args(joined, namespace)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _is_negative_number(text):
+    """True for "-1", "-1e-4", "-.5", "-inf": a value, not an option."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.startswith("-")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer and "
-                                "the entropy interventions). "
+    p = ArgumentParser(prog="train.py", description="RLVR training loop (GRPO, DAPO, Dr. GRPO, STEER, OPEFO, "
+                       "Archer and the entropy interventions). "
                                 "A flag left unset takes the preset's value, then the algorithm's, then "
                                 "BASE_DEFAULTS (all in train.py); unset loss knobs keep losses.py's defaults.")
     a = p.add_argument
-    a("--algo", choices=ALGOS, default="grpo", help="loss / algorithm (default grpo)")
+    a("--algo", choices=ALGOS, help="loss / algorithm (default grpo)")
     a("--preset", choices=sorted(PRESETS), help="settings bundle; default: tiny without CUDA")
     a("--model", help="Hub name or local folder of the policy (not with --preset tiny)")
     a("--dataset", help="training problems: a .jsonl file or a Hub dataset name[:config]")
@@ -810,24 +1093,30 @@ def build_parser():
     a("--eval-temperature", type=float, help="sampling temperature of avg@k / pass@k")
     a("--save-interval", type=int, help="checkpoint every N steps (and at the end)")
     a("--log-samples", type=int, help="prompts per step written to samples.jsonl")
-    a("--system-prompt", default=rollout.DEFAULT_SYSTEM_PROMPT, help="system message of the chat template "
+    a("--system-prompt", help="system message of the chat template "
       "(default: rollout.DEFAULT_SYSTEM_PROMPT; the tiny lab's template ignores it)")
     a("--seed", type=int, help="seed of sampling and data order")
-    a("--out", help="run directory (default runs/<algo>-seed<seed>)")
-    a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    a("--max-prompt-tokens", type=int, help="problems whose prompt is longer are left out and counted "
+      "(default 1024; 32 in the tiny lab)")
+    a("--out", help="run directory (default runs/<preset>-<algo>-seed<seed>); must be empty or new")
+    a("--overwrite", action="store_true", default=None,
+      help="replace the run in a non-empty --out (removes only the files a run writes)")
+    a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint; other flags "
+      f"may only repeat the saved values, except --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS)}")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast forward passes")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute activations in the backward pass")
-    a("--measure-entropy-change", action="store_true", help="log predicted vs realised per-token entropy change")
-    a("--plot", action="store_true", help="write curves.png (needs matplotlib)")
+    a("--measure-entropy-change", action="store_true", default=None, help="log predicted vs realised per-token entropy change")
+    a("--plot", action="store_true", default=None, help="write curves.png (needs matplotlib)")
     a("--tiny-sft-steps", type=int, help="supervised warm-start steps of the tiny lab (cached)")
-    a("--cache-dir", default=str(tiny_lab.CACHE_DIR), help=f"tiny-lab warm-start cache (default {tiny_lab.CACHE_DIR})")
+    a("--cache-dir", help=f"tiny-lab warm-start cache (default {tiny_lab.CACHE_DIR})")
     return p
 
 
 def resolve_config(args, log=print):
     """Fill None flags from the preset, the algorithm's defaults and BASE_DEFAULTS; validate."""
     cfg = vars(args).copy()
+    cfg["algo"] = cfg["algo"] or "grpo"
     if cfg["preset"] is None and cfg["model"] is None:
         cfg["preset"] = "tiny" if not torch.cuda.is_available() else "qwen-0.5b-gsm8k"
         log(f"no --preset or --model: using --preset {cfg['preset']}"
@@ -840,16 +1129,9 @@ def resolve_config(args, log=print):
                 cfg[k] = v
     if cfg["algo"] == "opefo" and cfg["updates_per_batch"] != 1:
         cfg["updates_per_batch"] = 1          # OPEFO is strictly on-policy: one step per rollout batch
-    for k in ("prompts_per_step", "group_size", "max_new_tokens", "steps", "updates_per_batch",
-              "micro_batch_size", "eval_k"):
-        if cfg[k] < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
-    if cfg["temperature"] <= 0:
-        raise SystemExit("--temperature must be > 0 for RL rollouts")
+    validate_config(cfg)
     if cfg["preset"] != "tiny" and not cfg.get("dataset"):
         raise SystemExit("--dataset is required with --model (a .jsonl file or a Hub dataset name)")
-    if cfg["max_refill_rounds"] < 0:
-        raise SystemExit(f"--max-refill-rounds must be >= 0, got {cfg['max_refill_rounds']}")
     if cfg["max_refill_rounds"] and not cfg["drop_equal_groups"]:
         raise SystemExit("--max-refill-rounds needs --drop-equal-groups (a refill looks for groups to keep)")
     if cfg["overlong_penalty"]:
@@ -862,7 +1144,53 @@ def resolve_config(args, log=print):
         raise SystemExit("--overlong-cache needs --overlong-penalty")
     check_knobs(cfg)                          # raises on a knob the loss does not take, or out of its range
     if cfg["out"] is None:
-        cfg["out"] = str(Path("runs") / f"{cfg['algo']}-seed{cfg['seed']}")
+        name = cfg["preset"] or Path(cfg["model"]).name
+        cfg["out"] = str(Path("runs") / f"{name}-{cfg['algo']}-seed{cfg['seed']}")
+    return cfg
+
+
+def validate_config(cfg):
+    """A one-line error naming the flag for a value out of FLAG_RANGES, or a group size that trains nothing."""
+    for key, (ok, wanted) in FLAG_RANGES.items():
+        value = cfg.get(key)
+        if value is not None and not ok(value):
+            raise SystemExit(f"--{key.replace('_', '-')} must be {wanted}, got {value}")
+    if cfg["group_size"] == 1:
+        raise SystemExit(f"--group-size 1 trains nothing with --algo {cfg['algo']}: every advantage is relative "
+                         f"to the group, so a lone response gets 0 and the reward never reaches the update; use "
+                         f"2 or more")
+
+
+def resume_config(args, log=print):
+    """The saved configuration of the run in args.resume, with the RESUME_FLAGS the user gave; an error naming
+    every other flag whose value differs from the saved one (it would change the run)."""
+    run_dir = Path(args.resume)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--resume {run_dir}: no config.json there")
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path} is damaged, not valid JSON ({_one_line(e, 120)}): the run cannot be resumed")
+    if not isinstance(cfg, dict) or "algo" not in cfg:
+        raise SystemExit(f"{path} is not a train.py configuration: the run cannot be resumed")
+    cfg = {**BASE_DEFAULTS, **cfg}          # a setting newer than the run: its default, as the run had it
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    if given.pop("overwrite", False):
+        raise SystemExit("--overwrite and --resume exclude each other: --resume continues the run, "
+                         "--overwrite starts a new one")
+    out = given.pop("out", None)
+    if out is not None and Path(out).resolve() != run_dir.resolve():
+        raise SystemExit(f"--out {out} differs from --resume {run_dir}: a resumed run stays in its directory")
+    changed = [k for k, v in given.items() if k not in RESUME_FLAGS and v != cfg.get(k)]
+    if changed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {given[k]!r} (saved: {cfg.get(k)!r})" for k in changed)
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_FLAGS)
+        raise SystemExit(f"--resume {run_dir}: {listed} would change the run; with --resume only {allowed} "
+                         f"may take new values")
+    cfg.update({k: v for k, v in given.items() if k in RESUME_FLAGS})
+    validate_config(cfg)
+    cfg["resume"] = str(run_dir)
     return cfg
 
 
@@ -878,11 +1206,6 @@ def _eval_summary(row):
                      if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")))
 
 
-def _json_value(v):
-    """A metric as JSON can hold it: a non-finite float (no update, an empty selection) becomes None (null)."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def _autocast_factory(device, bf16):
     if not bf16:
         return contextlib.nullcontext
@@ -895,27 +1218,50 @@ def _peak_mem_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
 
 
-def plot_curves(run_dir):
-    """curves.png: reward and entropy per step, held-out avg@k and greedy accuracy at each evaluation, and the
-    four-quadrant first-order entropy change per step (flow/<q>_exact, stacked: increases above 0, decreases
-    below; steps without an update, whose values are null, are skipped)."""
+def moving_average(values, window):
+    """Trailing mean over the last `window` values at each position (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _series(rows, key):
+    """(steps, values) of `key` over the rows that hold a number for it (null, from a NaN, is skipped)."""
+    pairs = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def curves_figure(run_dir):
+    """The figure of curves.png: reward and entropy per step (raw, faint, and a moving average over about a
+    tenth of the steps), held-out avg@k and greedy accuracy at each evaluation, and the four-quadrant
+    first-order entropy change per step (flow/<q>_exact, stacked: increases above 0, decreases below); a
+    null value (a step without an update) is skipped. Titled with the algorithm, the preset (or model) and
+    the seed of the run's config.json."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    train = [r for r in rows if "reward" in r]
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     evals = [r for r in rows if any(k.startswith("eval/avg@") for k in r)]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
-    for ax, key in zip(axes, ("reward", "entropy")):
-        ax.plot([r["step"] for r in train], [r[key] for r in train])
-        ax.set(title=key, xlabel="step")
+    train = [r for r in rows if "reward" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for ax, key, label in zip(axes, ("reward", "entropy"), ("mean reward", "mean token entropy (nats)")):
+        steps, values = _series(train, key)
+        window = max(1, len(values) // 10)
+        ax.plot(steps, values, color="C0", alpha=0.3, lw=0.8, label="per step")
+        ax.plot(steps, moving_average(values, window), color="C0", label=f"moving average of {window}")
+        ax.set(title=key, xlabel="RL step", ylabel=label)
+        ax.legend(fontsize=8)
     avg = next((k for k in evals[0] if k.startswith("eval/avg@")), None) if evals else None
     if avg:
-        axes[2].plot([r["step"] for r in evals], [r[avg] for r in evals], marker="o", label=avg)
-        axes[2].plot([r["step"] for r in evals], [r["eval/greedy_acc"] for r in evals], marker="s", label="greedy")
-        axes[2].legend()
-    axes[2].set(title="held-out accuracy", xlabel="step")
+        for key, marker, label in ((avg, "o", avg), ("eval/greedy_acc", "s", "greedy")):
+            axes[2].plot(*_series(evals, key), marker=marker, label=label)
+        axes[2].legend(fontsize=8)
+    axes[2].set(title="held-out accuracy", xlabel="RL step", ylabel="accuracy")
     flow = [r for r in train if all(r.get(f"flow/{q}_exact") is not None for q in losses.QUADRANTS)]
     steps = [r["step"] for r in flow]
     up, down = [0.0] * len(flow), [0.0] * len(flow)
@@ -929,24 +1275,28 @@ def plot_curves(run_dir):
         axes[3].plot(steps, [r["flow/total_exact"] for r in flow], color="k", marker=".", label="total")
         axes[3].legend(fontsize="x-small", ncol=2)
     axes[3].axhline(0.0, color="grey", linewidth=0.5)
-    axes[3].set(title="first-order entropy change by quadrant", xlabel="step")
+    axes[3].set(title="first-order entropy change by quadrant", xlabel="RL step", ylabel="first-order dH (nats)")
+    fig.suptitle(f"{cfg['algo']}, preset {cfg.get('preset') or cfg.get('model')}, seed {cfg['seed']}")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(run_dir):
+    """Write curves.png (curves_figure) into the run directory."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(run_dir)
     fig.savefig(Path(run_dir) / "curves.png", dpi=100)
     plt.close(fig)
 
 
 def main(argv=None):
+    """Parse and check the flags, then train; returns the metric rows. A user error raises SystemExit with a
+    one-line message (cli() prints it and exits with status 2)."""
     args = build_parser().parse_args(argv)
     if args.resume:
+        cfg = resume_config(args)
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").exists():
-            raise SystemExit(f"--resume {run_dir}: no config.json there")
-        cfg = json.loads((run_dir / "config.json").read_text())
-        for key, off in (("max_refill_rounds", 0), ("overlong_penalty", False), ("overlong_cache", None)):
-            cfg.setdefault(key, off)          # a run started before DAPO's last two parts were flags
-        if args.steps is not None:
-            cfg["steps"] = args.steps
-        cfg["resume"] = str(run_dir)
     else:
         cfg = resolve_config(args)
         run_dir = Path(cfg["out"])
@@ -958,42 +1308,100 @@ def main(argv=None):
     return train(cfg, run_dir)
 
 
-def train(cfg, run_dir):
-    """Run (or resume) the loop described in the module docstring; returns the list of metric rows written."""
+def cli(argv=None):
+    """The command line: main(), with a user error printed as one line (exit status 2) and Ctrl-C as 130."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(f"train.py: error: {e.code}", file=sys.stderr)
+            return 2
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted before the run started", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _log(msg):
+    print(msg, file=sys.stderr)
+
+
+def train(cfg, run_dir, log=_log):
+    """Run (or resume) the loop described in the module docstring; returns the list of metric rows written.
+
+    The run directory is claimed (claim_run_dir) and locked for the whole run. Ctrl-C ends the run with
+    SystemExit(130) after naming the last checkpoint.
+    """
+    run_dir = Path(run_dir)
+    lock = claim_run_dir(run_dir, cfg, log)
+    try:
+        return _train(cfg, run_dir, log)
+    except KeyboardInterrupt:
+        ckpt = latest_checkpoint(run_dir)
+        where = (f"the last checkpoint is {ckpt}; continue with: python train.py --resume {run_dir}" if ckpt
+                 else "no checkpoint was written yet, so it cannot be resumed")
+        log(f"interrupted: {where}")
+        raise SystemExit(130) from None
+    finally:
+        release_lock(run_dir, lock)
+
+
+def _load(spec, split, cfg):
+    """load_items with the run's field mapping; a bad file or row becomes a one-line user error."""
+    try:
+        return load_items(spec, split, **_fields(cfg))
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+
+
+def _train(cfg, run_dir, log):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    def log(msg):
-        print(msg, file=sys.stderr)
+    if cfg["preset"] == "tiny":
+        _check_writable(Path(cfg["cache_dir"]), "--cache-dir")
+    ckpt, saved = resume_checkpoint(run_dir, log) if cfg.get("resume") else (None, None)
+    if saved and cfg["steps"] <= saved["step"]:
+        raise SystemExit(f"the run in {run_dir} is already at step {saved['step']} (--steps is {cfg['steps']}): "
+                         f"give --steps above {saved['step']} to continue it")
 
     data_rng = random.Random(cfg["seed"])
     random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
 
-    # data and starting model; each evaluation set is (items, score function), logged under its prefix
+    # data (the user's files first: a bad row stops the run before the warm start) and starting model;
+    # each evaluation set is (items, score function), logged under its prefix
     score_fn, fork_mask, eval_sets = verify, None, {}
+    train_items = _load(cfg["dataset"], cfg["dataset_split"], cfg) if cfg.get("dataset") else None
+    if cfg.get("eval_dataset"):
+        eval_sets = {"eval": (_load(cfg["eval_dataset"], cfg["eval_split"], cfg), verify)}
     if cfg["preset"] == "tiny":
         start_model = str(tiny_lab.warm_start(cfg["tiny_sft_steps"], cfg["cache_dir"], log))
-        train_items, lab_evals = tiny_lab.datasets()
-        eval_sets = {"eval" if name == "test" else f"eval_{name}": (items, tiny_lab.score)
-                     for name, items in lab_evals.items()}
-        if cfg.get("dataset"):
-            train_items = load_items(cfg["dataset"], cfg["dataset_split"], **_fields(cfg))
-        else:
-            score_fn, fork_mask = tiny_lab.score, tiny_lab.fork_mask
+        lab_train, lab_evals = tiny_lab.datasets()
+        eval_sets = eval_sets or {"eval" if name == "test" else f"eval_{name}": (items, tiny_lab.score)
+                                  for name, items in lab_evals.items()}
+        if train_items is None:
+            train_items, score_fn, fork_mask = lab_train, tiny_lab.score, tiny_lab.fork_mask
     else:
         start_model = cfg["model"]
-        train_items = load_items(cfg["dataset"], cfg["dataset_split"], **_fields(cfg))
-    if cfg.get("eval_dataset"):
-        eval_sets = {"eval": (load_items(cfg["eval_dataset"], cfg["eval_split"], **_fields(cfg)), verify)}
     if cfg["eval_size"]:
         eval_sets = {name: (items[:cfg["eval_size"]], fn) for name, (items, fn) in eval_sets.items()}
     cfg["start_model"] = start_model
 
-    ckpt = latest_checkpoint(run_dir) if cfg.get("resume") else None
-    if cfg.get("resume") and ckpt is None:
-        raise SystemExit(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     model, tok = load_model(str(ckpt / "model") if ckpt else start_model, device=device, bf16=cfg["bf16"],
                             gradient_checkpointing=cfg["gradient_checkpointing"])
+    too_long = {}                 # problems whose prompt exceeds --max-prompt-tokens never reach the model
+    train_items, too_long["train"] = drop_long_prompts(train_items, tok, cfg["max_prompt_tokens"],
+                                                       cfg["system_prompt"])
+    for name, (items, fn) in list(eval_sets.items()):
+        kept, too_long[name] = drop_long_prompts(items, tok, cfg["max_prompt_tokens"], cfg["system_prompt"])
+        eval_sets[name] = (kept, fn)
+    for name, n in too_long.items():
+        if n:
+            log(f"left out {n} {name} problems whose prompt is longer than --max-prompt-tokens "
+                f"{cfg['max_prompt_tokens']}")
+    if not train_items:
+        raise SystemExit(f"every training problem's prompt is longer than --max-prompt-tokens "
+                         f"{cfg['max_prompt_tokens']}")
     ref_model = None
     if needs_reference(cfg):
         ref_model, _ = load_model(start_model, device=device, bf16=cfg["bf16"], trainable=False)
@@ -1006,14 +1414,13 @@ def train(cfg, run_dir):
     control = losses.entropy_control_init(**control_kwargs(cfg)) if cfg["algo"] == "adaptive_entropy" else None
     metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
     if ckpt:
-        saved = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         order = set_rng_state(saved["rng"], data_rng, generator)
         control = saved.get("entropy_control", control)
         start_step = saved["step"]
-        _truncate_jsonl(metrics_path, start_step)
-        _truncate_jsonl(samples_path, start_step)
-        log(f"resuming {run_dir} from step {start_step}")
+        _truncate_jsonl(metrics_path, start_step, log)
+        _truncate_jsonl(samples_path, start_step, log)
+        log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
     else:
         for path in (metrics_path, samples_path):
             path.write_text("")
@@ -1052,30 +1459,35 @@ def train(cfg, run_dir):
     rows = []
 
     def write(path, record):
-        with open(path, "a") as fh:
-            fh.write(json.dumps(record, allow_nan=False) + "\n")
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     if start_step == 0:
-        row = {"step": 0, **run_eval(0)}
+        row = {"step": 0, **run_eval(0), **{f"too_long_prompts/{k}": n for k, n in too_long.items()}}
         write(metrics_path, row)
         rows.append(row)
         log(f"step 0 (start model): {_eval_summary(row)}")
     from tqdm import tqdm
+    interactive = sys.stderr.isatty()       # a bar on a terminal, one line per step in a log file
     bar = tqdm(range(start_step + 1, cfg["steps"] + 1), initial=start_step, total=cfg["steps"],
-               disable=None, desc=cfg["algo"])
+               disable=not interactive, desc=cfg["algo"])
     for step in bar:
+        started = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         metrics, records = rl_step(state, cfg, draw(cfg["prompts_per_step"]), draw)
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
             metrics.update(run_eval(step))
         metrics["peak_mem_mb"] = _peak_mem_mb(device)
-        row = {"step": step, **{k: _json_value(v) for k, v in metrics.items()}}
+        row = json_safe({"step": step, **metrics})
         write(metrics_path, row)
         for r in records:
             write(samples_path, {"step": step, **r})
         rows.append(row)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
+        if not interactive:
+            log(f"step {step}/{cfg['steps']}: reward {metrics['reward']:.3f}, entropy {metrics['entropy']:.3f}, "
+                f"{time.perf_counter() - started:.1f}s")
         if step % cfg["save_interval"] == 0 or step == cfg["steps"]:
             t = time.perf_counter()
             save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, generator=generator,
@@ -1089,4 +1501,4 @@ def train(cfg, run_dir):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

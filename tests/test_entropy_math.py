@@ -260,3 +260,10 @@ def test_quadrant_rule_always_holds_for_unlikely_tokens_to_first_order():
         assert by_label[label][0] > 100 and by_label[label][1] == 1.0
     for label in ("A > 0, likely", "A < 0, likely"):
         assert by_label[label][0] > 100 and 0.5 < by_label[label][1] < 0.99
+
+
+def test_help_prints_help_instead_of_running(capsys):
+    with pytest.raises(SystemExit) as e:
+        em.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: entropy_math.py") and "== 1." not in out
