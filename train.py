@@ -1161,7 +1161,7 @@ def validate_config(cfg):
                          f"2 or more")
 
 
-def resume_config(args, log=print):
+def resume_config(args):
     """The saved configuration of the run in args.resume, with the RESUME_FLAGS the user gave; an error naming
     every other flag whose value differs from the saved one (it would change the run)."""
     run_dir = Path(args.resume)
