@@ -1252,3 +1252,20 @@ _LOSS_FUNCS = {
 }
 _LOSS_LIKE = {"dapo": grpo_loss, "drgrpo": grpo_loss, "adaptive_entropy": entropy_bonus_loss}
 LOSSES = {name: _batch_call(fn, like=_LOSS_LIKE.get(name)) for name, fn in _LOSS_FUNCS.items()}
+
+
+def uses_reference(name, **knobs):
+    """Whether LOSSES[name] with these knobs reads ref_logp (so a trainer must run the frozen reference): its
+    value on a small dummy batch moves when ref_logp does. Fails early on an unknown loss or a bad knob."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    t = torch.linspace(0.1, 2.0, 5)[None]            # 1 x 5, entropies spread so Archer has both token types
+    batch = dict(logp=-t, old_logp=-t, advantages=torch.ones(1), mask=torch.ones(1, 5), entropy=t,
+                 exact_term=0 * t, current_entropy=t)
+    values = []
+    for ref in (-t, -t - 1):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            values.append(LOSSES[name](**batch, ref_logp=ref, **knobs)[0])
+    return bool(values[0] != values[1])
+
