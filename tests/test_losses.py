@@ -696,3 +696,13 @@ def test_archer_float64_clip_range_is_exact():
     loss, _ = archer_loss(logp, old, adv, torch.ones(1, 5), ent, kl_knowledge=0.0)
     expected = (4 * -1.2 + -(1.2 + 1e-12)) / 5
     assert loss.item() == pytest.approx(expected, rel=1e-15, abs=1e-15)
+
+
+def test_uses_reference_probes_whether_a_loss_reads_ref_logp():
+    assert losses.uses_reference("archer") and not losses.uses_reference("archer", kl_knowledge=0.0)
+    assert not losses.uses_reference("grpo") and losses.uses_reference("grpo", kl_coef=0.1)
+    assert not losses.uses_reference("kl_cov")              # its penalty is to pi_old, not to a reference
+    with pytest.raises(ValueError, match="unknown loss"):
+        losses.uses_reference("ppo")
+    with pytest.raises(TypeError):
+        losses.uses_reference("steer", lamda_min=0.5)
