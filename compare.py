@@ -24,6 +24,7 @@ Run:
     python compare.py                                    # default setting, 5 seeds, 2 jobs
     python compare.py --setting steer-extreme
     python compare.py --algos grpo steer --seeds 0 1 --jobs 1
+    python compare.py --setting steer-extreme --train-flags "--updates-per-batch 8" --out runs/compare-u8
 """
 import argparse
 import json
