@@ -93,12 +93,14 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import socket
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -123,6 +125,7 @@ BASE_DEFAULTS = dict(
     tiny_sft_steps=1500, drop_equal_groups=False, max_refill_rounds=0, overlong_penalty=False, overlong_cache=None,
     max_prompt_tokens=1024, system_prompt=rollout.DEFAULT_SYSTEM_PROMPT, cache_dir=str(tiny_lab.CACHE_DIR),
     measure_entropy_change=False, plot=False, overwrite=False,
+    warmup_steps=0, lr_schedule="constant", save_optimizer=True,
 )
 PRESETS = {
     "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=20, lr=5e-4, steps=100, updates_per_batch=2,
@@ -177,7 +180,7 @@ FLAG_RANGES = {
                                               "updates_per_batch", "micro_batch_size", "eval_k", "save_interval",
                                               "eval_size", "max_prompt_tokens")},
     **{k: (lambda v: v >= 0, ">= 0") for k in ("log_samples", "tiny_sft_steps", "eval_temperature", "kl_coef",
-                                              "kl_knowledge", "max_refill_rounds")},
+                                              "kl_knowledge", "max_refill_rounds", "warmup_steps")},
     "eval_interval": (lambda v: v >= 0, ">= 0 (0: evaluate only at the start and the end)"),
     "lr": (lambda v: v > 0, "> 0"),
     "max_grad_norm": (lambda v: v > 0, "> 0"),
@@ -186,7 +189,7 @@ FLAG_RANGES = {
 }
 # flags that --resume accepts with a new value: the new total, and what is evaluated, logged, saved or plotted
 # (evaluation forks the RNG, so none of them changes the training numbers)
-RESUME_FLAGS = ("steps", "eval_interval", "save_interval", "log_samples", "plot", "cache_dir")
+RESUME_FLAGS = ("steps", "eval_interval", "save_interval", "log_samples", "plot", "cache_dir", "save_optimizer")
 # the files and folders a run writes into its directory (what --overwrite removes)
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "curves.png", "checkpoints")
 LOCK_FILE = ".lock"
@@ -796,11 +799,13 @@ def set_rng_state(saved, data_rng, generator=None):
 
 
 def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, *, generator=None,
-                    entropy_control=None):
+                    entropy_control=None, scheduler=None, with_optimizer=True):
     """checkpoints/step_NNNNNN with model + tokenizer (save_pretrained) and trainer_state.pt, atomically.
 
-    trainer_state.pt: the step, the optimizer, rng_state (with Clip-Cov's generator) and the adaptive
-    entropy controller's state (losses.entropy_control_init's dict, or None).
+    trainer_state.pt: the step, rng_state (with Clip-Cov's generator), the adaptive entropy controller's
+    state (losses.entropy_control_init's dict, or None), the learning-rate scheduler's state and, unless
+    with_optimizer is False (--no-save-optimizer: weights-only, about a third of the size with AdamW),
+    the optimizer's state.
     Written into a temporary folder, checked to load (check_checkpoint), renamed into place, then the
     `latest` pointer file is replaced with os.replace. The previous checkpoint (the one `latest` named) is
     kept, so a new one damaged later (a truncated file) still leaves one to resume from; older ones are
@@ -815,8 +820,11 @@ def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, *, ge
     with quiet_transformers():
         model.save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(data_rng, order, generator),
-                "entropy_control": entropy_control}, tmp / "trainer_state.pt")
+    state = {"step": step, "rng": rng_state(data_rng, order, generator), "entropy_control": entropy_control,
+             "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    if with_optimizer:
+        state["optimizer"] = optimizer.state_dict()
+    torch.save(state, tmp / "trainer_state.pt")
     check_checkpoint(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
@@ -869,6 +877,19 @@ def resume_checkpoint(run_dir, log):
             point_latest(run_dir, ckpt)
         return ckpt, state
     raise SystemExit(f"--resume {run_dir}: no checkpoint that loads under {root}")
+
+
+def lr_factor(done, cfg):
+    """Multiplier of --lr for the RL step that follows `done` finished steps (one scheduler step per RL
+    step, as verl's: every mini-batch of a rollout batch uses the same rate). Warmup: (done + 1) / W for
+    the first W = --warmup-steps steps, so the first step already moves (verl's formula gives it 0);
+    then 1 (constant) or 0.5 (1 + cos(pi (done - W) / (steps - W))) (cosine, above 0 at the last step)."""
+    warm = cfg["warmup_steps"]
+    if done < warm:
+        return (done + 1) / warm
+    if cfg["lr_schedule"] == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (done - warm) / max(1, cfg["steps"] - warm)))
+    return 1.0
 
 
 def latest_checkpoint(run_dir):
@@ -1056,6 +1077,10 @@ def build_parser():
     a("--updates-per-batch", type=int, help="optimizer steps (mini-batches) per rollout batch; 1 for OPEFO")
     a("--micro-batch-size", type=int, help="sequences per forward/backward (gradient accumulation)")
     a("--max-grad-norm", type=float, help="gradient clipping norm")
+    a("--warmup-steps", type=int, help="linear learning-rate warmup over the first N RL steps, --lr * n / N at "
+      "step n (default 0, verl's; verl's DAPO recipe scripts use 10 at lr 1e-6)")
+    a("--lr-schedule", choices=("constant", "cosine"), help="after the warmup: constant (default, verl's and "
+      "DAPO's) or cosine decay towards 0 over the remaining --steps")
     a("--drop-equal-groups", action=argparse.BooleanOptionalAction, default=None,
       help="drop groups whose rewards are all equal (default: on for dapo, archer)")
     a("--max-refill-rounds", type=int, help="DAPO's dynamic sampling: at most this many extra rounds of "
@@ -1095,6 +1120,9 @@ def build_parser():
     a("--eval-size", type=int, help="use the first N held-out problems")
     a("--eval-temperature", type=float, help="sampling temperature of avg@k / pass@k")
     a("--save-interval", type=int, help="checkpoint every N steps (and at the end)")
+    a("--save-optimizer", action=argparse.BooleanOptionalAction, default=None,
+      help="keep the optimizer state in checkpoints (default on); --no-save-optimizer saves weights, RNG and "
+      "scheduler only: --resume then restarts AdamW's moments from zero (warned)")
     a("--log-samples", type=int, help="prompts per step written to samples.jsonl")
     a("--system-prompt", help="system message of the chat template "
       "(default: rollout.DEFAULT_SYSTEM_PROMPT; the tiny lab's template ignores it)")
@@ -1428,13 +1456,22 @@ def _train(cfg, run_dir, log):
     opt_cls = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.SGD
     opt_kw = dict(weight_decay=0.0) if cfg["optimizer"] == "adamw" else {}
     optimizer = opt_cls(model.parameters(), lr=cfg["lr"], **opt_kw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(done, cfg))
     start_step, order = 0, []
     # Clip-Cov's token draw has its own generator, seeded from --seed; adaptive_entropy's controller state
     generator = torch.Generator().manual_seed(cfg["seed"]) if cfg["algo"] == "clip_cov" else None
     control = losses.entropy_control_init(**control_kwargs(cfg)) if cfg["algo"] == "adaptive_entropy" else None
     metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
     if ckpt:
-        optimizer.load_state_dict(saved["optimizer"])
+        if "optimizer" in saved:
+            optimizer.load_state_dict(saved["optimizer"])
+        elif cfg["optimizer"] == "adamw":
+            log(f"--resume: {ckpt.name} holds no optimizer state (--no-save-optimizer): AdamW restarts from "
+                "zero moments, so the run will differ from an uninterrupted one")
+        if saved.get("scheduler") is not None:      # a checkpoint from before the schedule flags: constant
+            scheduler.load_state_dict(saved["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         order = set_rng_state(saved["rng"], data_rng, generator)
         control = saved.get("entropy_control", control)
         start_step = saved["step"]
@@ -1496,7 +1533,12 @@ def _train(cfg, run_dir, log):
         started = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        lr = optimizer.param_groups[0]["lr"]
         metrics, records = rl_step(state, cfg, draw(cfg["prompts_per_step"]), draw)
+        metrics["lr"] = lr
+        with warnings.catch_warnings():      # one schedule step per RL step, also when no update was made
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+            scheduler.step()
         if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
             metrics.update(run_eval(step))
         metrics["peak_mem_mb"] = _peak_mem_mb(device)
@@ -1512,7 +1554,8 @@ def _train(cfg, run_dir, log):
         if step % cfg["save_interval"] == 0 or step == cfg["steps"]:
             t = time.perf_counter()
             save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, generator=generator,
-                            entropy_control=state["entropy_control"])
+                            entropy_control=state["entropy_control"], scheduler=scheduler,
+                            with_optimizer=cfg["save_optimizer"])
             log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
     if rows and "eval/n" in rows[-1]:
         log(f"step {rows[-1]['step']}: {_eval_summary(rows[-1])}")

@@ -81,3 +81,41 @@ def test_frozen_reference_under_bf16_gives_exactly_zero_kl(tmp_path, cache, pari
     assert row["loss/kl"] == 0.0
     ref, _ = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"), trainable=False)
     assert {p.dtype for p in ref.parameters()} == {torch.float32}
+
+
+def test_lr_factor_warmup_then_constant_or_cosine():
+    def factors(schedule, warmup, steps):
+        cfg = dict(lr_schedule=schedule, warmup_steps=warmup, steps=steps)
+        return [train.lr_factor(done, cfg) for done in range(steps)]
+    assert factors("constant", 0, 3) == [1.0, 1.0, 1.0]
+    assert factors("constant", 2, 4) == [0.5, 1.0, 1.0, 1.0]
+    assert factors("cosine", 2, 4) == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert factors("cosine", 0, 3) == pytest.approx([1.0, 0.75, 0.25])
+
+
+def test_schedule_is_logged_and_resumes_bit_for_bit(tmp_path, cache, parity_reward):
+    common = TINY + ["--cache-dir", cache, "--save-interval", "1", "--eval-interval", "2", "--warmup-steps", "2",
+                     "--lr-schedule", "cosine"]
+    full = tmp_path / "full"
+    run(common + ["--steps", "4", "--out", str(full)])
+    rows = read_rows(full / "metrics.jsonl")
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])
+    saved = torch.load(full / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
+    assert saved["scheduler"]["last_epoch"] == 4 and "optimizer" in saved
+    interrupted = tmp_path / "interrupted"
+    run(common + ["--steps", "2", "--out", str(interrupted)])
+    run(["--resume", str(interrupted), "--steps", "4"])
+    assert [strip_timing(r) for r in read_rows(interrupted / "metrics.jsonl")] == [strip_timing(r) for r in rows]
+
+
+def test_weights_only_checkpoint_and_its_resume(tmp_path, cache, parity_reward, capsys):
+    out = tmp_path / "w"
+    run(TINY + ["--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
+                "--no-save-optimizer"])
+    saved = torch.load(out / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=False)
+    assert "optimizer" not in saved and saved["step"] == 1 and saved["scheduler"]["last_epoch"] == 1
+    capsys.readouterr()
+    rows = run(["--resume", str(out), "--steps", "2"])
+    assert [r["step"] for r in rows] == [2] and rows[0]["updates"] >= 1
+    assert ("--resume: step_000001 holds no optimizer state (--no-save-optimizer): AdamW restarts from zero "
+            "moments, so the run will differ from an uninterrupted one") in capsys.readouterr().err
