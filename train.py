@@ -58,7 +58,7 @@ bit-for-bit on CPU (same metrics except timings).
 
 Run directories never lose data:
     a new run refuses a non-empty --out unless --overwrite is given (which removes only the files a run
-    writes: config.json, metrics.jsonl, samples.jsonl, curves.png, checkpoints/);
+    writes: config.json, metrics.jsonl, samples.jsonl, eval_samples.jsonl, curves.png, checkpoints/);
     the lock file .lock (an flock held for the whole run, holding the pid) stops a second run into the same
     directory; a lock left by a process that is gone is taken over with a message;
     --resume loads the newest checkpoint that loads, falling back to the previous one with a message when
@@ -191,7 +191,7 @@ FLAG_RANGES = {
 # (evaluation forks the RNG, so none of them changes the training numbers)
 RESUME_FLAGS = ("steps", "eval_interval", "save_interval", "log_samples", "plot", "cache_dir", "save_optimizer")
 # the files and folders a run writes into its directory (what --overwrite removes)
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "curves.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "curves.png", "checkpoints")
 LOCK_FILE = ".lock"
 
 
@@ -383,17 +383,20 @@ def verify(completion, item):
 
 
 def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk, system_prompt, autocast,
-             score_fn=verify, prefix="eval"):
+             score_fn=verify, prefix="eval", keep=0):
     """Held-out figures under `prefix`/: avg@k and unbiased pass@j (j = 1, 2, 4, .. and k) from k samples at
     `temperature`; "distinct", the mean number of distinct correct completions per problem among the k
     (whitespace-collapsed text: a diversity measure that falls when a policy narrows onto one solution);
     and greedy accuracy. score_fn(completion, item) -> verifier.Score. Items whose gold cannot be parsed
     (correct None) are skipped and counted.
+    Returns (figures, samples): samples holds, for the first `keep` problems, the greedy completion and the
+    first sampled one with their verdicts (set, problem index, prompt, gold, kind, completion, answer,
+    correct, truncated).
 
     Sampling uses torch's global RNG: the caller forks it so that evaluation does not change training.
     """
     model.eval()
-    correct, distinct, greedy, skipped = [], [], [], 0
+    correct, distinct, greedy, skipped, samples = [], [], [], 0, []
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
         prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=system_prompt) for it in part]
@@ -404,13 +407,22 @@ def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk,
                                          temperature=0.0)
         for j, it in enumerate(part):
             texts = sampled.completions[j * k:(j + 1) * k]
-            verdicts = [score_fn(c, it).correct for c in texts]
+            scores = [score_fn(c, it) for c in texts]
+            verdicts = [sc.correct for sc in scores]
+            greedy_score = score_fn(greedy_ro.completions[j], it)
+            if start + j < keep:
+                shown = (("greedy", greedy_ro.completions[j], greedy_score, greedy_ro.truncated[j]),
+                         ("sample", texts[0], scores[0], sampled.truncated[j * k]))
+                for kind, text, sc, cut in shown:
+                    samples.append({"set": prefix, "problem_index": start + j, "prompt": it["problem"],
+                                    "gold": it["answer"], "kind": kind, "completion": text, "answer": sc.answer,
+                                    "correct": sc.correct, "truncated": bool(cut)})
             if any(v is None for v in verdicts):
                 skipped += 1
                 continue
             correct.append(sum(verdicts))
             distinct.append(len({" ".join(c.split()) for c, v in zip(texts, verdicts) if v}))
-            greedy.append(bool(score_fn(greedy_ro.completions[j], it).correct))
+            greedy.append(bool(greedy_score.correct))
     out = {f"{prefix}/skipped_gold": skipped, f"{prefix}/n": len(correct)}
     if correct:
         out[f"{prefix}/avg@{k}"] = sum(c / k for c in correct) / len(correct)
@@ -418,7 +430,7 @@ def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk,
             out[f"{prefix}/pass@{j}"] = sum(pass_at_k(k, c, j) for c in correct) / len(correct)
         out[f"{prefix}/distinct"] = sum(distinct) / len(distinct)
         out[f"{prefix}/greedy_acc"] = sum(greedy) / len(greedy)
-    return out
+    return out, samples
 
 
 # ------------------------------------------------------------------------------------------- one RL step
@@ -722,8 +734,9 @@ def rl_step(state, cfg, items, draw):
         "timed_out_verifications": sum(bool(s.timed_out) for s in scores),
     }
     records = [{"prompt": items[i // g]["problem"], "gold": items[i // g]["answer"],
-                "completion": ro.completions[i], "answer": scores[i].answer, "reward": scores[i].reward}
-               for i in range(0, min(cfg["log_samples"], len(items)) * g, g)]
+                "completion": ro.completions[i], "answer": scores[i].answer, "reward": scores[i].reward,
+                "correct": scores[i].correct, "truncated": bool(ro.truncated[i]), "advantage": float(adv[i])}
+               for i in range(min(cfg["log_samples"], len(items)) * g)]
 
     def stats_fn(b, with_grad=False, with_entropy=True, net=None):
         with torch.set_grad_enabled(with_grad), autocast():
@@ -1123,7 +1136,8 @@ def build_parser():
     a("--save-optimizer", action=argparse.BooleanOptionalAction, default=None,
       help="keep the optimizer state in checkpoints (default on); --no-save-optimizer saves weights, RNG and "
       "scheduler only: --resume then restarts AdamW's moments from zero (warned)")
-    a("--log-samples", type=int, help="prompts per step written to samples.jsonl")
+    a("--log-samples", type=int, help="prompts per step whose G completions go to samples.jsonl, and problems "
+      "per evaluation set whose greedy and first sampled completions go to eval_samples.jsonl")
     a("--system-prompt", help="system message of the chat template "
       "(default: rollout.DEFAULT_SYSTEM_PROMPT; the tiny lab's template ignores it)")
     a("--seed", type=int, help="seed of sampling and data order")
@@ -1461,7 +1475,8 @@ def _train(cfg, run_dir, log):
     # Clip-Cov's token draw has its own generator, seeded from --seed; adaptive_entropy's controller state
     generator = torch.Generator().manual_seed(cfg["seed"]) if cfg["algo"] == "clip_cov" else None
     control = losses.entropy_control_init(**control_kwargs(cfg)) if cfg["algo"] == "adaptive_entropy" else None
-    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+    logs = [run_dir / name for name in ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")]
+    metrics_path, samples_path, eval_samples_path = logs
     if ckpt:
         if "optimizer" in saved:
             optimizer.load_state_dict(saved["optimizer"])
@@ -1475,11 +1490,11 @@ def _train(cfg, run_dir, log):
         order = set_rng_state(saved["rng"], data_rng, generator)
         control = saved.get("entropy_control", control)
         start_step = saved["step"]
-        _truncate_jsonl(metrics_path, start_step, log)
-        _truncate_jsonl(samples_path, start_step, log)
+        for path in logs:
+            _truncate_jsonl(path, start_step, log)
         log(f"resuming {run_dir} from step {start_step} ({ckpt.name})")
     else:
-        for path in (metrics_path, samples_path):
+        for path in logs:
             path.write_text("")
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=1, sort_keys=True))
     autocast = _autocast_factory(device, cfg["bf16"])
@@ -1497,6 +1512,10 @@ def _train(cfg, run_dir, log):
             picked.append(train_items[order.pop()])
         return picked
 
+    def write(path, record):
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
     def run_eval(step):
         if not eval_sets:
             return {}
@@ -1505,19 +1524,19 @@ def _train(cfg, run_dir, log):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg["seed"] * 1_000_003 + step)     # evaluation never moves the training RNG
             for prefix, (items, fn) in eval_sets.items():
-                out.update(evaluate(model, tok, items, k=cfg["eval_k"], temperature=cfg["eval_temperature"],
-                                    top_p=cfg["top_p"], max_new_tokens=cfg["max_new_tokens"],
-                                    chunk=max(1, cfg["prompts_per_step"] * cfg["group_size"] // cfg["eval_k"]),
-                                    system_prompt=cfg["system_prompt"], autocast=autocast, score_fn=fn,
-                                    prefix=prefix))
+                figures, samples = evaluate(
+                    model, tok, items, k=cfg["eval_k"], temperature=cfg["eval_temperature"], top_p=cfg["top_p"],
+                    max_new_tokens=cfg["max_new_tokens"],
+                    chunk=max(1, cfg["prompts_per_step"] * cfg["group_size"] // cfg["eval_k"]),
+                    system_prompt=cfg["system_prompt"], autocast=autocast, score_fn=fn, prefix=prefix,
+                    keep=cfg["log_samples"])
+                out.update(figures)
+                for r in samples:
+                    write(eval_samples_path, {"step": step, **r})
         out["time/eval"] = time.perf_counter() - t
         return out
 
     rows = []
-
-    def write(path, record):
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     if start_step == 0:
         row = {"step": 0, **run_eval(0), **{f"too_long_prompts/{k}": n for k, n in too_long.items()}}

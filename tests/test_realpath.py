@@ -119,3 +119,28 @@ def test_weights_only_checkpoint_and_its_resume(tmp_path, cache, parity_reward, 
     assert [r["step"] for r in rows] == [2] and rows[0]["updates"] >= 1
     assert ("--resume: step_000001 holds no optimizer state (--no-save-optimizer): AdamW restarts from zero "
             "moments, so the run will differ from an uninterrupted one") in capsys.readouterr().err
+
+
+def test_samples_keep_the_whole_group_and_evaluations_their_verdicts(tmp_path, cache, parity_reward):
+    out = tmp_path / "s"
+    run(TINY + ["--cache-dir", cache, "--steps", "2", "--out", str(out), "--eval-interval", "1",
+                "--log-samples", "2"])
+    samples = read_rows(out / "samples.jsonl")
+    assert [r["step"] for r in samples] == [1] * 8 + [2] * 8                 # 2 prompts x G = 4, every step
+    first = samples[:4]
+    assert len({r["prompt"] for r in first}) == 1 and len({r["prompt"] for r in samples[:8]}) == 2
+    for r in samples:
+        assert r["correct"] is (r["reward"] == 1.0)                          # the parity reward's verdict
+        assert isinstance(r["truncated"], bool) and isinstance(r["advantage"], float)
+    assert sum(r["advantage"] for r in first) == pytest.approx(0.0, abs=1e-6)
+    assert all(len(r["completion"]) < 6 for r in samples if not r["truncated"])      # ended by EOS within 6
+    assert any(r["truncated"] for r in samples) and not all(r["truncated"] for r in samples)
+    evals = read_rows(out / "eval_samples.jsonl")
+    # steps 0, 1, 2 x sets eval (2 of its 3 problems) and eval_unique x greedy + first sample
+    assert len(evals) == 3 * 2 * 2 * 2
+    assert {(r["step"], r["set"], r["problem_index"], r["kind"]) for r in evals} == {
+        (s, p, i, k) for s in (0, 1, 2) for p in ("eval", "eval_unique") for i in (0, 1) for k in ("greedy", "sample")}
+    for r in evals:
+        assert r["correct"] == (r["answer"] is not None and r["correct"]) and isinstance(r["truncated"], bool)
+        assert set(r) == {"step", "set", "problem_index", "prompt", "gold", "kind", "completion", "answer",
+                          "correct", "truncated"}

@@ -84,7 +84,7 @@ def test_end_to_end_and_resume(algo, tmp_path, cache, parity_reward):
     assert (full / "checkpoints" / "latest").read_text() == "step_000002"
     assert (full / "checkpoints" / "step_000002" / "model" / "model.safetensors").exists()
     assert (full / "checkpoints" / "step_000001" / "trainer_state.pt").exists()     # the previous one is kept
-    assert len(read_rows(full / "samples.jsonl")) == 2
+    assert len(read_rows(full / "samples.jsonl")) == 2 * 4            # every completion of one prompt per step
     if algo == "archer":                    # the frozen reference is loaded and the KL is live
         assert rows[2]["loss/kl_knowledge"] > 0
     if algo == "steer":
