@@ -125,7 +125,7 @@ BASE_DEFAULTS = dict(
     tiny_sft_steps=1500, drop_equal_groups=False, max_refill_rounds=0, overlong_penalty=False, overlong_cache=None,
     max_prompt_tokens=1024, system_prompt=rollout.DEFAULT_SYSTEM_PROMPT, cache_dir=str(tiny_lab.CACHE_DIR),
     measure_entropy_change=False, plot=False, overwrite=False,
-    warmup_steps=0, lr_schedule="constant", save_optimizer=True,
+    warmup_steps=0, lr_schedule="constant", save_optimizer=True, skip_zero_advantage=True,
 )
 PRESETS = {
     "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=20, lr=5e-4, steps=100, updates_per_batch=2,
@@ -517,6 +517,28 @@ def _mean_metrics(parts):
     return {k: acc[k] / total[k] for k in acc if total[k] > 0}
 
 
+# Losses in which every term on a row is its advantage times something (clipped surrogates, REINFORCE,
+# reweightings and masks from whole-batch statistics computed before the micro-batches): a row with A = 0
+# adds exactly 0 to the value and the gradient, unless a KL to the reference is on (needs_reference).
+# Not here: the entropy bonuses (act on every row), KL-Cov (its covariance KL can pick rows with A = 0).
+ADVANTAGE_ONLY_LOSSES = frozenset({"grpo", "dapo", "drgrpo", "steer", "opefo", "archer", "clip_cov", "forking",
+                                   "w_reinforce", "entropy_adv"})
+
+
+def zero_advantage_rows(mb, cfg):
+    """(rows,) bool: the rows of mini-batch `mb` that the update's forward and backward can leave out
+    (--skip-zero-advantage, on by default; cfg without the key: on), all False when the loss needs them.
+    A row qualifies when its advantage is exactly 0; for entropy_adv also no valid token may have a
+    negative entropy (rounding), since A' = A + min(alpha H, |A| / kappa) is then exactly 0."""
+    zero = mb["advantages"] == 0                                                    # (rows,)
+    if not cfg.get("skip_zero_advantage", True) or cfg["algo"] not in ADVANTAGE_ONLY_LOSSES \
+            or needs_reference(cfg):
+        return torch.zeros_like(zero)
+    if cfg["algo"] == "entropy_adv":
+        zero &= (torch.where(mb["mask"].bool(), mb["entropy"], 0.0) >= 0).all(1)
+    return zero
+
+
 def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     """The loss over U mini-batches (one optimizer step each) of the kept responses; returns a metrics dict.
 
@@ -535,6 +557,10 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     losses.entropy_flow_quadrants, w = -dLoss/dlogp read off the graph, and summed over the mini-batches
     (flow/<quadrant>_{exact,paper,count}, quadrants losses.QUADRANTS, zero_adv and total).
     A non-finite loss or gradient norm skips that optimizer step (parameters untouched) and is counted.
+    Rows whose gradient is exactly 0 (zero_advantage_rows) stay in num_tokens / num_seqs but get no forward
+    or backward: the parameters after the step are the same (bit for bit when the micro-batches of the
+    other rows are unchanged, e.g. whole all-equal groups with micro-batches of one group); token-averaged
+    loss metrics are then over the rows that were run. Counted in "rows_skipped_zero_adv".
     stats_fn(b, with_grad=False, with_entropy=True) -> rollout.response_stats of the batch dict b (the caller
     sets temperature, precision and forward micro-batching).
     """
@@ -547,7 +573,7 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     groups = list(range(n // g))
     n_mini = 1 if algo == "opefo" else min(cfg["updates_per_batch"], len(groups))
     minis = [sum(([i * g + j for j in range(g)] for i in groups[m::n_mini]), []) for m in range(n_mini)]
-    parts, skipped, grad_norms, measured, flows = [], 0, [], [], []
+    parts, skipped, grad_norms, measured, flows, rows_skipped = [], 0, [], [], [], 0
     for rows in minis:
         mb = _take(batch, rows)
         mask = mb["mask"].bool()
@@ -557,11 +583,13 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
         mb.update({k: stats.pop(k) for k in per_row})
         before = stats_fn(mb, with_entropy=True) if cfg["measure_entropy_change"] else None
         weights = torch.zeros_like(mb["mask"])
+        live = (~zero_advantage_rows(mb, cfg)).nonzero().flatten().tolist()
+        rows_skipped += len(rows) - len(live)
         model.train()
         optimizer.zero_grad(set_to_none=True)
         step_parts, loss_sum, finite = [], 0.0, True
-        for s in range(0, len(rows), cfg["micro_batch_size"]):
-            sub = list(range(s, min(s + cfg["micro_batch_size"], len(rows))))
+        for s in range(0, len(live), cfg["micro_batch_size"]):
+            sub = live[s:s + cfg["micro_batch_size"]]
             mu = _take(mb, sub)
             out = stats_fn(mu, with_grad=True, with_entropy=current)
             logp = out["logp"]
@@ -578,6 +606,9 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
                 weights[sub] = -logp.grad.detach()          # w = -dLoss/dlogp per token
             loss_sum += float(loss.detach())
             step_parts.append((int(mu["mask"].sum()), metrics))
+        if not live:                    # every row skipped: the exactly zero gradient a pass would have given
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p) if p.requires_grad else None
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"]) if finite else None
         if not finite or not torch.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)           # skip: parameters untouched
@@ -597,7 +628,7 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
             after = stats_fn(mb, with_entropy=True)
             measured.append(_entropy_change_terms(before, after, weights, mask))
     out = {f"loss/{k}": v for k, v in _mean_metrics(parts).items()}
-    out.update({"updates": len(parts), "skipped_nonfinite": skipped,
+    out.update({"updates": len(parts), "skipped_nonfinite": skipped, "rows_skipped_zero_adv": rows_skipped,
                 "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else None})
     out.update(_flow_report(flows))
     if measured:
@@ -781,7 +812,7 @@ def rl_step(state, cfg, items, draw):
         timings["update"] = time.perf_counter() - t
         metrics["update_tokens"] = int(batch["mask"].sum())
     else:
-        metrics.update(updates=0, skipped_nonfinite=0, update_tokens=0, **_flow_report([]))
+        metrics.update(updates=0, skipped_nonfinite=0, rows_skipped_zero_adv=0, update_tokens=0, **_flow_report([]))
         timings["update"] = 0.0
     gen_tokens = int(valid_resp)
     metrics["tokens_per_s/generate"] = gen_tokens / max(timings["generate"], 1e-9)
@@ -1149,6 +1180,9 @@ def build_parser():
     a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint; other flags "
       f"may only repeat the saved values, except --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS)}")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast forward passes")
+    a("--skip-zero-advantage", action=argparse.BooleanOptionalAction, default=None,
+      help="leave rows with zero advantage out of the update's forward and backward when the loss gives them "
+      "no gradient (no KL or entropy bonus; default on; parameters are the same)")
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute activations in the backward pass")
     a("--measure-entropy-change", action="store_true", default=None, help="log predicted vs realised per-token entropy change")

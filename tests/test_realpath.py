@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+import losses
 import tiny_lab
 import train
 from test_train import TINY, cache, parity_reward, read_rows, run, strip_timing  # noqa: F401 (fixtures)
@@ -144,3 +145,80 @@ def test_samples_keep_the_whole_group_and_evaluations_their_verdicts(tmp_path, c
         assert r["correct"] == (r["answer"] is not None and r["correct"]) and isinstance(r["truncated"], bool)
         assert set(r) == {"step", "set", "problem_index", "prompt", "gold", "kind", "completion", "answer",
                           "correct", "truncated"}
+
+
+def zero_adv_batch(cache):
+    """3 prompts x G = 3 rows from the untrained lab model; group 1's advantages are all 0 (equal rewards)."""
+    path = tiny_lab.warm_start(0, cache)
+    base, tok = train.load_model(str(path), device=torch.device("cpu"))
+    ro = train.rollout.generate(base, tok, ["1+2", "3*4", "5-1"], group_size=3, max_new_tokens=5)
+    stats = train.rollout.response_stats(base, ro.input_ids, ro.attention_mask, ro.prompt_length, ro.response_mask)
+    return path, {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.response_mask,
+                  "prompt_length": ro.prompt_length, "old_logp": stats["logp"], "entropy": stats["entropy"],
+                  "exact_term": stats["exact_term"], "ref_logp": stats["logp"],
+                  "advantages": torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0, 0.3, 0.7, -1.0])}
+
+
+def one_update(path, batch, skip, **settings):
+    """train.update with AdamW on a fresh copy of the model; (metrics, parameters, rows run with gradient)."""
+    model, _ = train.load_model(str(path), device=torch.device("cpu"))
+    cfg = dict(algo="grpo", group_size=3, updates_per_batch=1, micro_batch_size=3, max_grad_norm=1.0,
+               measure_entropy_change=False, temperature=1.0, max_new_tokens=5, skip_zero_advantage=skip)
+    cfg.update({k: None for k in train.LOSS_KNOBS})
+    cfg.update(settings)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ran = []
+
+    def stats_fn(b, with_grad=False, with_entropy=True):
+        if with_grad:
+            ran.append(b["mask"].shape[0])
+        return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"],
+                                            b["mask"], with_grad=with_grad, with_entropy=with_entropy)
+    out = train.update(model, opt, batch, cfg, stats_fn)
+    return out, [p.detach().clone() for p in model.parameters()], sum(ran)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(algo="grpo"), dict(algo="dapo"), dict(algo="drgrpo"), dict(algo="steer"), dict(algo="opefo"),
+    dict(algo="archer", kl_knowledge=0.0), dict(algo="grpo", agg="seq-mean-token-mean"),
+    dict(algo="steer", updates_per_batch=2),          # 2nd mini-batch = group 1 alone: an all-skipped AdamW step
+    dict(algo="grpo", updates_per_batch=2, measure_entropy_change=True)])
+def test_zero_advantage_rows_skipped_with_identical_parameters(cache, settings):
+    path, batch = zero_adv_batch(cache)
+    (out_a, par_a, ran_a), (out_b, par_b, ran_b) = (one_update(path, batch, skip, **settings) for skip in (False, True))
+    assert out_a["rows_skipped_zero_adv"] == 0 and out_b["rows_skipped_zero_adv"] == 3
+    assert (ran_a, ran_b) == (9, 6)
+    assert out_a["updates"] == out_b["updates"] == settings.get("updates_per_batch", 1)
+    assert out_a["loss/loss"] == out_b["loss/loss"] and out_a["grad_norm"] == out_b["grad_norm"]
+    assert all(torch.equal(a, b) for a, b in zip(par_a, par_b))
+    start, _ = train.load_model(str(path), device=torch.device("cpu"))
+    assert not all(torch.equal(a, b) for a, b in zip(par_a, start.parameters()))
+
+
+def test_zero_advantage_rows_scattered_with_micro_batches_of_one(cache):
+    path, batch = zero_adv_batch(cache)
+    batch["advantages"] = torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.5, 0.0, -0.5])
+    runs = [one_update(path, batch, skip, algo="steer", micro_batch_size=1) for skip in (False, True)]
+    assert runs[1][0]["rows_skipped_zero_adv"] == 5 and runs[1][2] == 4
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize("settings", [dict(algo="grpo", kl_coef=0.1), dict(algo="archer")])
+def test_zero_advantage_rows_kept_when_a_kl_term_needs_them(cache, settings):
+    path, batch = zero_adv_batch(cache)
+    out, _, ran = one_update(path, batch, True, **settings)
+    assert out["rows_skipped_zero_adv"] == 0 and ran == 9
+
+
+def test_which_losses_allow_the_skip():
+    mb = {"advantages": torch.tensor([0.0, 1.0]), "mask": torch.ones(2, 2), "entropy": torch.ones(2, 2)}
+
+    def rows(algo, **cfg):
+        knobs = dict({k: None for k in train.LOSS_KNOBS}, algo=algo, max_new_tokens=4)
+        return train.zero_advantage_rows(mb, dict(knobs, **cfg)).tolist()
+    for algo in ("grpo", "dapo", "drgrpo", "steer", "opefo"):
+        assert rows(algo) == [True, False], algo
+    assert rows("archer", kl_knowledge=0.0) == [True, False] and rows("archer") == [False, False]
+    assert rows("grpo", kl_coef=0.1) == rows("grpo", skip_zero_advantage=False) == [False, False]
+    assert {"entropy_bonus", "adaptive_entropy", "kl_cov"}.isdisjoint(train.ADVANTAGE_ONLY_LOSSES)
+    assert train.ADVANTAGE_ONLY_LOSSES <= set(losses.LOSSES)
