@@ -222,3 +222,22 @@ def test_which_losses_allow_the_skip():
     assert rows("grpo", kl_coef=0.1) == rows("grpo", skip_zero_advantage=False) == [False, False]
     assert {"entropy_bonus", "adaptive_entropy", "kl_cov"}.isdisjoint(train.ADVANTAGE_ONLY_LOSSES)
     assert train.ADVANTAGE_ONLY_LOSSES <= set(losses.LOSSES)
+
+
+def test_bench_trl_without_trl_exits_2(monkeypatch, capsys):
+    import bench_trl
+    monkeypatch.setitem(__import__("sys").modules, "trl", None)          # import trl -> ImportError
+    assert bench_trl.main([]) == 2
+    assert "pip install -r requirements-integrations.txt" in capsys.readouterr().err
+
+
+def test_bench_trl_runs_both_sides_and_prints_the_ratio(cache, capsys):
+    pytest.importorskip("trl", reason="TRL is not installed (pip install -r requirements-integrations.txt)")
+    import bench_trl
+    assert bench_trl.main(["--prompts", "2", "--group-size", "4", "--max-new-tokens", "4", "--updates", "2",
+                           "--micro-batch-size", "2", "--steps", "2", "--warmup", "1", "--tiny-sft-steps", "0",
+                           "--cache-dir", cache]) == 0
+    out = capsys.readouterr().out
+    assert "2 pairs after 1 warm-up" in out and "median ratio train.py / TRL: " in out
+    with pytest.raises(SystemExit, match="must split into --updates 2 mini-batches"):
+        bench_trl.main(["--prompts", "3", "--group-size", "1"])
