@@ -51,10 +51,18 @@ tokens, where valid solutions branch (entropy/fork), and elsewhere (entropy/othe
 
 Outputs in the run directory (default runs/<preset>-<algo>-seed<seed>): config.json, metrics.jsonl (one
 line per step; step 0 holds the evaluation of the starting model; a value that is not finite is written as
-null), samples.jsonl, checkpoints/step_NNNNNN (save_pretrained + optimizer, RNG, data-order, Clip-Cov
-generator and entropy-controller state; written to a temporary folder and renamed, then the `latest` pointer
-is replaced atomically; the last two are kept) and, with --plot, curves.png. --resume DIR continues a run
-bit-for-bit on CPU (same metrics except timings).
+null), samples.jsonl (every completion of the first --log-samples prompts of each step, with reward,
+correct, truncated, advantage), eval_samples.jsonl (per evaluation and set, the greedy and first sampled
+completion of the first --log-samples problems, with verdicts), checkpoints/step_NNNNNN (save_pretrained +
+optimizer, scheduler, RNG, data-order, Clip-Cov generator and entropy-controller state; --no-save-optimizer
+leaves the optimizer out; written to a temporary folder and renamed, then the `latest` pointer is replaced
+atomically; the last two are kept) and, with --plot, curves.png. --resume DIR continues a run bit-for-bit on
+CPU (same metrics except timings) when the checkpoint holds the optimizer state.
+
+Learning rate: --warmup-steps (linear, default 0) then --lr-schedule constant (default) or cosine, one
+scheduler step per RL step. Rows with zero advantage skip the update's forward and backward when the loss
+gives them no gradient (--skip-zero-advantage; zero_advantage_rows). --bf16 runs every forward pass (rollouts,
+statistics, update, reference) under bf16 autocast over float32 weights, on CUDA and on CPU alike.
 
 Run directories never lose data:
     a new run refuses a non-empty --out unless --overwrite is given (which removes only the files a run
@@ -62,7 +70,7 @@ Run directories never lose data:
     the lock file .lock (an flock held for the whole run, holding the pid) stops a second run into the same
     directory; a lock left by a process that is gone is taken over with a message;
     --resume loads the newest checkpoint that loads, falling back to the previous one with a message when
-    the newest is damaged, and drops a half-written last line of metrics.jsonl / samples.jsonl;
+    the newest is damaged, and drops a half-written last line of metrics.jsonl / samples.jsonl / eval_samples.jsonl;
     --resume refuses every flag that would change the run (naming them); only the flags of RESUME_FLAGS
     (--steps, the new total, and settings of what is logged or saved) may differ from the saved ones.
 Flags are checked before any work (the run directory and --cache-dir must be writable, every dataset row
@@ -1179,7 +1187,8 @@ def build_parser():
       help="replace the run in a non-empty --out (removes only the files a run writes)")
     a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint; other flags "
       f"may only repeat the saved values, except --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS)}")
-    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast forward passes")
+    a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of every forward pass "
+      "over float32 weights, on CUDA or CPU (on CPU it pays only with bf16 matrix units: see README)")
     a("--skip-zero-advantage", action=argparse.BooleanOptionalAction, default=None,
       help="leave rows with zero advantage out of the update's forward and backward when the loss gives them "
       "no gradient (no KL or entropy bonus; default on; parameters are the same)")
