@@ -48,10 +48,13 @@ def trainpy_side(path, args):
                  score=tiny_lab.score, fork_mask=tiny_lab.fork_mask)
     problems, rng = tiny_lab.datasets()[0], random.Random(args.seed)
 
+    def draw(n):
+        return rng.sample(problems, n)
+
     def step():
-        items = rng.sample(problems, args.prompts)
+        items = draw(args.prompts)
         t = time.perf_counter()
-        metrics, _ = train.rl_step(state, cfg, items)
+        metrics, _ = train.rl_step(state, cfg, items, draw)
         return time.perf_counter() - t, metrics
     return step
 

@@ -160,7 +160,8 @@ def zero_adv_batch(cache):
 
 
 def one_update(path, batch, skip, **settings):
-    """train.update with AdamW on a fresh copy of the model; (metrics, parameters, rows run with gradient)."""
+    """train.update with AdamW on a fresh copy of the model; (metrics, parameters, rows run with gradient).
+    Clip-Cov's draw gets a generator seeded the same in every call."""
     model, _ = train.load_model(str(path), device=torch.device("cpu"))
     cfg = dict(algo="grpo", group_size=3, updates_per_batch=1, micro_batch_size=3, max_grad_norm=1.0,
                measure_entropy_change=False, temperature=1.0, max_new_tokens=5, skip_zero_advantage=skip)
@@ -174,13 +175,16 @@ def one_update(path, batch, skip, **settings):
             ran.append(b["mask"].shape[0])
         return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"],
                                             b["mask"], with_grad=with_grad, with_entropy=with_entropy)
-    out = train.update(model, opt, batch, cfg, stats_fn)
+    knobs = {"generator": torch.Generator().manual_seed(0)} if cfg["algo"] == "clip_cov" else None
+    out = train.update(model, opt, batch, cfg, stats_fn, knobs=knobs)
     return out, [p.detach().clone() for p in model.parameters()], sum(ran)
 
 
 @pytest.mark.parametrize("settings", [
     dict(algo="grpo"), dict(algo="dapo"), dict(algo="drgrpo"), dict(algo="steer"), dict(algo="opefo"),
     dict(algo="archer", kl_knowledge=0.0), dict(algo="grpo", agg="seq-mean-token-mean"),
+    dict(algo="clip_cov", clip_cov_ratio=0.5), dict(algo="forking"), dict(algo="w_reinforce"),
+    dict(algo="entropy_adv"),
     dict(algo="steer", updates_per_batch=2),          # 2nd mini-batch = group 1 alone: an all-skipped AdamW step
     dict(algo="grpo", updates_per_batch=2, measure_entropy_change=True)])
 def test_zero_advantage_rows_skipped_with_identical_parameters(cache, settings):
@@ -203,8 +207,9 @@ def test_zero_advantage_rows_scattered_with_micro_batches_of_one(cache):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
-@pytest.mark.parametrize("settings", [dict(algo="grpo", kl_coef=0.1), dict(algo="archer")])
-def test_zero_advantage_rows_kept_when_a_kl_term_needs_them(cache, settings):
+@pytest.mark.parametrize("settings", [dict(algo="grpo", kl_coef=0.1), dict(algo="archer"), dict(algo="kl_cov"),
+                                      dict(algo="entropy_bonus"), dict(algo="adaptive_entropy")])
+def test_zero_advantage_rows_kept_when_a_term_needs_them(cache, settings):
     path, batch = zero_adv_batch(cache)
     out, _, ran = one_update(path, batch, True, **settings)
     assert out["rows_skipped_zero_adv"] == 0 and ran == 9
@@ -220,8 +225,13 @@ def test_which_losses_allow_the_skip():
         assert rows(algo) == [True, False], algo
     assert rows("archer", kl_knowledge=0.0) == [True, False] and rows("archer") == [False, False]
     assert rows("grpo", kl_coef=0.1) == rows("grpo", skip_zero_advantage=False) == [False, False]
-    assert {"entropy_bonus", "adaptive_entropy", "kl_cov"}.isdisjoint(train.ADVANTAGE_ONLY_LOSSES)
-    assert train.ADVANTAGE_ONLY_LOSSES <= set(losses.LOSSES)
+    for algo in ("clip_cov", "forking", "w_reinforce", "entropy_adv"):
+        assert rows(algo) == [True, False], algo
+    for algo in ("entropy_bonus", "adaptive_entropy", "kl_cov"):
+        assert rows(algo) == [False, False], algo
+    mb["entropy"][0, 1] = -1e-7                 # rounding below 0: entropy_adv's A' = min(0.4 H, 0) is not 0
+    assert rows("entropy_adv") == [False, False] and rows("forking") == [True, False]
+    assert train.ADVANTAGE_ONLY_LOSSES | {"entropy_bonus", "adaptive_entropy", "kl_cov"} == set(losses.LOSSES)
 
 
 def test_bench_trl_without_trl_exits_2(monkeypatch, capsys):

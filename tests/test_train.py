@@ -238,7 +238,7 @@ def test_dynamic_sampling_refills_to_the_requested_groups(tmp_path, cache, monke
     """The first round's groups all have equal rewards (0), later rounds alternate 0/1 within each group:
     one refill round gives the 2 requested groups."""
     count = [0]
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {})         # every score call is a training one
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: ({}, []))   # every score call is a training one
 
     def score(response, item):
         count[0] += 1
@@ -325,7 +325,8 @@ def test_overlong_penalty_shapes_the_advantages(tmp_path, cache, monkeypatch):
     monkeypatch.setitem(losses.LOSSES, "dapo", spy)
     out = tmp_path / "long"
     run(TINY + ["--algo", "dapo", "--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
-                "--eval-size", "1", "--no-drop-equal-groups", "--max-refill-rounds", "0", "--overlong-cache", "6"])
+                "--eval-size", "1", "--no-drop-equal-groups", "--max-refill-rounds", "0", "--overlong-cache", "6",
+                "--no-skip-zero-advantage"])                 # the loss sees every group, also all-equal ones
     row = read_rows(out / "metrics.jsonl")[1]
     groups = seen[1:]                                        # seen[0]: resolve_config's one-token check
     assert len(groups) == 2 and all(len(a) == 4 for a, _ in groups)       # one group per mini-batch
