@@ -70,7 +70,8 @@ Run directories never lose data:
     the lock file .lock (an flock held for the whole run, holding the pid) stops a second run into the same
     directory; a lock left by a process that is gone is taken over with a message;
     --resume loads the newest checkpoint that loads, falling back to the previous one with a message when
-    the newest is damaged, and drops a half-written last line of metrics.jsonl / samples.jsonl / eval_samples.jsonl;
+    the newest is damaged, and drops a half-written last line of metrics.jsonl, samples.jsonl or
+    eval_samples.jsonl;
     --resume refuses every flag that would change the run (naming them); only the flags of RESUME_FLAGS
     (--steps, the new total, and settings of what is logged or saved) may differ from the saved ones.
 Flags are checked before any work (the run directory and --cache-dir must be writable, every dataset row
