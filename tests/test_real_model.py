@@ -247,7 +247,7 @@ def test_train_two_steps_with_the_real_tokenizer(chatty, tok, tmp_path, parity_r
         assert r["entropy"] == pytest.approx(H_CHATTY, abs=0.3)
         assert r["updates"] == 2 and r["skipped_nonfinite"] == 0 and r["grad_norm"] > 0
     samples = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and all(s["prompt"].startswith("What is ") for s in samples)
+    assert len(samples) == 2 * 2 * 4 and all(s["prompt"].startswith("What is ") for s in samples)  # steps x prompts x G
     assert not any("<|" in s["completion"] for s in samples)
     saved = run / "checkpoints" / "step_000002" / "model"
     reloaded_tok = AutoTokenizer.from_pretrained(saved)
