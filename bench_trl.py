@@ -19,6 +19,7 @@ which TRL still runs). Each side follows its own trajectory from the same start.
 Run:
     python bench_trl.py                     # 16 prompts x 8, 20 new tokens, U = 2, M = 64, 12 pairs
     python bench_trl.py --steps 20 --threads 2
+    python bench_trl.py --no-skip-zero-advantage     # train.py without its skip of zero-advantage rows
 Exits 2 when TRL is not installed (pip install -r requirements-integrations.txt).
 """
 import argparse
@@ -41,6 +42,8 @@ def trainpy_side(path, args):
             str(args.group_size), "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr),
             "--updates-per-batch", str(args.updates), "--micro-batch-size", str(args.micro_batch_size),
             "--max-grad-norm", "1.0", "--seed", str(args.seed)]
+    if not args.skip_zero_advantage:
+        argv.append("--no-skip-zero-advantage")
     cfg = train.resolve_config(train.build_parser().parse_args(argv), log=lambda m: None)
     model, tok = train.load_model(str(path), device=torch.device("cpu"))
     state = dict(model=model, tok=tok, ref_model=None, autocast=train._autocast_factory(torch.device("cpu"), False),
@@ -81,6 +84,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="first pairs left out of the medians")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of both sides")
+    p.add_argument("--skip-zero-advantage", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.py's skip of zero-advantage rows (default on, as train.py runs); off to see its share")
     p.add_argument("--tiny-sft-steps", type=int, default=1500, help="warm-start steps (cached by tiny_lab)")
     p.add_argument("--cache-dir", default=str(tiny_lab.CACHE_DIR), help="tiny-lab warm-start cache")
     args = p.parse_args(argv)
