@@ -1189,7 +1189,7 @@ def build_parser():
     a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint; other flags "
       f"may only repeat the saved values, except --{', --'.join(f.replace('_', '-') for f in RESUME_FLAGS)}")
     a("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast of every forward pass "
-      "over float32 weights, on CUDA or CPU (on CPU it pays only with bf16 matrix units: see README)")
+      "over float32 weights, on CUDA or CPU (on CPU faster only with bf16 matrix hardware such as AMX)")
     a("--skip-zero-advantage", action=argparse.BooleanOptionalAction, default=None,
       help="leave rows with zero advantage out of the update's forward and backward when the loss gives them "
       "no gradient (no KL or entropy bonus; default on; parameters are the same)")
