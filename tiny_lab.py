@@ -217,35 +217,37 @@ def warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
     tok = tokenizer()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # fastest for this model, and the summation order the tables were built with
-    with torch.random.fork_rng():
-        torch.manual_seed(SFT["seed"])
-        config = Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             bos_token_id=tok.eos_token_id, tie_word_embeddings=True, **MODEL)
-        model = Qwen2ForCausalLM(config)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        train, _ = datasets()
-        rng = random.Random(SFT["seed"])
-        opt = torch.optim.AdamW(model.parameters(), lr=SFT["lr"], weight_decay=0.0)
-        model.train()
-        for _ in range(sft_steps):
-            batch = rng.sample(train, SFT["batch_size"])
-            prompts = [tok(rollout.format_prompt(tok, b["problem"]), add_special_tokens=False)["input_ids"]
-                       for b in batch]
-            answers = [tok(sample_solution(b, rng), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                       for b in batch]
-            width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-            ids = torch.full((len(batch), width), tok.pad_token_id)
-            labels = torch.full((len(batch), width), -100)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (p, a) in enumerate(zip(prompts, answers)):
-                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
-                labels[i, len(p):len(p) + len(a)] = torch.tensor(a)         # loss on the response only
-                attn[i, :len(p) + len(a)] = 1
-            model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(SFT["seed"])
+            config = Qwen2Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 bos_token_id=tok.eos_token_id, tie_word_embeddings=True, **MODEL)
+            model = Qwen2ForCausalLM(config)
+            model.generation_config.pad_token_id = tok.pad_token_id
+            model.generation_config.eos_token_id = tok.eos_token_id
+            train, _ = datasets()
+            rng = random.Random(SFT["seed"])
+            opt = torch.optim.AdamW(model.parameters(), lr=SFT["lr"], weight_decay=0.0)
+            model.train()
+            for _ in range(sft_steps):
+                batch = rng.sample(train, SFT["batch_size"])
+                prompts = [tok(rollout.format_prompt(tok, b["problem"]), add_special_tokens=False)["input_ids"]
+                           for b in batch]
+                answers = [tok(sample_solution(b, rng), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                           for b in batch]
+                width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+                ids = torch.full((len(batch), width), tok.pad_token_id)
+                labels = torch.full((len(batch), width), -100)
+                attn = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, (p, a) in enumerate(zip(prompts, answers)):
+                    ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+                    labels[i, len(p):len(p) + len(a)] = torch.tensor(a)         # loss on the response only
+                    attn[i, :len(p) + len(a)] = 1
+                model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
