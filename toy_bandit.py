@@ -106,8 +106,8 @@ HELP = {
     "optimizer": "sgd (the first-order analysis' setting) or adam",
     "init_bias": "initial logit bonus of the correct tokens",
     "init_noise": "std of the random initial logits",
-    "clip_low": "PPO clip epsilon below 1 (None: each loss's default; losses that take it: grpo, dapo, drgrpo, "
-                "steer)",
+    "clip_low": "PPO clip epsilon below 1 (None: each loss's default; taken by every loss with the ratio clip, "
+                "PPO_CLIP: not opefo, kl-cov or archer)",
     "clip_high": "PPO clip epsilon above 1 (None: each loss's default; same losses)",
     "dual_clip": "dual-clip constant c for negative advantages (None: each loss's default; also archer)",
     "lambda_min": "STEER: smallest token weight",
@@ -221,9 +221,9 @@ def run(algo, seed, cfg):
     loss_fn = losses.LOSSES[loss_name]
     std_normalize = loss_name != "drgrpo"         # Dr. GRPO: A = R - mean, no std division
     knobs = dict(extra)
-    for name in ("clip_low", "clip_high", "dual_clip"):        # only the losses that have the knob take it
-        if getattr(cfg, name) is not None and (loss_name in PPO_CLIP or (name == "dual_clip" and loss_name == "archer")):
-            knobs[name] = getattr(cfg, name)
+    clip_knobs = ("clip_low", "clip_high", "dual_clip") if loss_name in PPO_CLIP else \
+        ("dual_clip",) if loss_name == "archer" else ()           # only the losses that have the knob take it
+    knobs.update({name: getattr(cfg, name) for name in clip_knobs if getattr(cfg, name) is not None})
     if loss_name == "steer":
         knobs["lambda_min"] = cfg.lambda_min
     if loss_name == "archer":
