@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent
 LAB_LR = train.PRESETS["tiny"]["lr"]
 EXTREME = ["--clip-low", "0.99", "--clip-high", "5"]
 SETTINGS = {
-    "default": {algo: [] for algo in train.ALGOS},
+    "default": {algo: ["--algo", algo] for algo in train.ALGOS},
     "steer-extreme": {
         "grpo": ["--algo", "grpo"] + EXTREME,
         "dapo": ["--algo", "dapo"] + EXTREME,
@@ -66,11 +66,6 @@ SETTINGS = {
 }
 # Student t quantile t_{0.975, n-1} for n = 2..10 seeds (a formula fact); 1.96 beyond
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-
-
-def cell_args(name, flags):
-    """train.py flags of one cell: the setting's flags, or --algo NAME for the default setting."""
-    return flags if flags else ["--algo", name]
 
 
 def read_rows(run_dir):
@@ -248,7 +243,7 @@ def main(argv=None):
     root = Path(args.out) / args.setting
     root.mkdir(parents=True, exist_ok=True)
     extra = shlex.split(args.train_flags)
-    todo = [(root / f"{n}-seed{s}", cell_args(n, cells[n]) + extra + ["--seed", str(s)])
+    todo = [(root / f"{n}-seed{s}", cells[n] + extra + ["--seed", str(s)])
             for n in names for s in args.seeds]
     first = train.resolve_config(train.build_parser().parse_args(todo[0][1]), log=lambda m: None)
     tiny_lab.warm_start(first["tiny_sft_steps"], first["cache_dir"])      # once, before the parallel jobs
