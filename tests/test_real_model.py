@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-import bench_train
+from benchmarks import bench_train
 import rollout
 import train
 import verifier

@@ -235,7 +235,7 @@ def test_which_losses_allow_the_skip():
 
 
 def test_bench_trl_without_trl_exits_2(monkeypatch, capsys):
-    import bench_trl
+    from benchmarks import bench_trl
     monkeypatch.setitem(__import__("sys").modules, "trl", None)          # import trl -> ImportError
     assert bench_trl.main([]) == 2
     assert "pip install -r requirements-integrations.txt" in capsys.readouterr().err
@@ -243,7 +243,7 @@ def test_bench_trl_without_trl_exits_2(monkeypatch, capsys):
 
 def test_bench_trl_runs_both_sides_and_prints_the_ratio(cache, capsys):
     pytest.importorskip("trl", reason="TRL is not installed (pip install -r requirements-integrations.txt)")
-    import bench_trl
+    from benchmarks import bench_trl
     assert bench_trl.main(["--prompts", "2", "--group-size", "4", "--max-new-tokens", "4", "--updates", "2",
                            "--micro-batch-size", "2", "--steps", "2", "--warmup", "1", "--tiny-sft-steps", "0",
                            "--cache-dir", cache]) == 0

@@ -1,11 +1,11 @@
 """Speed and memory figures for losses.py, on CPU or one CUDA GPU.
 
-    python bench.py                      # all four measurements on the default device (peaks at ~17 GB RAM
-                                         # on CPU, from the naive float32 reference; about 5 minutes)
-    python bench.py --quick              # bounded: logits (2, 1024, 151936), fewer repeats, no scripts
-    python bench.py --only memory        # one of: memory, throughput, losses, scripts
-    python bench.py --device cuda
-    python bench.py --threads 1          # steadier timings on a shared machine
+    python benchmarks/bench.py                 # all four measurements on the default device (peaks at ~17 GB
+                                               # RAM on CPU, from the naive float32 reference; about 5 minutes)
+    python benchmarks/bench.py --quick         # bounded: logits (2, 1024, 151936), fewer repeats, no scripts
+    python benchmarks/bench.py --only memory   # one of: memory, throughput, losses, scripts
+    python benchmarks/bench.py --device cuda
+    python benchmarks/bench.py --threads 1     # steadier timings on a shared machine
 
 1. memory      peak extra memory of token_logprobs (with autograd) + token_entropy(exact_term=True) on bf16
                logits of shape (8, 1024, 151936), against a naive float32 log_softmax; and of the entropy
@@ -35,6 +35,10 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent          # the repository: its modules are imported from there
+sys.path.insert(0, str(ROOT))
 
 import torch
 
@@ -204,7 +208,7 @@ def bench_losses(device, B=64, T=4096, repeats=15):
 def bench_scripts(device):
     for script in ("toy_bandit.py", "entropy_math.py"):
         start = time.perf_counter()
-        subprocess.run([sys.executable, script], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, script], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         print(f"  python {script:18s} {time.perf_counter() - start:6.1f} s wall (defaults, CPU)")
 
 

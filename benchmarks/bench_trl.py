@@ -17,9 +17,9 @@ the pairs, each side's median, and train.py's share of rows skipped for zero adv
 which TRL still runs). Each side follows its own trajectory from the same start.
 
 Run:
-    python bench_trl.py                     # 16 prompts x 8, 20 new tokens, U = 2, M = 64, 12 pairs
-    python bench_trl.py --steps 20 --threads 2
-    python bench_trl.py --no-skip-zero-advantage     # train.py without its skip of zero-advantage rows
+    python benchmarks/bench_trl.py          # 16 prompts x 8, 20 new tokens, U = 2, M = 64, 12 pairs
+    python benchmarks/bench_trl.py --steps 20 --threads 2
+    python benchmarks/bench_trl.py --no-skip-zero-advantage  # train.py without its skip of zero-advantage rows
 Exits 2 when TRL is not installed (pip install -r requirements-integrations.txt).
 """
 import argparse
@@ -28,6 +28,10 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent          # the repository: its modules are imported from there
+sys.path.insert(0, str(ROOT))
 
 import torch
 

@@ -40,10 +40,10 @@ that folder exists: only the repository travels to a GPU machine, and .cache is 
 151,936-token vocabulary) in seconds on CPU; the test suite runs it.
 
 Run:
-    python bench_train.py                         # CPU: --size small
-    python bench_train.py --size full             # one GPU: 8 prompts x 8 samples x 1024 new tokens
-    python bench_train.py --gpu-check             # one GPU: the three parts above -> runs/gpu_check.json
-    python bench_train.py --gpu-check --dry-run   # the same code path at toy sizes, seconds on CPU
+    python benchmarks/bench_train.py              # CPU: --size small
+    python benchmarks/bench_train.py --size full  # one GPU: 8 prompts x 8 samples x 1024 new tokens
+    python benchmarks/bench_train.py --gpu-check  # one GPU: the three parts above -> runs/gpu_check.json
+    python benchmarks/bench_train.py --gpu-check --dry-run  # the same code path at toy sizes, seconds on CPU
 """
 import argparse
 import contextlib
@@ -57,6 +57,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent          # the repository: its modules are imported from there
+sys.path.insert(0, str(ROOT))
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -81,8 +84,8 @@ RUN_DEFAULTS = {  # prompts, group size, prompt tokens, new tokens, micro-batch 
     "toy": dict(prompts=1, group_size=2, prompt_len=8, new_tokens=4, micro_batch_size=2),
 }
 QWEN_NAME = "qwen2.5-0.5b-instruct"
-SHARED_QWEN = Path(__file__).resolve().parent.parent / "shared" / "models" / QWEN_NAME
-LOCAL_QWEN = Path(__file__).resolve().parent / ".cache" / "models" / QWEN_NAME
+SHARED_QWEN = ROOT.parent / "shared" / "models" / QWEN_NAME
+LOCAL_QWEN = ROOT / ".cache" / "models" / QWEN_NAME
 # the toy cut of the real configuration (--dry-run and the tests): real vocabulary and special tokens
 TOY_QWEN = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128)

@@ -11,21 +11,25 @@ and prints median / p99 / max per call in milliseconds, plus the agreement rate 
 Then, for the numeric benchmarks found next to --data (gsm8k_test.jsonl, aime24.jsonl, amc23.jsonl) and the numeric
 MATH-500 answers: how many gold answers verify and how many of their +1 perturbations are rejected.
 
-Run:  python bench_verifier.py [--data ../shared/data/math500.jsonl]
+Run:  python benchmarks/bench_verifier.py [--data ../shared/data/math500.jsonl]
 """
 import argparse
 import json
 import multiprocessing
 import re
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent          # the repository: its modules are imported from there
+sys.path.insert(0, str(ROOT))
+
 from verifier import extract_answer, is_equivalent, score
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "shared" / "data" / "math500.jsonl"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "math500.jsonl"
 
 
 def load_math500(path):
