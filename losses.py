@@ -69,6 +69,7 @@ Usage
 import functools
 import inspect
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -115,12 +116,25 @@ def _positive(name, value):
     return value
 
 
+def _acc_dtype(dtype):
+    """Accumulation dtype: float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _Batch(NamedTuple):
+    """A loss's batch tensors, checked and cleaned by _batch."""
+    valid: torch.Tensor          # (B, T) bool: the valid tokens
+    mf: torch.Tensor             # (B, T) float: valid as 0 / 1 in the computation's dtype
+    count: torch.Tensor          # 0-d: the number of valid tokens, at least 1
+    adv: torch.Tensor            # (B, 1) or (B, T): the advantages, 0 where no token is valid
+    tensors: list                # the cleaned (B, T) tensors (or None), in the order given
+
+
 def _batch(mask, advantages, **tensors):
     """Validate and clean the batch tensors of a loss.
 
-    mask (B, T); advantages (B,), (B, 1) or (B, T); tensors: name -> (B, T) tensor or None. Returns
-    (valid bool (B, T), mf (B, T) float, count, adv (B, 1) or (B, T), cleaned tensors in the same order);
-    adv (B, 1) is 0 on rows without a valid token, adv (B, T) is 0 on every masked position.
+    mask (B, T); advantages (B,), (B, 1) or (B, T); tensors: name -> (B, T) tensor or None. Returns a
+    _Batch; its adv (B, 1) is 0 on rows without a valid token, adv (B, T) is 0 on every masked position.
     Every masked position of every tensor is replaced by 0 with torch.where, so padding that holds NaN
     or inf contributes exactly zero to the value and to the gradient (a product 0 * NaN would not).
     The float dtype is float32, or float64 when any input is float64 (promote_types with float32); float
@@ -146,7 +160,7 @@ def _batch(mask, advantages, **tensors):
                          f"or (B, T) = {tuple(mask.shape)}")
     cleaned = [None if x is None else torch.where(valid, x.to(dtype) if torch.is_floating_point(x) else x, 0)
                for x in tensors.values()]
-    return valid, valid.to(dtype), valid.sum().clamp(min=1), adv, cleaned
+    return _Batch(valid, valid.to(dtype), valid.sum().clamp(min=1), adv, cleaned)
 
 
 def _max0(x):
@@ -259,210 +273,7 @@ def kl_penalty(logp, ref_logp, kind="k3"):
     raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
 
 
-# ------------------------------------------------------------------------- token statistics (chunked)
-def _rows_per_chunk(vocab, chunk_size):
-    return chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
-
-
-def _acc_dtype(dtype):
-    """Accumulation dtype: float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _row_chunks(flat, rows, n_buffers):
-    """Yield (start, chunk, buffers) over row chunks of flat (N, V), with float work buffers reused.
-
-    Reusing the buffers keeps the working set small (it stays in cache on a CPU) and avoids a fresh
-    allocation, with its page faults, per chunk.
-    """
-    rows = max(1, min(rows, flat.shape[0]))                   # an empty batch: no chunk at all
-    acc = _acc_dtype(flat.dtype)
-    buffers = [torch.empty(rows, flat.shape[-1], dtype=acc, device=flat.device) for _ in range(n_buffers)]
-    for s in range(0, flat.shape[0], rows):
-        chunk = flat[s:s + rows]
-        yield s, chunk, [b[:chunk.shape[0]] for b in buffers]
-
-
-class _SampledLogProb(torch.autograd.Function):
-    """log pi(a) = z_a - logsumexp(z), with the logsumexp taken over row chunks in float32.
-
-    Only the logits (already alive) and the (N,) logsumexp are saved; the backward recomputes the
-    softmax chunk by chunk: d log pi(a) / dz = e_a - softmax(z).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, tokens, rows):
-        lse = torch.empty(logits.shape[0], dtype=_acc_dtype(logits.dtype), device=logits.device)
-        for s, chunk, (z,) in _row_chunks(logits, rows, 1):
-            z.copy_(chunk)
-            top = z.amax(dim=-1, keepdim=True)
-            lse[s:s + z.shape[0]] = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
-        ctx.save_for_backward(logits, tokens, lse)
-        ctx.rows = rows
-        return logits.gather(-1, tokens[:, None]).squeeze(-1).to(lse.dtype) - lse
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, tokens, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s, chunk, (p,) in _row_chunks(logits, ctx.rows, 1):
-            n = chunk.shape[0]
-            g = grad_out[s:s + n, None].to(p.dtype)
-            p.copy_(chunk).sub_(lse[s:s + n, None]).exp_()                    # softmax(z)
-            p.mul_(-g).scatter_add_(-1, tokens[s:s + n, None], g)              # g (e_a - softmax(z))
-            grad[s:s + n] = p
-        return grad, None, None
-
-
-def token_logprobs(logits, tokens, *, chunk_size=None):
-    """log pi(tokens) from logits, with gradient: gathered logit minus a chunked logsumexp.
-
-    logits: (..., V) any float dtype; tokens: (...) long. Returns (...) float32 (float64 for float64
-    logits). Never builds a full float32 log-softmax: the working set is one float32 chunk of
-    `chunk_size` rows (default: CHUNK_BYTES worth), and the backward writes the logits' gradient chunk
-    by chunk.
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
-                         "expected logits (..., V) and tokens (...)")
-    flat = logits.reshape(-1, logits.shape[-1])
-    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
-    out = _SampledLogProb.apply(flat, tokens.reshape(-1), rows)
-    return out.view(tokens.shape)
-
-
-@torch.no_grad()
-def _entropy_pass(flat, rows, exact_term, tokens=None):
-    """One chunked pass over flat logits (N, V): H (N,), S2 (N,) or None, log pi(tokens) (N,) or None."""
-    ent = torch.empty(flat.shape[0], dtype=_acc_dtype(flat.dtype), device=flat.device)
-    s2 = torch.empty_like(ent) if exact_term else None
-    logp = torch.empty_like(ent) if tokens is not None else None
-    lowest = torch.finfo(ent.dtype).min
-    for s, chunk, (z, e, t) in _row_chunks(flat, rows, 3):
-        n = chunk.shape[0]
-        z.copy_(chunk)
-        z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=lowest)            # shift; -inf -> finite
-        torch.exp(z, out=e)                                                 # e = S pi
-        total = e.sum(-1)
-        log_total = total.log()
-        h = log_total - torch.mul(e, z, out=t).sum(-1) / total              # H = log S - E_pi[z]
-        ent[s:s + n] = h
-        if tokens is not None:
-            logp[s:s + n] = z.gather(-1, tokens[s:s + n, None]).squeeze(-1) - log_total   # z_a - log S
-        if exact_term:
-            sum_e2 = e.square_().sum(-1)
-            sum_e2z = torch.mul(e, z, out=t).sum(-1)
-            s2[s:s + n] = (sum_e2z - log_total * sum_e2 + h * sum_e2) / total.square()
-    return ent, s2, logp
-
-
-def token_entropy(logits, *, exact_term=False, chunk_size=None):
-    """Full-vocabulary entropy per position, computed in float32 chunks, without gradient.
-
-    logits: (..., V). Returns H (...) float32 (float64 for float64 logits):
-        H = -sum_b pi_b log pi_b = log S - sum_b e_b z_b / S,  with z = logits - max, e = exp(z), S = sum e.
-    With exact_term=True returns (H, S2) where S2 = sum_b pi_b^2 (log pi_b + H), the extra reduction that
-    the exact first-order entropy change needs (entropy_math.dh_exact), from the same pass:
-        S2 = (sum e^2 z - log S sum e^2) / S^2 + H sum e^2 / S^2.
-    -inf logits (masked vocabulary entries) contribute exactly zero.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    ent, s2, _ = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), exact_term)
-    shape = logits.shape[:-1]
-    return (ent.view(shape), s2.view(shape)) if exact_term else ent.view(shape)
-
-
-def token_stats(logits, tokens, *, chunk_size=None):
-    """log pi(tokens), H and S2 per position in one chunked pass, without gradient: (logp, H, S2), each (...).
-
-    logits: (..., V); tokens: (...) long. The same numbers as token_logprobs (detached) and
-    token_entropy(exact_term=True), for the behaviour policy's statistics, at the cost of one pass.
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
-                         "expected logits (..., V) and tokens (...)")
-    flat = logits.reshape(-1, logits.shape[-1])
-    ent, s2, logp = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), True, tokens.reshape(-1))
-    return logp.view(tokens.shape), ent.view(tokens.shape), s2.view(tokens.shape)
-
-
-class _LogProbEntropy(torch.autograd.Function):
-    """(log pi(a), H) from logits (N, V), both with gradient, in float32 chunks (float64 for float64 logits).
-
-    Forward: one pass; saves only the logits (already alive), the (N,) logsumexp and the (N,) entropy.
-    Backward: recomputes the softmax chunk by chunk and writes the logits' gradient chunk by chunk,
-        d log pi(a) / dz_b = 1[b = a] - pi_b,        dH / dz_b = -pi_b (log pi_b + H),
-    so no (N, V) float32 tensor is ever held. A gradient that reaches only one output skips the other's term.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, tokens, rows):
-        acc = _acc_dtype(logits.dtype)
-        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        ent = torch.empty_like(lse)
-        lowest = torch.finfo(acc).min
-        for s, chunk, (z, e) in _row_chunks(logits, rows, 2):
-            n = chunk.shape[0]
-            z.copy_(chunk)
-            top = z.amax(dim=-1, keepdim=True)
-            z.sub_(top).clamp_(min=lowest)                                      # shift; -inf -> finite
-            torch.exp(z, out=e)
-            total = e.sum(-1)
-            log_total = total.log()
-            ent[s:s + n] = log_total - e.mul_(z).sum(-1) / total                 # H = log S - E_pi[z]
-            lse[s:s + n] = log_total + top.squeeze(-1)
-        ctx.save_for_backward(logits, tokens, lse, ent)
-        ctx.rows = rows
-        ctx.set_materialize_grads(False)
-        logp = logits.gather(-1, tokens[:, None]).squeeze(-1).to(acc) - lse
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, tokens, lse, ent = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        lowest = torch.finfo(lse.dtype).min
-        for s, chunk, (lp, p) in _row_chunks(logits, ctx.rows, 2):
-            n = chunk.shape[0]
-            lp.copy_(chunk).sub_(lse[s:s + n, None]).clamp_(min=lowest)        # log pi_b
-            torch.exp(lp, out=p)                                                # pi_b
-            if g_ent is None:
-                lp.zero_()
-            else:                                                               # -g_H pi_b (log pi_b + H)
-                lp.add_(ent[s:s + n, None]).mul_(p).mul_(-g_ent[s:s + n, None].to(lp.dtype))
-            if g_logp is not None:                                              # + g (e_a - pi)
-                g = g_logp[s:s + n, None].to(lp.dtype)
-                lp.addcmul_(p, g, value=-1.0).scatter_add_(-1, tokens[s:s + n, None], g)
-            grad[s:s + n] = lp
-        return grad, None, None
-
-
-def token_logprobs_entropy(logits, tokens, *, chunk_size=None):
-    """log pi(tokens) and the full-vocabulary entropy H per position, both WITH gradient: (logp, H), each (...).
-
-    logits: (..., V) any float dtype; tokens: (...) long. For the losses that need the current policy's
-    entropy with its gradient (entropy_bonus_loss, adaptive_entropy_loss): one chunked pass forward and
-    one backward for both outputs, so the working set is two float32 chunks of `chunk_size` rows (default
-    CHUNK_BYTES worth) beyond the logits' own gradient. Returns float32 (float64 for float64 logits).
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
-                         "expected logits (..., V) and tokens (...)")
-    flat = logits.reshape(-1, logits.shape[-1])
-    logp, ent = _LogProbEntropy.apply(flat, tokens.reshape(-1), _rows_per_chunk(flat.shape[-1], chunk_size))
-    return logp.view(tokens.shape), ent.view(tokens.shape)
-
-
-def policy_entropy(logits, *, chunk_size=None):
-    """The full-vocabulary entropy H (...) of logits (..., V) WITH gradient, chunked as token_logprobs_entropy.
-
-    token_entropy gives the same numbers without gradient (for the behaviour policy).
-    """
-    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return token_logprobs_entropy(logits, tokens, chunk_size=chunk_size)[1]
-
-
-# --------------------------------------------------------------------------------------- PPO surrogate
+# ------------------------------------------------------------------- PPO surrogate: GRPO, DAPO, Dr. GRPO
 def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, dual_clip=None):
     """Per-token clipped surrogate as a loss, (B, T), and the ratio r (B, T).
 
@@ -497,18 +308,29 @@ def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
     return m
 
 
+class _PPOTerms(NamedTuple):
+    """The common start of the PPO-clip losses (_ppo_terms)."""
+    valid: torch.Tensor          # (B, T) bool, as _Batch
+    mf: torch.Tensor             # (B, T) float mask
+    count: torch.Tensor          # 0-d: valid tokens, at least 1
+    adv: torch.Tensor            # (B, 1) or (B, T) advantages
+    per_token: torch.Tensor      # (B, T) clipped surrogate loss, ppo_clip_loss
+    ratio: torch.Tensor          # (B, T) r = pi / pi_old
+    logp: torch.Tensor           # (B, T) cleaned log pi, with gradient
+    rest: list                   # the further cleaned tensors, in the order given
+
+
 def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, **tensors):
     """The common start of the PPO-clip losses: checks, cleaned (B, T) inputs (masked positions set to 0,
-    see _batch), masks (valid, float, count), advantages (B, 1) or (B, T), and the per-token clipped
-    surrogate with its ratio. tensors: further (B, T) inputs (entropy, exact_term, ...) to check and clean,
-    returned as a list.
+    see _batch), and the per-token clipped surrogate with its ratio, as a _PPOTerms. tensors: further
+    (B, T) inputs (entropy, exact_term, ...) to check and clean, returned in `rest`.
     """
     _check_clip(clip_low, clip_high, dual_clip)
-    valid, mf, count, adv, (logp, old_logp, *rest) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
-                                                            **tensors)
-    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=clip_low, clip_high=clip_high,
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, **tensors)
+    logp, old_logp, *rest = b.tensors
+    per_token, ratio = ppo_clip_loss(logp, old_logp, b.adv, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip)
-    return valid, mf, count, adv, per_token, ratio, logp, rest
+    return _PPOTerms(b.valid, b.mf, b.count, b.adv, per_token, ratio, logp, rest)
 
 
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -541,9 +363,29 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
 def dapo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.28, agg="token-mean", **kw):
     """DAPO (arXiv 2503.14476 eq. 8): GRPO with clip-higher (0.2 / 0.28, eq. 10), token-mean (eq. 12), no KL.
 
-    Dynamic sampling (eq. 11) and the soft overlong penalty (eq. 13) act on the data and live in the trainer.
+    Dynamic sampling (eq. 11) acts on the data and lives in the trainer; the soft overlong penalty (eq. 13)
+    is overlong_penalty below, added to the reward.
     """
     return grpo_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, agg=agg, **kw)
+
+
+def overlong_penalty(lengths, max_len, cache):
+    """DAPO's soft overlong punishment (arXiv 2503.14476 sec. 3.4), added to the reward: (N,) float32.
+
+        R_length(y) = 0                                     if |y| <= L_max - L_cache
+                      ((L_max - L_cache) - |y|) / L_cache   if L_max - L_cache < |y| <= L_max
+                      -1                                    if |y| > L_max
+    lengths (N,): response tokens (EOS included). The paper's values: L_max = 20480, L_cache = 4096 (a
+    16384-token expected length plus a 4096-token soft window). Scaled here: L_max = --max-new-tokens and
+    L_cache = --overlong-cache, by default round(L_max * 4096 / 20480) = round(0.2 L_max), at least 1; a
+    response cut at the budget (|y| = L_max) gets -1.
+    """
+    return ((max_len - cache - lengths.float()) / cache).clamp(-1.0, 0.0)
+
+
+def default_overlong_cache(max_new_tokens):
+    """L_cache for a budget L_max: the paper's ratio 4096 / 20480 = 0.2 of it, rounded, at least 1 token."""
+    return max(1, round(max_new_tokens * 4096 / 20480))
 
 
 def drgrpo_loss(logp, old_logp, advantages, mask, *, agg="seq-mean-token-sum-norm", **kw):
@@ -672,9 +514,9 @@ def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper")
     """
     _check_tensor("logp", logp)
     _check_tensor("entropy", entropy)
-    _, mf, _, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
-                                                        exact_term=exact_term)
-    return _flow(logp, adv, mf, entropy, exact_term, flow)
+    b = _batch(mask, advantages, logp=logp, entropy=entropy, exact_term=exact_term)
+    logp, entropy, exact_term = b.tensors
+    return _flow(logp, b.adv, b.mf, entropy, exact_term, flow)
 
 
 def _flow(logp, adv, mf, entropy, exact_term, flow):
@@ -881,8 +723,8 @@ def token_covariance(logp, advantages, mask, cov_means=None):
     batch_statistics gives them), so that micro-batches use the batch's centring; default: this call's.
     0 on masked positions.
     """
-    _, mf, count, adv, (logp,) = _batch(mask, advantages, logp=logp)
-    return _covariance(logp, adv, mf, count, cov_means)
+    b = _batch(mask, advantages, logp=logp)
+    return _covariance(b.tensors[0], b.adv, b.mf, b.count, cov_means)
 
 
 def _covariance(logp, adv, mf, count, cov_means):
@@ -1269,3 +1111,201 @@ def uses_reference(name, **knobs):
             values.append(LOSSES[name](**batch, ref_logp=ref, **knobs)[0])
     return bool(values[0] != values[1])
 
+
+
+# -------------------------------------------------- appendix: chunked log-probabilities and entropies
+def _rows_per_chunk(vocab, chunk_size):
+    return chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _row_chunks(flat, rows, n_buffers):
+    """Yield (start, chunk, buffers) over row chunks of flat (N, V), with float work buffers reused.
+
+    Reusing the buffers keeps the working set small (it stays in cache on a CPU) and avoids a fresh
+    allocation, with its page faults, per chunk.
+    """
+    rows = max(1, min(rows, flat.shape[0]))                   # an empty batch: no chunk at all
+    acc = _acc_dtype(flat.dtype)
+    buffers = [torch.empty(rows, flat.shape[-1], dtype=acc, device=flat.device) for _ in range(n_buffers)]
+    for s in range(0, flat.shape[0], rows):
+        chunk = flat[s:s + rows]
+        yield s, chunk, [b[:chunk.shape[0]] for b in buffers]
+
+
+class _SampledLogProb(torch.autograd.Function):
+    """log pi(a) = z_a - logsumexp(z), with the logsumexp taken over row chunks in float32.
+
+    Only the logits (already alive) and the (N,) logsumexp are saved; the backward recomputes the
+    softmax chunk by chunk: d log pi(a) / dz = e_a - softmax(z).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, rows):
+        lse = torch.empty(logits.shape[0], dtype=_acc_dtype(logits.dtype), device=logits.device)
+        for s, chunk, (z,) in _row_chunks(logits, rows, 1):
+            z.copy_(chunk)
+            top = z.amax(dim=-1, keepdim=True)
+            lse[s:s + z.shape[0]] = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.rows = rows
+        return logits.gather(-1, tokens[:, None]).squeeze(-1).to(lse.dtype) - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, tokens, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s, chunk, (p,) in _row_chunks(logits, ctx.rows, 1):
+            n = chunk.shape[0]
+            g = grad_out[s:s + n, None].to(p.dtype)
+            p.copy_(chunk).sub_(lse[s:s + n, None]).exp_()                    # softmax(z)
+            p.mul_(-g).scatter_add_(-1, tokens[s:s + n, None], g)              # g (e_a - softmax(z))
+            grad[s:s + n] = p
+        return grad, None, None
+
+
+def token_logprobs(logits, tokens, *, chunk_size=None):
+    """log pi(tokens) from logits, with gradient: gathered logit minus a chunked logsumexp.
+
+    logits: (..., V) any float dtype; tokens: (...) long. Returns (...) float32 (float64 for float64
+    logits). Never builds a full float32 log-softmax: the working set is one float32 chunk of
+    `chunk_size` rows (default: CHUNK_BYTES worth), and the backward writes the logits' gradient chunk
+    by chunk.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
+                         "expected logits (..., V) and tokens (...)")
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
+    out = _SampledLogProb.apply(flat, tokens.reshape(-1), rows)
+    return out.view(tokens.shape)
+
+
+@torch.no_grad()
+def _entropy_pass(flat, rows, exact_term, tokens=None):
+    """One chunked pass over flat logits (N, V): H (N,), S2 (N,) or None, log pi(tokens) (N,) or None."""
+    ent = torch.empty(flat.shape[0], dtype=_acc_dtype(flat.dtype), device=flat.device)
+    s2 = torch.empty_like(ent) if exact_term else None
+    logp = torch.empty_like(ent) if tokens is not None else None
+    lowest = torch.finfo(ent.dtype).min
+    for s, chunk, (z, e, t) in _row_chunks(flat, rows, 3):
+        n = chunk.shape[0]
+        z.copy_(chunk)
+        z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=lowest)            # shift; -inf -> finite
+        torch.exp(z, out=e)                                                 # e = S pi
+        total = e.sum(-1)
+        log_total = total.log()
+        h = log_total - torch.mul(e, z, out=t).sum(-1) / total              # H = log S - E_pi[z]
+        ent[s:s + n] = h
+        if tokens is not None:
+            logp[s:s + n] = z.gather(-1, tokens[s:s + n, None]).squeeze(-1) - log_total   # z_a - log S
+        if exact_term:
+            sum_e2 = e.square_().sum(-1)
+            sum_e2z = torch.mul(e, z, out=t).sum(-1)
+            s2[s:s + n] = (sum_e2z - log_total * sum_e2 + h * sum_e2) / total.square()
+    return ent, s2, logp
+
+
+def token_entropy(logits, *, exact_term=False, chunk_size=None):
+    """Full-vocabulary entropy per position, computed in float32 chunks, without gradient.
+
+    logits: (..., V). Returns H (...) float32 (float64 for float64 logits):
+        H = -sum_b pi_b log pi_b = log S - sum_b e_b z_b / S,  with z = logits - max, e = exp(z), S = sum e.
+    With exact_term=True returns (H, S2) where S2 = sum_b pi_b^2 (log pi_b + H), the extra reduction that
+    the exact first-order entropy change needs (entropy_math.dh_exact), from the same pass:
+        S2 = (sum e^2 z - log S sum e^2) / S^2 + H sum e^2 / S^2.
+    -inf logits (masked vocabulary entries) contribute exactly zero.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    ent, s2, _ = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), exact_term)
+    shape = logits.shape[:-1]
+    return (ent.view(shape), s2.view(shape)) if exact_term else ent.view(shape)
+
+
+def token_stats(logits, tokens, *, chunk_size=None):
+    """log pi(tokens), H and S2 per position in one chunked pass, without gradient: (logp, H, S2), each (...).
+
+    logits: (..., V); tokens: (...) long. The same numbers as token_logprobs (detached) and
+    token_entropy(exact_term=True), for the behaviour policy's statistics, at the cost of one pass.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
+                         "expected logits (..., V) and tokens (...)")
+    flat = logits.reshape(-1, logits.shape[-1])
+    ent, s2, logp = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), True, tokens.reshape(-1))
+    return logp.view(tokens.shape), ent.view(tokens.shape), s2.view(tokens.shape)
+
+
+class _LogProbEntropy(torch.autograd.Function):
+    """(log pi(a), H) from logits (N, V), both with gradient, in float32 chunks (float64 for float64 logits).
+
+    Forward: one pass; saves only the logits (already alive), the (N,) logsumexp and the (N,) entropy.
+    Backward: recomputes the softmax chunk by chunk and writes the logits' gradient chunk by chunk,
+        d log pi(a) / dz_b = 1[b = a] - pi_b,        dH / dz_b = -pi_b (log pi_b + H),
+    so no (N, V) float32 tensor is ever held. A gradient that reaches only one output skips the other's term.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, rows):
+        acc = _acc_dtype(logits.dtype)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        ent = torch.empty_like(lse)
+        lowest = torch.finfo(acc).min
+        for s, chunk, (z, e) in _row_chunks(logits, rows, 2):
+            n = chunk.shape[0]
+            z.copy_(chunk)
+            top = z.amax(dim=-1, keepdim=True)
+            z.sub_(top).clamp_(min=lowest)                                      # shift; -inf -> finite
+            torch.exp(z, out=e)
+            total = e.sum(-1)
+            log_total = total.log()
+            ent[s:s + n] = log_total - e.mul_(z).sum(-1) / total                 # H = log S - E_pi[z]
+            lse[s:s + n] = log_total + top.squeeze(-1)
+        ctx.save_for_backward(logits, tokens, lse, ent)
+        ctx.rows = rows
+        ctx.set_materialize_grads(False)
+        logp = logits.gather(-1, tokens[:, None]).squeeze(-1).to(acc) - lse
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, tokens, lse, ent = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        lowest = torch.finfo(lse.dtype).min
+        for s, chunk, (lp, p) in _row_chunks(logits, ctx.rows, 2):
+            n = chunk.shape[0]
+            lp.copy_(chunk).sub_(lse[s:s + n, None]).clamp_(min=lowest)        # log pi_b
+            torch.exp(lp, out=p)                                                # pi_b
+            if g_ent is None:
+                lp.zero_()
+            else:                                                               # -g_H pi_b (log pi_b + H)
+                lp.add_(ent[s:s + n, None]).mul_(p).mul_(-g_ent[s:s + n, None].to(lp.dtype))
+            if g_logp is not None:                                              # + g (e_a - pi)
+                g = g_logp[s:s + n, None].to(lp.dtype)
+                lp.addcmul_(p, g, value=-1.0).scatter_add_(-1, tokens[s:s + n, None], g)
+            grad[s:s + n] = lp
+        return grad, None, None
+
+
+def token_logprobs_entropy(logits, tokens, *, chunk_size=None):
+    """log pi(tokens) and the full-vocabulary entropy H per position, both WITH gradient: (logp, H), each (...).
+
+    logits: (..., V) any float dtype; tokens: (...) long. For the losses that need the current policy's
+    entropy with its gradient (entropy_bonus_loss, adaptive_entropy_loss): one chunked pass forward and
+    one backward for both outputs, so the working set is two float32 chunks of `chunk_size` rows (default
+    CHUNK_BYTES worth) beyond the logits' own gradient. Returns float32 (float64 for float64 logits).
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
+                         "expected logits (..., V) and tokens (...)")
+    flat = logits.reshape(-1, logits.shape[-1])
+    logp, ent = _LogProbEntropy.apply(flat, tokens.reshape(-1), _rows_per_chunk(flat.shape[-1], chunk_size))
+    return logp.view(tokens.shape), ent.view(tokens.shape)
+
+
+def policy_entropy(logits, *, chunk_size=None):
+    """The full-vocabulary entropy H (...) of logits (..., V) WITH gradient, chunked as token_logprobs_entropy.
+
+    token_entropy gives the same numbers without gradient (for the behaviour policy).
+    """
+    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs_entropy(logits, tokens, chunk_size=chunk_size)[1]
