@@ -433,6 +433,26 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
 
 
 # ----------------------------------------------------------------------------------------------- STEER
+def _steer_omega(logp, adv, entropy, exact_term, form, ratio=None):
+    """STEER's Omega (B, T) on cleaned inputs (_batch), no gradient: each token's estimated entropy change,
+        Omega = -r A g,   g = first_order_term(logp, entropy, exact_term, form),
+    eta and I_clip dropped, r = pi / pi_old as in the released code; ratio None: r = 1 (pi = pi_old, the
+    behaviour policy that batch_statistics sees).
+    """
+    weight = -adv if ratio is None else ratio.detach() * -adv
+    return weight * first_order_term(logp, entropy, exact_term, form)
+
+
+def _steer_magnitude(omega, valid, mode):
+    """STEER's score m (B, T) that lambda decays with, 0 where `valid` is False: |Omega| (symmetric), or
+    max(-Omega, 0) (asymmetric: only tokens that lower entropy are attenuated)."""
+    if mode == "symmetric":
+        return torch.where(valid, omega.abs(), 0.0)
+    if mode == "asymmetric":
+        return torch.where(valid, (-omega).clamp(min=0), 0.0)
+    raise ValueError(f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
+
+
 def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp", mode="symmetric",
                   omega_max=None, scale_floor=0.02):
     """STEER's per-token weights lambda (B, T) from the signed entropy-change estimate omega (B, T).
@@ -453,12 +473,7 @@ def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp",
     _check_knob("lambda_max", lambda_max, lambda_max >= lambda_min, f">= lambda_min={lambda_min}")
     valid = mask.bool()
     mf = valid.to(omega.dtype)
-    if mode == "symmetric":
-        m = torch.where(valid, omega.detach().abs(), 0.0)
-    elif mode == "asymmetric":
-        m = torch.where(valid, (-omega.detach()).clamp(min=0), 0.0)
-    else:
-        raise ValueError(f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
+    m = _steer_magnitude(omega.detach(), valid, mode)
     big = _max0(m) if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
     if mapping == "exp":
         scale = math.log(lambda_min) / big.clamp(min=scale_floor)
@@ -493,7 +508,7 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     mask, mf, count, adv, per_token, ratio, logp, (entropy, exact_term) = _ppo_terms(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
         exact_term=exact_term)
-    omega_est = (ratio.detach() * -adv) * first_order_term(logp, entropy, exact_term, omega)   # Omega
+    omega_est = _steer_omega(logp, adv, entropy, exact_term, omega, ratio)
     lam = steer_weights(omega_est, mf, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
                         mode=mode, omega_max=omega_max)
     loss = agg_loss(lam * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -731,10 +746,15 @@ def _covariance(logp, adv, mf, count, cov_means):
     """token_covariance on cleaned (B, T) tensors (masked positions 0), mf the float mask."""
     logp = logp.detach()
     if cov_means is None:
-        mean_lp, mean_adv = (logp * mf).sum() / count, (adv * mf).sum() / count
+        mean_lp, mean_adv = _cov_means(logp, adv, mf, count)
     else:
         mean_lp, mean_adv = (torch.as_tensor(v, dtype=mf.dtype, device=mf.device) for v in cov_means)
     return (logp - mean_lp) * (adv - mean_adv) * mf
+
+
+def _cov_means(logp, adv, mf, count):
+    """Token-weighted means (mean log pi, mean A) over the float mask mf of cleaned tensors: Cov's centring."""
+    return (logp * mf).sum() / count, (adv * mf).sum() / count
 
 
 def clip_cov_select(logp, advantages, mask, *, old_logp=None, clip_cov_ratio=2e-4, cov_lb=1.0, cov_ub=5.0,
@@ -1038,9 +1058,8 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
     if name == "steer":
         valid, _, _, adv, (lp, h, s2) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
                                                exact_term=exact_term)
-        scores = -adv * first_order_term(lp, h, s2, kw["omega"])
-        m = scores.abs() if kw["mode"] == "symmetric" else (-scores).clamp(min=0)
-        out["omega_max"] = float(_max0(torch.where(mask.bool(), m, 0.0)))
+        out["omega_max"] = float(_max0(_steer_magnitude(_steer_omega(lp, adv, h, s2, kw["omega"]), valid,
+                                                        kw["mode"])))
     elif name == "opefo":
         _, pos, neg = opefo_balance(entropy_flow(old_logp, advantages, mask, entropy, exact_term, kw["flow"]))
         out["flow_totals"] = (float(pos), float(neg))
@@ -1050,7 +1069,7 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
                                               generator=kw["generator"])
     elif name == "kl_cov":
         valid, mf, count, adv, (lp,) = _batch(mask, advantages, logp=old_logp)
-        means = (float((lp * mf).sum() / count), float((adv * mf).sum() / count))
+        means = tuple(float(x) for x in _cov_means(lp, adv, mf, count))
         cov = token_covariance(old_logp, advantages, mask, means)
         out.update(cov_means=means, cov_threshold=float(kl_cov_threshold(cov, mask, kw["kl_cov_ratio"])))
     elif name == "forking":
