@@ -66,10 +66,9 @@ Usage
     stats = batch_statistics("steer", mask=mask, advantages=adv, old_logp=old_logp, entropy=entropy,
                              exact_term=s2)                               # num_tokens, num_seqs, omega_max
 """
-import functools
 import inspect
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -83,6 +82,12 @@ CHUNK_BYTES = 8 * 2**20     # float32 bytes per work buffer in token_logprobs / 
 def _check_tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_tensors(**tensors):
+    """_check_tensor on each keyword, in order: a TypeError naming the first that is not a tensor."""
+    for name, x in tensors.items():
+        _check_tensor(name, x)
 
 
 def _check_tokens(name, x, ref, like="mask"):
@@ -520,6 +525,19 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     return loss, _to_floats(metrics)
 
 
+def steer_statistics(*, mask, advantages, old_logp, entropy, exact_term, omega, mode, **_):
+    """STEER's whole-batch statistic for micro-batches: {"omega_max": M}, the max of the score m over the
+    batch's valid tokens (a float), with Omega at r = 1 from the behaviour policy's old_logp (pi = pi_old).
+
+    Called by batch_statistics with the batch tensors and steer_loss's knobs (omega, mode; the other
+    tensors and knobs are not read); steer_loss(omega_max=M) then scales every micro-batch by the same M.
+    """
+    _check_tensors(advantages=advantages, old_logp=old_logp, entropy=entropy)
+    valid, _, _, adv, (lp, h, s2) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
+                                           exact_term=exact_term)
+    return {"omega_max": float(_max0(_steer_magnitude(_steer_omega(lp, adv, h, s2, omega), valid, mode)))}
+
+
 # ----------------------------------------------------------------------------------------------- OPEFO
 def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper"):
     """OPEFO's entropy flow f_{i,t} (B, T), no gradient: each token's first-order entropy contribution.
@@ -585,6 +603,17 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
                "frac_pos": (f > 0).sum() / count, "weighted_flow": (w * f).sum(),
                "entropy": _masked_mean(entropy, mf, count)}
     return loss, _to_floats(metrics)
+
+
+def opefo_statistics(*, mask, advantages, old_logp, entropy, exact_term, flow, **_):
+    """OPEFO's whole-batch statistic for micro-batches: {"flow_totals": (P, N)} as floats, the entropy flow
+    totals (opefo_balance) of the whole batch, from the behaviour policy's old_logp (pi = pi_old).
+
+    Called by batch_statistics with the batch tensors and opefo_loss's knobs (flow; the others are not read).
+    """
+    _check_tensors(advantages=advantages, old_logp=old_logp, entropy=entropy)
+    _, pos, neg = opefo_balance(entropy_flow(old_logp, advantages, mask, entropy, exact_term, flow))
+    return {"flow_totals": (float(pos), float(neg))}
 
 
 # ---------------------------------------------------------------------------------------------- Archer
@@ -830,6 +859,16 @@ def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_
     return loss, _to_floats(metrics)
 
 
+def clip_cov_statistics(*, mask, advantages, old_logp, clip_cov_ratio, cov_lb, cov_ub, generator, **_):
+    """Clip-Cov's whole-batch statistic: {"cov_selected": (B, T) bool}, the batch's random choice of tokens
+    (clip_cov_select on the behaviour policy's old_logp, r = 1, so PPO clips none). Slice it with each
+    micro-batch's rows. Called by batch_statistics with clip_cov_loss's knobs (generator seeds the draw).
+    """
+    _check_tensors(advantages=advantages, old_logp=old_logp)
+    return {"cov_selected": clip_cov_select(old_logp, advantages, mask, clip_cov_ratio=clip_cov_ratio,
+                                            cov_lb=cov_lb, cov_ub=cov_ub, generator=generator)}
+
+
 def kl_cov_threshold(cov, mask, kl_cov_ratio=2e-3):
     """The k-th largest Cov over the valid tokens, k = max(1, int(kl_cov_ratio * n)): KL-Cov's top-k cut.
     cov (B, T) from token_covariance; +inf when no token is valid. Returns a 0-d tensor."""
@@ -883,6 +922,18 @@ def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=
     return pg + kl_coef * kl, _to_floats(metrics)
 
 
+def kl_cov_statistics(*, mask, advantages, old_logp, kl_cov_ratio, **_):
+    """KL-Cov's whole-batch statistics: {"cov_means": (mean log pi, mean A), "cov_threshold": the top-k
+    cut}, floats, over the batch's valid tokens with the behaviour policy's old_logp. Called by
+    batch_statistics with kl_cov_loss's knobs (kl_cov_ratio; the others are not read).
+    """
+    _check_tensors(advantages=advantages, old_logp=old_logp)
+    b = _batch(mask, advantages, logp=old_logp)
+    means = tuple(float(x) for x in _cov_means(b.tensors[0], b.adv, b.mf, b.count))
+    cov = token_covariance(old_logp, advantages, mask, means)
+    return {"cov_means": means, "cov_threshold": float(kl_cov_threshold(cov, mask, kl_cov_ratio))}
+
+
 def forking_threshold(entropy, mask, top_frac=0.2):
     """The batch's entropy cut tau for the 80/20 rule: the (1 - top_frac) quantile of H over the valid tokens
     (linear interpolation, torch.quantile's rule), a 0-d tensor; +inf when no token is valid.
@@ -933,6 +984,14 @@ def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, ent
     return loss, _to_floats(metrics)
 
 
+def forking_statistics(*, mask, entropy, top_frac, **_):
+    """The forking rule's whole-batch statistic: {"entropy_threshold": tau} (a float), the entropy cut over
+    the batch's valid tokens. Called by batch_statistics with forking_loss's knobs (top_frac)."""
+    _check_tensors(entropy=entropy)
+    return {"entropy_threshold": float(forking_threshold(torch.where(mask.bool(), entropy, 0.0), mask,
+                                                         top_frac))}
+
+
 def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, kappa=2.0, clip_low=0.2,
                      clip_high=0.2, dual_clip=None, agg="token-mean", num_tokens=None, num_seqs=None,
                      norm_length=None):
@@ -959,6 +1018,12 @@ def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, ka
     metrics.update(pg_loss=loss.detach(), adv_bonus=_masked_mean(shaped - adv, mf, count),
                    adv_bonus_capped=((cap < bonus_h) & mask).sum() / count)
     return loss, _to_floats(metrics)
+
+
+def _entropy_adv_zero_rows(advantages, mask, entropy):
+    """(B,) bool: entropy_adv_loss's rows with A = 0 whose valid tokens all have H >= 0 (a rounded H can be
+    slightly negative): A' = A + min(alpha H, |A| / kappa) is then exactly 0, and so is the row's gradient."""
+    return (advantages == 0) & (torch.where(mask.bool(), entropy, 0.0) >= 0).all(1)
 
 
 def w_reinforce_loss(logp, old_logp, advantages, mask, *, positive_weight=0.1, clip_low=0.2, clip_high=0.2,
@@ -1025,101 +1090,174 @@ def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, m
     return _to_floats(sums)
 
 
-# ------------------------------------------------------------------------------- batch-level statistics
+# ---------------------------------------------------------------------------------------------- registry
+BATCH_KEYS = frozenset({"logp", "old_logp", "advantages", "mask", "entropy", "exact_term", "ref_logp",
+                        "current_entropy", "num_tokens", "num_seqs", "norm_length"})
+STATISTIC_KEYS = frozenset({"omega_max", "flow_totals", "cov_selected", "cov_means", "cov_threshold",
+                            "entropy_threshold"})       # what the statistic functions return: not knobs
+REQUIRED = inspect.Parameter.empty                       # Loss.knobs' value for a knob without a default
+_SOURCES = {                                             # what a needed tensor is and what computes it
+    "logp": "(B, T) with gradient: token_logprobs(logits, tokens)",
+    "old_logp": "(B, T), the behaviour policy's: token_stats(old_logits, tokens)[0]",
+    "advantages": "(B,) or (B, T): group_advantages(rewards, group_size)",
+    "mask": "(B, T): 1 on the valid response tokens",
+    "entropy": "(B, T), the behaviour policy's: token_stats(old_logits, tokens)[1]",
+    "current_entropy": "(B, T) with gradient: token_logprobs_entropy(logits, tokens)[1]",
+}
+
+
+class Loss(NamedTuple):
+    """One method of LOSSES: its loss function and what a trainer needs to know to call it."""
+    fn: Callable                            # the loss function, e.g. steer_loss
+    inputs: tuple                           # the BATCH_KEYS that fn reads
+    needs: tuple                            # those of inputs it cannot run without (the others may be None)
+    statistics: Optional[Callable] = None   # its whole-batch statistics (steer_statistics, ...), called by
+                                            # batch_statistics; None: only batch_totals
+    zero_rows: Optional[Callable] = None    # (advantages (B,), mask, entropy) -> (B,) bool: the rows whose
+                                            # gradient is exactly 0 when no reference KL is on (uses_reference);
+                                            # None: every row can move
+    reduce: dict = {}                       # metric -> "sum" | "max" | "min" over the micro-batches of one
+                                            # optimizer step (merge_metrics); the others: token-weighted mean
+    std_normalize: bool = True              # group_advantages(std_normalize=...)
+    on_policy: bool = False                 # exactly one optimizer step per rollout batch
+    adaptive: bool = False                  # alpha from entropy_control_step, once per RL step
+    data_defaults: dict = {}                # the trainer's data-side settings that the method's paper uses
+    forwards_to: Optional[Callable] = None  # for a preset that forwards **kw: the function whose knobs it takes
+
+    @property
+    def knobs(self):
+        """Knob name -> default (REQUIRED where there is none): the keyword-only parameters of fn, then of
+        forwards_to, that are neither batch tensors (BATCH_KEYS) nor whole-batch statistics (STATISTIC_KEYS).
+        A preset's own defaults come first (dapo's clip_high 0.28 over grpo_loss's 0.2)."""
+        out = {}
+        for f in (self.fn, self.forwards_to):
+            for name, p in (inspect.signature(f).parameters.items() if f is not None else ()):
+                if p.kind is p.KEYWORD_ONLY and name not in BATCH_KEYS and name not in STATISTIC_KEYS:
+                    out.setdefault(name, p.default)
+        return out
+
+    def __call__(self, **kwargs):
+        """fn(**kwargs) without the BATCH_KEYS that fn does not read, so that every loss takes the same
+        call with the whole batch; every other keyword (a knob) is passed on, so a misspelt knob is still a
+        TypeError. A needed tensor that is missing or None is a TypeError naming it and what computes it."""
+        for key in self.needs:
+            if kwargs.get(key) is None:
+                raise TypeError(f"{self.fn.__name__} needs {key} {_SOURCES[key]}")
+        return self.fn(**{k: v for k, v in kwargs.items() if k in self.inputs or k not in BATCH_KEYS})
+
+
+def _advantage_zero_rows(advantages, mask, entropy):
+    """(B,) bool: the rows whose advantage is exactly 0. In a loss whose every term on a row is the row's
+    advantage times something (clipped surrogates, REINFORCE, reweightings and masks from whole-batch
+    statistics computed before the micro-batches) such a row adds exactly 0 to the value and the gradient."""
+    return advantages == 0
+
+
+_PPO = ("logp", "old_logp", "advantages", "mask")      # what every loss with the ratio r = pi / pi_old needs
+_NORMS = ("num_tokens", "num_seqs", "norm_length")     # agg_loss's normalisers (batch_totals)
+LOSSES = {
+    "grpo": Loss(grpo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
+                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"}),
+    "dapo": Loss(dapo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
+                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"},
+                 data_defaults={"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True},
+                 forwards_to=grpo_loss),
+    "drgrpo": Loss(drgrpo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
+                   zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"}, std_normalize=False,
+                   forwards_to=grpo_loss),
+    "steer": Loss(steer_loss, inputs=_PPO + ("entropy", "exact_term") + _NORMS, needs=_PPO + ("entropy",),
+                  statistics=steer_statistics, zero_rows=_advantage_zero_rows,
+                  reduce={"pg_loss": "sum", "omega_max": "max", "weight_max": "max", "weight_min": "min"}),
+    "opefo": Loss(opefo_loss, inputs=("logp", "advantages", "mask", "entropy", "exact_term") + _NORMS,
+                  needs=("logp", "advantages", "mask", "entropy"), statistics=opefo_statistics,
+                  zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "weighted_flow": "sum"},
+                  on_policy=True),
+    "archer": Loss(archer_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO + ("entropy",),
+                   zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
+                   data_defaults={"drop_equal_groups": True}),
+    "entropy_bonus": Loss(entropy_bonus_loss, inputs=_PPO + ("current_entropy", "entropy") + _NORMS,
+                          needs=_PPO + ("current_entropy",), reduce={"pg_loss": "sum", "entropy_bonus": "sum"}),
+    "adaptive_entropy": Loss(adaptive_entropy_loss, inputs=_PPO + ("current_entropy", "entropy") + _NORMS,
+                             needs=_PPO + ("current_entropy",), reduce={"pg_loss": "sum", "entropy_bonus": "sum"},
+                             adaptive=True, forwards_to=entropy_bonus_loss),
+    "clip_cov": Loss(clip_cov_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
+                     statistics=clip_cov_statistics, zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
+    "kl_cov": Loss(kl_cov_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO, statistics=kl_cov_statistics,
+                   reduce={"pg_loss": "sum", "kl_cov": "sum"}),
+    "forking": Loss(forking_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO + ("entropy",),
+                    statistics=forking_statistics, zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
+    "entropy_adv": Loss(entropy_adv_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO + ("entropy",),
+                        zero_rows=_entropy_adv_zero_rows, reduce={"pg_loss": "sum"}),
+    "w_reinforce": Loss(w_reinforce_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
+                        zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
+}
+
+
+def _method(name):
+    """LOSSES[name]; a ValueError listing the names for an unknown one."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
 def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None, exact_term=None, **knobs):
     """The whole mini-batch's statistics for LOSSES[name], computed once, passed to every micro-batch.
 
     mask, advantages, old_logp, entropy, exact_term: the WHOLE mini-batch's tensors (the behaviour policy's,
-    so pi = pi_old, r = 1); knobs: the loss's own knobs (a knob the loss does not take is a TypeError).
-    Returns the keyword arguments to add to each micro-batch's LOSSES[name](...) call:
+    so pi = pi_old, r = 1); knobs: the loss's own knobs (one it does not take is a TypeError; a batch
+    tensor it reads is accepted and not used). Returns the keyword arguments to add to each micro-batch's
+    LOSSES[name](...) call: batch_totals(mask), then LOSSES[name].statistics with the loss's knob
+    defaults (Loss.knobs) updated by `knobs`:
         every loss  num_tokens, num_seqs                  (batch_totals)
-        steer       omega_max: M, the max of STEER's score m over the batch
-        opefo       flow_totals: (P, N) of the batch's entropy flow
+        steer       omega_max: M, the max of STEER's score m over the batch          (steer_statistics)
+        opefo       flow_totals: (P, N) of the batch's entropy flow                  (opefo_statistics)
         clip_cov    cov_selected: (B, T) bool, the batch's random choice; SLICE it with each micro-batch's
-                    rows, like the batch tensors (knob generator seeds the draw)
-        kl_cov      cov_means, cov_threshold: the batch's centring and top-k cut
-        forking     entropy_threshold: the batch's entropy quantile tau
-    Scalars are Python floats (one host sync per mini-batch).
+                    rows, like the batch tensors (knob generator seeds the draw)    (clip_cov_statistics)
+        kl_cov      cov_means, cov_threshold: the batch's centring and top-k cut    (kl_cov_statistics)
+        forking     entropy_threshold: the batch's entropy quantile tau              (forking_statistics)
+    Scalars are Python floats (one host sync per mini-batch). A tensor the statistics need that is not a
+    tensor is a TypeError naming it.
     """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    fn = _LOSS_FUNCS[name]
-    takes = set(inspect.signature(fn).parameters) | set(inspect.signature(_LOSS_LIKE.get(name, fn)).parameters)
-    unknown = sorted(set(knobs) - takes)
+    method = _method(name)
+    unknown = sorted(set(knobs) - set(method.knobs) - set(method.inputs))
     if unknown:
-        raise TypeError(f"batch_statistics({name!r}) got knobs that {fn.__name__} does not take: {unknown}")
-    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    kw = dict(defaults, **knobs)
-    given = {"advantages": advantages, "old_logp": old_logp, "entropy": entropy}
-    for key in _STATISTICS_NEED.get(name, ()):
-        _check_tensor(key, given[key])
+        raise TypeError(f"batch_statistics({name!r}) got knobs that {method.fn.__name__} does not take: {unknown}")
     out = batch_totals(mask)
-    if name == "steer":
-        valid, _, _, adv, (lp, h, s2) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
-                                               exact_term=exact_term)
-        out["omega_max"] = float(_max0(_steer_magnitude(_steer_omega(lp, adv, h, s2, kw["omega"]), valid,
-                                                        kw["mode"])))
-    elif name == "opefo":
-        _, pos, neg = opefo_balance(entropy_flow(old_logp, advantages, mask, entropy, exact_term, kw["flow"]))
-        out["flow_totals"] = (float(pos), float(neg))
-    elif name == "clip_cov":
-        out["cov_selected"] = clip_cov_select(old_logp, advantages, mask, clip_cov_ratio=kw["clip_cov_ratio"],
-                                              cov_lb=kw["cov_lb"], cov_ub=kw["cov_ub"],
-                                              generator=kw["generator"])
-    elif name == "kl_cov":
-        valid, mf, count, adv, (lp,) = _batch(mask, advantages, logp=old_logp)
-        means = tuple(float(x) for x in _cov_means(lp, adv, mf, count))
-        cov = token_covariance(old_logp, advantages, mask, means)
-        out.update(cov_means=means, cov_threshold=float(kl_cov_threshold(cov, mask, kw["kl_cov_ratio"])))
-    elif name == "forking":
-        out["entropy_threshold"] = float(forking_threshold(torch.where(mask.bool(), entropy, 0.0), mask,
-                                                           kw["top_frac"]))
+    if method.statistics is not None:
+        kw = dict(method.knobs, **{k: v for k, v in knobs.items() if k not in BATCH_KEYS})
+        out.update(method.statistics(mask=mask, advantages=advantages, old_logp=old_logp, entropy=entropy,
+                                     exact_term=exact_term, **kw))
     return out
 
 
-_STATISTICS_NEED = {"steer": ("advantages", "old_logp", "entropy"),
-                    "opefo": ("advantages", "old_logp", "entropy"),
-                    "clip_cov": ("advantages", "old_logp"), "kl_cov": ("advantages", "old_logp"),
-                    "forking": ("entropy",)}
+def merge_metrics(name, parts):
+    """One optimizer step's metrics from its micro-batches': parts = [(valid tokens, metrics dict), ...].
 
-
-# ---------------------------------------------------------------------------------------------- registry
-BATCH_KEYS = frozenset({"logp", "old_logp", "advantages", "mask", "entropy", "exact_term", "ref_logp",
-                        "current_entropy", "num_tokens", "num_seqs", "norm_length"})
-CURRENT_ENTROPY_LOSSES = frozenset({"entropy_bonus", "adaptive_entropy"})   # need current_entropy with grad
-
-
-def _batch_call(fn, like=None):
-    """Let `fn` be called with every batch tensor as a keyword: drops the batch keys it does not take.
-
-    Keyword arguments that are not batch keys (the loss's knobs) are passed on as they are, so a
-    misspelt knob still raises a TypeError. `like`: the function whose parameters a **kw preset forwards to.
+    Each metric is merged as LOSSES[name].reduce says: "sum" (the partial sums of a global normaliser, such
+    as pg_loss), "max" or "min"; any other metric is the token-weighted mean sum(n v) / sum(n) (the last
+    part's value when no part has a valid token). A metric is merged over the parts that have it, keys in
+    order of first appearance; no parts: {}.
     """
-    takes = set(inspect.signature(fn).parameters) | set(inspect.signature(like or fn).parameters)
-
-    @functools.wraps(fn)
-    def call(**kwargs):
-        return fn(**{k: v for k, v in kwargs.items() if k in takes or k not in BATCH_KEYS})
-    return call
-
-
-_LOSS_FUNCS = {
-    "grpo": grpo_loss, "dapo": dapo_loss, "drgrpo": drgrpo_loss,
-    "steer": steer_loss, "opefo": opefo_loss, "archer": archer_loss,
-    "entropy_bonus": entropy_bonus_loss, "adaptive_entropy": adaptive_entropy_loss,
-    "clip_cov": clip_cov_loss, "kl_cov": kl_cov_loss, "forking": forking_loss,
-    "entropy_adv": entropy_adv_loss, "w_reinforce": w_reinforce_loss,
-}
-_LOSS_LIKE = {"dapo": grpo_loss, "drgrpo": grpo_loss, "adaptive_entropy": entropy_bonus_loss}
-LOSSES = {name: _batch_call(fn, like=_LOSS_LIKE.get(name)) for name, fn in _LOSS_FUNCS.items()}
+    reduce = _method(name).reduce
+    merged = {}
+    for key in dict.fromkeys(k for _, m in parts for k in m):
+        pairs = [(n, m[key]) for n, m in parts if key in m]
+        values = [v for _, v in pairs]
+        how = reduce.get(key)
+        if how == "sum":
+            merged[key] = sum(values)
+        elif how in ("max", "min"):
+            merged[key] = max(values) if how == "max" else min(values)
+        else:
+            weight = sum(n for n, _ in pairs)
+            merged[key] = sum(n * v for n, v in pairs) / weight if weight else values[-1]
+    return merged
 
 
 def uses_reference(name, **knobs):
     """Whether LOSSES[name] with these knobs reads ref_logp (so a trainer must run the frozen reference): its
     value on a small dummy batch moves when ref_logp does. Fails early on an unknown loss or a bad knob."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    method = _method(name)
     t = torch.linspace(0.1, 2.0, 5)[None]            # 1 x 5, entropies spread so Archer has both token types
     batch = dict(logp=-t, old_logp=-t, advantages=torch.ones(1), mask=torch.ones(1, 5), entropy=t,
                  exact_term=0 * t, current_entropy=t)
@@ -1127,9 +1265,8 @@ def uses_reference(name, **knobs):
     for ref in (-t, -t - 1):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            values.append(LOSSES[name](**batch, ref_logp=ref, **knobs)[0])
+            values.append(method(**batch, ref_logp=ref, **knobs)[0])
     return bool(values[0] != values[1])
-
 
 
 # -------------------------------------------------- appendix: chunked log-probabilities and entropies

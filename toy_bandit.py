@@ -19,7 +19,10 @@ computes group advantages (losses.group_advantages, per group), and takes ``upda
 same batch (PPO-style epochs on the full batch, so clipping matters). OPEFO is strictly on-policy: one
 update per batch, with the learning rate multiplied by sqrt(updates) as the OPEFO paper does to compensate
 (--opefo-lr-scale). Losses come from losses.LOSSES, log-probs and entropies from losses.token_logprobs /
-losses.token_stats on the (B, T, K) logits; nothing of the methods is re-implemented here.
+losses.token_stats on the (B, T, K) logits; nothing of the methods is re-implemented here. What a method
+needs besides its loss is read off its registry entry (losses.Loss): the clip knobs it takes (knobs), one
+update per batch (on_policy), Dr. GRPO's advantages (std_normalize), the current entropy with gradient
+("current_entropy" in inputs), the adaptive controller (adaptive) and Clip-Cov's generator (knobs).
 
 Choices (the issue left them open):
 - Optimizer: plain SGD by default. The first-order entropy analysis (entropy_math.py) is for an SGD step on
@@ -40,9 +43,9 @@ Choices (the issue left them open):
   Steps whose gradient is exactly zero (every group had equal rewards) are left out. Pearson r per run.
 - No dynamic sampling and no overlong penalty (all responses have length T): every algorithm sees the same
   batches, and groups with equal rewards just contribute zero advantage.
-- Clip flags: ``--clip-low 0.99 --clip-high 5`` is STEER's "extreme scenario" (STEER Table 6). They reach every
-  loss with the PPO ratio clip (PPO_CLIP); Archer takes only ``--dual-clip`` (its clips are per token type),
-  OPEFO none (no ratio).
+- Clip flags: ``--clip-low 0.99 --clip-high 5`` is STEER's "extreme scenario" (STEER Table 6). Each reaches the
+  losses whose knobs include it (losses.LOSSES[name].knobs): every loss with the PPO ratio clip; Archer takes
+  only ``--dual-clip`` (its clips are per token type), OPEFO and KL-Cov none.
 - Entropy flow per quadrant: every optimizer step's exact first-order entropy change is split with
   losses.entropy_flow_quadrants into (A > 0, A < 0) x (likely, unlikely) tokens and reported per method
   (STEER's four-factor view and OPEFO's flow view in numbers).
@@ -90,10 +93,7 @@ ALGOS = {
 }
 INTERVENTIONS = ("entropy-bonus", "adaptive-entropy", "clip-cov", "kl-cov", "forking", "entropy-adv", "w-reinforce")
 DEFAULT_ALGOS = ("grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
-ON_POLICY = {"opefo"}          # losses that take exactly one update per rollout batch
-# losses with the ratio clip, which take --clip-low / --clip-high / --dual-clip (Archer: only the dual clip)
-PPO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entropy", "clip_cov", "forking",
-            "entropy_adv", "w_reinforce"}
+CLIP_KNOBS = ("clip_low", "clip_high", "dual_clip")    # each reaches the losses whose knobs include it
 PASS_K = (1, 4, 16)
 HELP = {
     "T": "response length (positions; even ones are forks)",
@@ -106,8 +106,8 @@ HELP = {
     "optimizer": "sgd (the first-order analysis' setting) or adam",
     "init_bias": "initial logit bonus of the correct tokens",
     "init_noise": "std of the random initial logits",
-    "clip_low": "PPO clip epsilon below 1 (None: each loss's default; taken by every loss with the ratio clip, "
-                "PPO_CLIP: not opefo, kl-cov or archer)",
+    "clip_low": "PPO clip epsilon below 1 (None: each loss's default; taken by every loss with the ratio clip: "
+                "not opefo, kl-cov or archer)",
     "clip_high": "PPO clip epsilon above 1 (None: each loss's default; same losses)",
     "dual_clip": "dual-clip constant c for negative advantages (None: each loss's default; also archer)",
     "lambda_min": "STEER: smallest token weight",
@@ -218,26 +218,23 @@ def run(algo, seed, cfg):
     loss_name, extra = ALGOS[algo]
     if loss_name not in losses.LOSSES:
         raise ValueError(f"losses.LOSSES has no entry {loss_name!r} (needed by toy algorithm {algo!r})")
-    loss_fn = losses.LOSSES[loss_name]
-    std_normalize = loss_name != "drgrpo"         # Dr. GRPO: A = R - mean, no std division
+    method = losses.LOSSES[loss_name]
     knobs = dict(extra)
-    clip_knobs = ("clip_low", "clip_high", "dual_clip") if loss_name in PPO_CLIP else \
-        ("dual_clip",) if loss_name == "archer" else ()           # only the losses that have the knob take it
-    knobs.update({name: getattr(cfg, name) for name in clip_knobs if getattr(cfg, name) is not None})
+    knobs.update({name: getattr(cfg, name) for name in CLIP_KNOBS
+                  if name in method.knobs and getattr(cfg, name) is not None})   # only where the loss has it
     if loss_name == "steer":
         knobs["lambda_min"] = cfg.lambda_min
     if loss_name == "archer":
         knobs.update(quantile=cfg.archer_quantile, kl_knowledge=cfg.archer_kl)
-    on_policy = loss_name in ON_POLICY
-    n_updates = 1 if on_policy else cfg.updates
+    n_updates = 1 if method.on_policy else cfg.updates
     lr = cfg.lr
-    if on_policy:
+    if method.on_policy:
         lr *= math.sqrt(cfg.updates) if cfg.opefo_lr_scale is None else cfg.opefo_lr_scale
 
     gen = torch.Generator().manual_seed(seed)        # all randomness of the run comes from here
-    if loss_name == "clip_cov":
+    if "generator" in method.knobs:
         knobs["generator"] = gen                     # Clip-Cov's random choice of tokens
-    control = losses.entropy_control_init() if loss_name == "adaptive_entropy" else None
+    control = losses.entropy_control_init() if method.adaptive else None
     correct, init_logits, variant_correct, h_star = make_task(cfg, gen)
     logits = torch.nn.Parameter(init_logits.clone())
     if cfg.optimizer == "sgd":
@@ -260,7 +257,7 @@ def run(algo, seed, cfg):
     for _ in range(cfg.steps):
         tokens = sample_responses(logits, n, gen)
         rewards = is_correct(tokens, correct).float()
-        advantages = losses.group_advantages(rewards, cfg.G, std_normalize=std_normalize)
+        advantages = losses.group_advantages(rewards, cfg.G, std_normalize=method.std_normalize)
         with torch.no_grad():
             old_batch_logits = logits.detach().expand(n, T, K)
             old_logp, entropy, exact_term = losses.token_stats(old_batch_logits, tokens)   # one pass
@@ -270,14 +267,14 @@ def run(algo, seed, cfg):
         for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
             current = {}
-            if loss_name in losses.CURRENT_ENTROPY_LOSSES:   # the bonus needs H of the current policy, with grad
+            if "current_entropy" in method.inputs:   # the bonus needs H of the current policy, with gradient
                 logp, current["current_entropy"] = losses.token_logprobs_entropy(logits.expand(n, T, K), tokens)
             else:
                 logp = losses.token_logprobs(logits.expand(n, T, K), tokens)
             logp.retain_grad()
-            loss, metrics = loss_fn(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                                    entropy=entropy, exact_term=exact_term, ref_logp=ref_logp,
-                                    num_tokens=n * T, **current, **knobs)
+            loss, metrics = method(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
+                                   entropy=entropy, exact_term=exact_term, ref_logp=ref_logp,
+                                   num_tokens=n * T, **current, **knobs)
             loss.backward()
             flows.append(losses.entropy_flow_quadrants(old_logp, entropy, exact_term, advantages,
                                                        -logp.grad, mask))

@@ -10,7 +10,8 @@ tensors that losses.py needs and TRL does not keep:
                           old_exact_term, so TRL shuffles and splits them with the rest).
     current log-probs     from TRL's own _get_per_token_logps_and_entropies (its fused LM head, with
                           gradient), so the forward that trains is TRL's; with it the current entropy (with
-                          gradient) for the losses in losses.CURRENT_ENTROPY_LOSSES.
+                          gradient) for the losses that read it ("current_entropy" in
+                          losses.LOSSES[loss].inputs).
     old log-probs         TRL's old_per_token_logps when it has them (several iterations per generation,
                           or vLLM); otherwise the batch is on-policy and old = current log-probs, detached
                           (TRL's own rule), so the ratio is exactly 1.
@@ -26,9 +27,11 @@ tensors that losses.py needs and TRL does not keep:
                           and the other losses' statistics (per process; (B, T) ones cut to each micro-batch's
                           rows).
     metrics               every loss metric reaches TRL's logs as "<loss>/<metric>", one value per
-                          optimizer step (token-weighted over the window; the partial sums pg_loss, kl,
+                          optimizer step, merged over the window by losses.merge_metrics as the loss's
+                          registry entry says (losses.LOSSES[loss].reduce: the partial sums pg_loss, kl,
                           weighted_flow, entropy_bonus and kl_cov summed; omega_max and weight_max maxed,
-                          weight_min minned).
+                          weight_min minned; the others token-weighted), then across processes (max, min,
+                          else the mean).
 
 Usage (text models; any LOSSES name; knobs as in losses.py; adaptive_entropy takes a
 fixed alpha here, TRL's own use_adaptive_entropy being refused):
@@ -66,8 +69,6 @@ if trl.__version__ not in TESTED_TRL_VERSIONS:
                       f"(pip install -r requirements-integrations.txt) or check the internals listed in the "
                       f"module docstring against yours and add the version to TESTED_TRL_VERSIONS.")
 
-WINDOW_REDUCE = {"pg_loss": "sum", "kl": "sum", "weighted_flow": "sum", "entropy_bonus": "sum", "kl_cov": "sum",
-                 "omega_max": "max", "weight_max": "max", "weight_min": "min"}   # others: token-weighted mean
 NEUTRAL_TRL_ARGS = {"top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
                     "off_policy_mask_threshold": None, "importance_sampling_level": "token", "delta": None}
 
@@ -195,7 +196,7 @@ class LossesGRPOTrainer(GRPOTrainer):
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         logp, current_entropy, aux_loss = self._get_per_token_logps_and_entropies(
             model, ids, attention, inputs["completion_ids"].shape[1], compute_aux_loss=self.aux_loss_enabled,
-            compute_entropy=self.loss_name in losses.CURRENT_ENTROPY_LOSSES)       # entropy with gradient
+            compute_entropy="current_entropy" in losses.LOSSES[self.loss_name].inputs)   # entropy with gradient
         old_logp = inputs.get("old_per_token_logps")
         mask = completion_mask(inputs)
         loss, metrics = losses.LOSSES[self.loss_name](
@@ -214,21 +215,12 @@ class LossesGRPOTrainer(GRPOTrainer):
         if self.model.training and (self._step + 1) % self.args.gradient_accumulation_steps:
             return
         parts, self._window_parts = self._window_parts, []
-        merged = {}
-        for key in parts[0][1]:
-            values = [m[key] for _, m in parts]
-            how = WINDOW_REDUCE.get(key)
-            if how == "sum":
-                merged[key] = sum(values)
-            elif how in ("max", "min"):
-                merged[key] = max(values) if how == "max" else min(values)
-            else:
-                weight = sum(n for n, _ in parts)
-                merged[key] = sum(n * v for (n, _), v in zip(parts, values)) / weight if weight else values[-1]
+        merged = losses.merge_metrics(self.loss_name, parts)
+        reduce = losses.LOSSES[self.loss_name].reduce
         keys = list(merged)
         every = self.accelerator.gather(torch.tensor([[merged[k] for k in keys]], device=self.accelerator.device))
         mode = "train" if self.model.training else "eval"
         for k, column in zip(keys, every.T):                                # across processes
-            how = WINDOW_REDUCE.get(k)
+            how = reduce.get(k)
             value = column.max() if how == "max" else column.min() if how == "min" else column.mean()
             self._metrics[mode][f"{self.loss_name}/{k}"].append(value.item())

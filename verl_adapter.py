@@ -49,7 +49,6 @@ three functions above, the batch keys "entropys", "old_log_probs", "advantages",
 """
 import contextvars
 import functools
-import inspect
 import json
 import os
 import sys
@@ -75,11 +74,12 @@ _MICRO_BATCH = contextvars.ContextVar("entropy_rlvr_micro_batch", default=None)
 
 
 def knob_value(name, knob):
-    """The value LOSSES[name] will use for `knob`: KNOBS' if set, else the loss's default (None if absent)."""
+    """The value LOSSES[name] will use for `knob`: KNOBS' if set, else the loss's default (losses.Loss.knobs;
+    None if the loss has no such knob or no default for it)."""
     if knob in KNOBS:
         return KNOBS[knob]
-    param = inspect.signature(losses.LOSSES[name]).parameters.get(knob)
-    return None if param is None or param.default is param.empty else param.default
+    default = losses.LOSSES[name].knobs.get(knob)
+    return None if default is losses.REQUIRED else default
 
 
 def uses_reference(name):
@@ -153,7 +153,7 @@ def make_policy_loss(name):
         if uses_reference(name) and config.use_kl_loss and config.kl_loss_coef:
             raise ValueError(f"{name} has its own KL term; set actor_rollout_ref.actor.kl_loss_coef=0 so that "
                              "verl does not add a second one")
-        if name in losses.CURRENT_ENTROPY_LOSSES and extra["current_entropy"] is None:
+        if "current_entropy" in losses.LOSSES[name].inputs and extra["current_entropy"] is None:
             raise ValueError(f"{name} needs the current entropy: set actor_rollout_ref.actor.calculate_entropy=True "
                              "(and entropy_coeff=0, the coefficient being the loss's alpha)")
         info = config.global_batch_info

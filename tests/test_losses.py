@@ -351,7 +351,7 @@ def test_equal_reward_group_gives_zero_advantage_and_finite_loss(name):
     assert b["advantages"].eq(0).all() and metrics["pg_loss"] == 0.0
     if name == "archer":                                                   # only the knowledge-token KL
         assert 0 < loss.item() <= 0.001 * metrics["kl_knowledge"]
-    elif name in losses.CURRENT_ENTROPY_LOSSES:                            # only the bonus -alpha agg(H)
+    elif "current_entropy" in LOSSES[name].inputs:                         # only the bonus -alpha agg(H)
         assert loss.item() == pytest.approx(-metrics["alpha"] * metrics["entropy_bonus"], rel=1e-6)
         assert metrics["entropy_bonus"] == pytest.approx(agg_loss(b["current_entropy"], b["mask"]).item())
     else:
