@@ -39,6 +39,8 @@ Usage:
     from verifier import extract_answer, is_equivalent, score
     score(response, gold)  # -> Score(reward=1.0, answer='...', correct=True, timed_out=False)
     python verifier.py "... so the answer is $\\boxed{\\frac12}$." "0.5"
+      -> extracted answer: \\frac12      (as written, not repr; "(none)" when no answer is found, "(empty)" if empty)
+         verdict: correct (reward 1.0)
 """
 import argparse
 import math
@@ -1270,13 +1272,24 @@ def score(response, gold):
     return Score(1.0 if verdict else 0.0, answer, verdict, timed_out)
 
 
+def _shown(answer):
+    """The extracted answer for the command line, as written (no repr, so one backslash stays one); None and the
+    empty string, which would print as nothing, are shown as "(none)" and "(empty)"."""
+    if answer is None:
+        return "(none)"
+    return answer if answer else "(empty)"
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Extract the final answer of a response and grade it against a gold.")
+    ap = argparse.ArgumentParser(
+        description="Extract the final answer of a response and grade it against a gold.",
+        epilog="Prints 'extracted answer: ...' with the answer as written (LaTeX backslashes as typed, not escaped); "
+               "'(none)' when no final answer is found, '(empty)' for an empty one. Then 'verdict: ...'.")
     ap.add_argument("response", help="model response text (the last \\boxed{...} or 'Answer: ...' is graded)")
     ap.add_argument("gold", help="gold answer, e.g. '\\frac{1}{2}'")
     args = ap.parse_args(argv)
     s = score(args.response, args.gold)
-    print(f"extracted answer: {s.answer!r}")
+    print(f"extracted answer: {_shown(s.answer)}")
     verdict = {True: "correct", False: "incorrect", None: "gold answer not understood (item would be skipped)"}
     print(f"verdict: {verdict[s.correct]} (reward {s.reward}{', timed out' if s.timed_out else ''})")
 

@@ -239,9 +239,19 @@ def test_gold_first_asymmetry():
 def test_cli_prints_answer_and_verdict(capsys):
     verifier.main([r"The answer is $\boxed{\frac{1}{2}}$.", "0.5"])
     out = capsys.readouterr().out
-    assert r"extracted answer: '\\frac{1}{2}'" in out and "verdict: correct" in out
+    assert r"extracted answer: \frac{1}{2}" in out.splitlines() and "verdict: correct (reward 1.0)" in out
     verifier.main(["no answer here", "x^2+"])
     assert "gold answer not understood" in capsys.readouterr().out
+
+
+def test_cli_prints_answer_as_written_not_repr(capsys):
+    """The user report: the answer is shown as written (one backslash), not as its repr() with doubled ones."""
+    verifier.main([r"so $x=\boxed{\dfrac12}$", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [r"extracted answer: \dfrac12", "verdict: correct (reward 1.0)"]
+    verifier.main(["no answer here", "0.5"])        # a missing answer stays visible
+    assert capsys.readouterr().out.splitlines() == ["extracted answer: (none)", "verdict: incorrect (reward 0.0)"]
+    assert verifier._shown("") == "(empty)"          # extraction never returns "", but it would not print as blank
 
 
 # ---------------------------------------------------------------- bounds, hostile input, threads ---------------
