@@ -4,6 +4,10 @@ entropy-based advantage, W-REINFORCE).
 
 One drop-in file. It imports only torch and the standard library, works on any device and dtype, and
 every function states its tensor shapes and the equation it implements. Copy it into your own trainer.
+It reads in the papers' order: checks and helpers; group advantages, aggregation, KL; GRPO, DAPO (with its
+overlong penalty), Dr. GRPO; the first-order entropy term; STEER; OPEFO; Archer; the interventions; the
+four-quadrant diagnostic; the registry (LOSSES, batch_statistics, merge_metrics, uses_reference); and an
+appendix with the chunked log-probability and entropy kernels (token_logprobs, token_stats, ...).
 
 Conventions
     B responses, T response positions, V vocabulary.
@@ -26,12 +30,15 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
     agg_loss           seq-mean-token-mean: GRPO eq. 3; token-mean: DAPO eq. 12 (sec. 3.3);
                        constant normaliser: Dr. GRPO sec. 3.2
     kl_penalty         k3: GRPO eq. 4
+    overlong_penalty   DAPO sec. 3.4 (eq. 13): the soft overlong punishment, added to the reward
     token_entropy      H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H) (entropy_math.py);
                        token_stats: log pi(a), H and S2 in one pass
     steer_loss         STEER arXiv 2510.10150: the token-level entropy-change estimate Omega and the
                        exponential reweighting lambda = lambda_min ** (|Omega| / max |Omega|)
     opefo_loss         OPEFO arXiv 2605.11491: entropy flow f, balance lambda* = (N - P) / (N + P),
                        strictly on-policy REINFORCE
+                       (STEER and OPEFO are cited by the names of their quantities and their method
+                       sections: their equation numbers could not be checked against the arXiv text)
     archer_loss        Archer arXiv 2507.15778 v2 sec. 4.1: eqs. 2-5 (per-response entropy quantile,
                        token-conditioned clip range and KL coefficient, joint objective)
   The interventions STEER and OPEFO compare against (same contract, in LOSSES):
@@ -43,7 +50,6 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
     entropy_adv_loss       Cheng et al. arXiv 2506.14758: A' = A + min(0.4 H, |A| / 2)
     w_reinforce_loss       Zhu et al. arXiv 2506.01347: positive-sample terms weighted 0.1
     entropy_flow_quadrants the exact first-order entropy change per quadrant (A sign x pi_a > exp(-H))
-    batch_statistics       each loss's whole-batch statistics, once per mini-batch, for exact micro-batching
 
 The first-order entropy change that STEER and OPEFO estimate (entropy_math.py derives and tests it): a
 gradient step of size eta on w * log pi(a|s) changes the entropy at s of a tabular softmax by
@@ -55,8 +61,15 @@ puts in front, and with an approximate logit step:
 `first_order_term` returns one of these three factors g, so that each token's estimate is -w g.
 
 Usage
-    from losses import LOSSES, group_advantages, token_logprobs, token_stats
-    adv = group_advantages(rewards, group_size=8)                         # (B,)
+    LOSSES maps each method's name to a Loss: calling it runs the loss with any batch tensors as keywords
+    (those it does not read are dropped), and its fields say what a trainer needs besides: inputs and
+    needs (the batch tensors it reads and those it cannot do without; "current_entropy" in inputs: the
+    current policy's entropy with gradient), knobs (name -> default), statistics (its whole-batch
+    statistic, used by batch_statistics), zero_rows (rows a trainer may leave out), reduce (how
+    merge_metrics combines its metrics over micro-batches), std_normalize, on_policy, adaptive,
+    data_defaults (the paper's data-side settings) and forwards_to.
+    from losses import LOSSES, batch_statistics, group_advantages, merge_metrics, token_logprobs, token_stats
+    adv = group_advantages(rewards, group_size=8, std_normalize=LOSSES["steer"].std_normalize)   # (B,)
     old_logp, entropy, s2 = token_stats(old_logits, response_ids)        # (B, T) each, one pass, no grad
     logp = token_logprobs(logits, response_ids)                          # (B, T), with gradient
     loss, metrics = LOSSES["steer"](logp=logp, old_logp=old_logp, advantages=adv, mask=mask,
@@ -65,6 +78,8 @@ Usage
     # micro-batches: the whole mini-batch's statistics once, then every micro-batch's call with them
     stats = batch_statistics("steer", mask=mask, advantages=adv, old_logp=old_logp, entropy=entropy,
                              exact_term=s2)                               # num_tokens, num_seqs, omega_max
+    # one optimizer step's metrics from its micro-batches' [(valid tokens, metrics), ...]
+    step_metrics = merge_metrics("steer", parts)
 """
 import inspect
 import math
@@ -445,7 +460,7 @@ def _steer_omega(logp, adv, entropy, exact_term, form, ratio=None):
     behaviour policy that batch_statistics sees).
     """
     weight = -adv if ratio is None else ratio.detach() * -adv
-    return weight * first_order_term(logp, entropy, exact_term, form)
+    return weight * first_order_term(logp, entropy, exact_term, form)     # STEER's Omega (method; eq. no. unverified)
 
 
 def _steer_magnitude(omega, valid, mode):
@@ -482,7 +497,7 @@ def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp",
     big = _max0(m) if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
     if mapping == "exp":
         scale = math.log(lambda_min) / big.clamp(min=scale_floor)
-        lam = torch.exp(m * scale).clamp(min=lambda_min)              # lambda_min ** (m / M)
+        lam = torch.exp(m * scale).clamp(min=lambda_min)   # lambda_min ** (m / M): STEER's lambda (eq. no. unverified)
     elif mapping == "linear":
         small = torch.where(valid, m, math.inf).amin() if valid.any() else m.new_zeros(())
         frac = ((m - small) / (big - small).clamp(min=1e-12)).clamp(0, 1)
@@ -554,7 +569,7 @@ def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper")
 
 def _flow(logp, adv, mf, entropy, exact_term, flow):
     """entropy_flow on cleaned inputs (_batch), mf the float mask."""
-    return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mf
+    return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mf    # OPEFO's f (method; eq. no. unverified)
 
 
 def opefo_balance(f):
@@ -570,7 +585,7 @@ def opefo_balance(f):
 
 def _lambda_star(pos, neg):
     """lambda* = (N - P) / (N + P), 0 when both are 0."""
-    total = pos + neg
+    total = pos + neg                                       # OPEFO's lambda* (method; equation number unverified)
     return torch.where(total > 0, (neg - pos) / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
 
 

@@ -1,4 +1,5 @@
 """Tests for losses.py: hand-computed values, reductions between methods, gradients and numerics."""
+import inspect
 import math
 
 import pytest
@@ -706,3 +707,217 @@ def test_uses_reference_probes_whether_a_loss_reads_ref_logp():
         losses.uses_reference("ppo")
     with pytest.raises(TypeError):
         losses.uses_reference("steer", lamda_min=0.5)
+
+
+# ----------------------------------------------------------------------------------- registry (losses.Loss)
+CLIPS = ("clip_low", "clip_high", "dual_clip")
+RATIO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entropy", "clip_cov", "forking",
+              "entropy_adv", "w_reinforce"}                    # the losses built on ppo_clip_loss's ratio clip
+
+
+def parameters(entry):
+    """(name, inspect.Parameter) of the entry's function and, for a preset, of the function it forwards to."""
+    fns = (entry.fn,) if entry.forwards_to is None else (entry.fn, entry.forwards_to)
+    return [(n, p) for f in fns for n, p in inspect.signature(f).parameters.items()]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registry_inputs_and_needs_are_the_signatures(name):
+    entry = LOSSES[name]
+    params = parameters(entry)
+    assert len(set(entry.inputs)) == len(entry.inputs) and set(entry.inputs) <= losses.BATCH_KEYS
+    assert set(entry.inputs) == {n for n, _ in params} & losses.BATCH_KEYS
+    required = [n for n, p in inspect.signature(entry.fn).parameters.items()
+                if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert list(entry.needs) == required                   # every tensor it cannot run without, in order
+    assert set(entry.needs) <= set(entry.inputs)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_registry_knobs_are_what_the_loss_takes_with_its_defaults(name):
+    entry, b = LOSSES[name], random_batch()
+    knobs = entry.knobs
+    assert not set(knobs) & (losses.BATCH_KEYS | losses.STATISTIC_KEYS)
+    for knob in CLIPS:                                      # calling the function itself decides who takes what
+        try:
+            call(name, b, **{knob: 3.0 if knob == "dual_clip" else 0.1})
+            takes = True
+        except TypeError:
+            takes = False
+        assert takes == (knob in knobs), knob
+    expected = CLIPS if name in RATIO_CLIP else ("dual_clip",) if name == "archer" else ()
+    assert tuple(k for k in CLIPS if k in knobs) == expected
+    # the defaults are the ones the loss uses: passing them all changes nothing, to the last bit
+    given = {k: v for k, v in knobs.items() if v is not losses.REQUIRED and k != "generator"}
+    assert call(name, b, **given)[0].item() == call(name, b)[0].item()
+    assert [k for k, v in knobs.items() if v is losses.REQUIRED] == (["alpha"] if name == "adaptive_entropy" else [])
+
+
+def test_registry_knob_defaults_of_presets_come_first():
+    assert LOSSES["dapo"].knobs["clip_high"] == 0.28 and LOSSES["grpo"].knobs["clip_high"] == 0.2
+    assert LOSSES["drgrpo"].knobs["agg"] == "seq-mean-token-sum-norm" and "kl_coef" in LOSSES["drgrpo"].knobs
+    assert LOSSES["steer"].knobs["dual_clip"] == 10.0 and "omega_max" not in LOSSES["steer"].knobs
+
+
+def test_registry_flags_match_the_papers():
+    assert [n for n in ALL if not LOSSES[n].std_normalize] == ["drgrpo"]
+    assert [n for n in ALL if LOSSES[n].on_policy] == ["opefo"]
+    assert [n for n in ALL if LOSSES[n].adaptive] == ["adaptive_entropy"]
+    assert [n for n in ALL if "current_entropy" in LOSSES[n].inputs] == ["adaptive_entropy", "entropy_bonus"]
+    assert {n: LOSSES[n].data_defaults for n in ALL if LOSSES[n].data_defaults} == {
+        "dapo": {"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True},
+        "archer": {"drop_equal_groups": True}}
+    assert [n for n in ALL if LOSSES[n].zero_rows is None] == ["adaptive_entropy", "entropy_bonus", "kl_cov"]
+    assert {n for n in ALL if LOSSES[n].statistics is not None} == {"steer", "opefo", "clip_cov", "kl_cov",
+                                                                     "forking"}
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if LOSSES[n].statistics is not None])
+def test_statistic_functions_read_only_batch_tensors_and_the_loss_knobs(name):
+    entry = LOSSES[name]
+    params = inspect.signature(entry.statistics).parameters
+    named = {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
+    assert all(p.default is p.empty for p in params.values())            # no default of its own
+    assert named <= {"mask", "advantages", "old_logp", "entropy", "exact_term"} | set(entry.knobs)
+
+
+def zero_row_batch(seed=3):
+    """A batch of 6 rows, 3 with A = 0 (one of them with a slightly negative entropy on a valid token)."""
+    b = random_batch(B=6, T=5, seed=seed)
+    b["advantages"][[1, 3, 4]] = 0.0
+    b["entropy"][4, 1] = -1e-7                                 # rounding: entropy_adv's A' = alpha H != 0
+    b["logp"] = b["old_logp"] + 0.2 * torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
+    return b
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_rows_have_exactly_zero_gradient(name):
+    """Rows a trainer may skip (Loss.zero_rows) get exactly zero gradient, with the whole batch's statistics
+    and no reference KL; the losses without zero_rows move some zero-advantage row."""
+    b = zero_row_batch()
+    kw = {"archer": {"kl_knowledge": 0.0}, "kl_cov": {"kl_cov_ratio": 0.5}, "forking": {"top_frac": 0.5}}.get(name, {})
+    assert not losses.uses_reference(name, **knobs(name, **kw))
+    stats = whole_batch_statistics(name, b, **kw)
+    logp = b["logp"].clone().requires_grad_(True)
+    b["current_entropy"] = b["current_entropy"].clone().requires_grad_(True)    # the bonus's own gradient
+    loss = micro(name, b, logp, slice(0, 6), stats, **kw)[0]
+    grads = torch.autograd.grad(loss, (logp, b["current_entropy"]), allow_unused=True)
+    g = sum(x.abs() for x in grads if x is not None)
+    moved = g.sum(1) > 0
+    zero = LOSSES[name].zero_rows
+    if zero is None:
+        assert moved[[1, 3, 4]].all()
+        return
+    rows = zero(b["advantages"], b["mask"], b["entropy"])
+    assert rows.tolist() == [False, True, False, True, name != "entropy_adv", False]
+    assert (g[rows] == 0).all() and moved.any()
+    assert moved[4] == (name == "entropy_adv")                  # A' = alpha H < 0 moves it
+
+
+def test_steer_statistics_is_the_max_score_at_r_one():
+    b = random_batch(B=5, T=6, seed=8)
+    valid = b["mask"].bool()
+    for form, mode in (("paper", "symmetric"), ("exact", "symmetric"), ("code", "asymmetric")):
+        omega = -b["advantages"][:, None] * first_order_term(b["old_logp"], b["entropy"], b["exact_term"], form)
+        m = omega.abs() if mode == "symmetric" else (-omega).clamp(min=0)
+        stats = whole_batch_statistics("steer", b, omega=form, mode=mode)
+        assert stats["omega_max"] == m[valid].max().item() > 0
+        assert losses.steer_statistics(mask=b["mask"], advantages=b["advantages"], old_logp=b["old_logp"],
+                                       entropy=b["entropy"], exact_term=b["exact_term"], omega=form,
+                                       mode=mode) == {"omega_max": stats["omega_max"]}
+    with pytest.raises(ValueError, match="unknown STEER mode"):
+        whole_batch_statistics("steer", b, mode="both")
+
+
+def test_opefo_statistics_are_the_flow_totals():
+    b = random_batch(B=5, T=6, seed=8)
+    valid = b["mask"].bool()
+    for form in ("paper", "exact"):
+        f = (-b["advantages"][:, None] * first_order_term(b["old_logp"], b["entropy"], b["exact_term"], form))[valid]
+        pos, neg = whole_batch_statistics("opefo", b, flow=form)["flow_totals"]
+        assert isinstance(pos, float) and isinstance(neg, float)
+        assert pos == pytest.approx(f.clamp(min=0).sum().item(), rel=1e-6)
+        assert neg == pytest.approx((-f).clamp(min=0).sum().item(), rel=1e-6)
+        assert pos > 0 and neg > 0
+
+
+def test_cov_and_forking_statistics_are_their_hand_formulas():
+    b = random_batch(B=5, T=6, seed=8)
+    valid = b["mask"].bool()
+    lp, adv = b["old_logp"][valid], b["advantages"][:, None].expand_as(b["mask"])[valid]
+    stats = whole_batch_statistics("kl_cov", b, kl_cov_ratio=0.25)
+    assert stats["cov_means"] == pytest.approx((lp.mean().item(), adv.mean().item()), rel=1e-6)
+    cov = (lp - lp.mean()) * (adv - adv.mean())
+    k = int(0.25 * valid.sum())
+    assert stats["cov_threshold"] == pytest.approx(cov.sort(descending=True).values[k - 1].item(), rel=1e-5)
+    tau = whole_batch_statistics("forking", b, top_frac=0.3)["entropy_threshold"]
+    assert tau == pytest.approx(torch.quantile(b["entropy"][valid], 0.7).item(), rel=1e-6)
+    chosen = whole_batch_statistics("clip_cov", b, clip_cov_ratio=0.2, cov_lb=-10.0, cov_ub=10.0)["cov_selected"]
+    again = losses.clip_cov_select(b["old_logp"], b["advantages"], b["mask"], clip_cov_ratio=0.2, cov_lb=-10.0,
+                                   cov_ub=10.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(chosen, again) and int(chosen.sum()) == int(0.2 * valid.sum())
+
+
+def test_batch_statistics_takes_the_loss_batch_tensors_but_not_its_outputs():
+    b = random_batch()
+    stats = whole_batch_statistics("drgrpo", b, norm_length=9, kl_coef=0.1)     # batch keys it reads: ignored
+    assert stats == {"num_tokens": int(b["mask"].sum()), "num_seqs": 4}
+    with pytest.raises(TypeError, match="omega_max"):
+        whole_batch_statistics("steer", b, omega_max=1.0)
+    with pytest.raises(TypeError, match="current_entropy"):
+        whole_batch_statistics("grpo", b, current_entropy=b["current_entropy"])
+
+
+def test_merge_metrics_sums_maxes_mins_and_token_weights():
+    parts = [(2, {"pg_loss": 0.5, "omega_max": 1.0, "weight_min": 0.8, "entropy": 1.0}),
+             (6, {"pg_loss": -0.25, "omega_max": 3.0, "weight_min": 0.7, "entropy": 2.0})]
+    assert losses.merge_metrics("steer", parts) == {"pg_loss": 0.25, "omega_max": 3.0, "weight_min": 0.7,
+                                                    "entropy": (2 * 1.0 + 6 * 2.0) / 8}
+    # the reduce table is the loss's: under grpo omega_max would be a token-weighted mean
+    assert losses.merge_metrics("grpo", parts)["omega_max"] == (2 * 1.0 + 6 * 3.0) / 8
+    assert losses.merge_metrics("kl_cov", [(0, {"kl_cov": 1.0, "abs_kl": 4.0}), (0, {"kl_cov": 2.0, "abs_kl": 5.0})]) \
+        == {"kl_cov": 3.0, "abs_kl": 5.0}                    # no valid token anywhere: the last value
+    assert losses.merge_metrics("opefo", []) == {}
+    with pytest.raises(ValueError, match="unknown loss 'stear'"):
+        losses.merge_metrics("stear", parts)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reduce_names_metrics_the_loss_emits(name):
+    b = random_batch()
+    kw = {"kl_coef": 0.1} if name in ("grpo", "dapo", "drgrpo") else {}
+    _, metrics = call(name, b, **kw)
+    assert set(LOSSES[name].reduce) <= set(metrics) and LOSSES[name].reduce["pg_loss"] == "sum"
+    assert set(LOSSES[name].reduce.values()) <= {"sum", "max", "min"}
+
+
+def test_reduce_tables_together_are_the_former_trl_window_table():
+    union = {}
+    for name in ALL:
+        for k, v in LOSSES[name].reduce.items():
+            assert union.setdefault(k, v) == v                # one rule per metric name across losses
+    assert union == {"pg_loss": "sum", "kl": "sum", "weighted_flow": "sum", "entropy_bonus": "sum",
+                     "kl_cov": "sum", "omega_max": "max", "weight_max": "max", "weight_min": "min"}
+
+
+@pytest.mark.parametrize("name", ["entropy_bonus", "adaptive_entropy"])
+def test_missing_current_entropy_names_the_tensor_and_its_function(name):
+    b = random_batch()
+    message = (rf"{name}_loss needs current_entropy \(B, T\) with gradient: "
+               r"token_logprobs_entropy\(logits, tokens\)\[1\]")
+    with pytest.raises(TypeError, match=message):
+        call(name, dict(b, current_entropy=None))
+    with pytest.raises(TypeError, match=message):
+        LOSSES[name](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"],
+                     **knobs(name))
+    with pytest.raises(TypeError, match=r"steer_loss needs entropy \(B, T\), the behaviour policy's: "
+                                        r"token_stats\(old_logits, tokens\)\[1\]"):
+        LOSSES["steer"](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"])
+
+
+def test_overlong_penalty_hand_values():
+    lengths = torch.tensor([5, 6, 7, 9, 10, 11])
+    penalty = losses.overlong_penalty(lengths, 10, 4)           # window (6, 10]: ((10 - 4) - L) / 4
+    assert penalty.dtype == torch.float32
+    assert penalty.tolist() == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
+    assert [losses.default_overlong_cache(n) for n in (20480, 512, 1)] == [4096, 102, 1]
