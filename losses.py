@@ -1271,8 +1271,14 @@ def merge_metrics(name, parts):
 
 def uses_reference(name, **knobs):
     """Whether LOSSES[name] with these knobs reads ref_logp (so a trainer must run the frozen reference): its
-    value on a small dummy batch moves when ref_logp does. Fails early on an unknown loss or a bad knob."""
+    value on a small dummy batch moves when ref_logp does (False for a loss that does not take it). Fails
+    early on an unknown loss or knob, and on a knob out of range of a loss that takes ref_logp."""
     method = _method(name)
+    unknown = sorted(set(knobs) - set(method.knobs))
+    if unknown:
+        raise TypeError(f"{method.fn.__name__} takes no knob {', '.join(unknown)}")
+    if "ref_logp" not in method.inputs:
+        return False
     t = torch.linspace(0.1, 2.0, 5)[None]            # 1 x 5, entropies spread so Archer has both token types
     batch = dict(logp=-t, old_logp=-t, advantages=torch.ones(1), mask=torch.ones(1, 5), entropy=t,
                  exact_term=0 * t, current_entropy=t)

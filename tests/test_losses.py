@@ -703,6 +703,7 @@ def test_uses_reference_probes_whether_a_loss_reads_ref_logp():
     assert losses.uses_reference("archer") and not losses.uses_reference("archer", kl_knowledge=0.0)
     assert not losses.uses_reference("grpo") and losses.uses_reference("grpo", kl_coef=0.1)
     assert not losses.uses_reference("kl_cov")              # its penalty is to pi_old, not to a reference
+    assert not losses.uses_reference("adaptive_entropy")    # no ref_logp: no probe, so no alpha is needed
     with pytest.raises(ValueError, match="unknown loss"):
         losses.uses_reference("ppo")
     with pytest.raises(TypeError):
