@@ -8,7 +8,7 @@ directory under runs/compare/SETTING/NAME-seedS. The script
       one continues from its checkpoint with train.py --resume;
     - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t), results.json
       (every run's figures) and curves.png (entropy, held-out avg@k, pass@k and distinct correct solutions
-      over steps, mean over seeds; needs matplotlib, skipped with a note otherwise).
+      over steps, mean over seeds).
 
 Settings (the flags each cell adds to train.py's lab defaults):
     default        every algorithm with its paper defaults
@@ -37,15 +37,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import config
 import losses
+import plots
 import tiny_lab
-import train
+from run_dir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent
-LAB_LR = train.PRESETS["tiny"]["lr"]
+LAB_LR = config.PRESETS["tiny"]["lr"]
 EXTREME = ["--clip-low", "0.99", "--clip-high", "5"]
 SETTINGS = {
-    "default": {algo: ["--algo", algo] for algo in train.ALGOS},
+    "default": {algo: ["--algo", algo] for algo in config.ALGOS},
     "steer-extreme": {
         "grpo": ["--algo", "grpo"] + EXTREME,
         "dapo": ["--algo", "dapo"] + EXTREME,
@@ -71,15 +73,7 @@ T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9
 def read_rows(run_dir):
     """The metrics rows of a run (a partial trailing line, from a run killed mid-write, is ignored)."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+    return read_jsonl(path) if path.exists() else []
 
 
 def is_finished(run_dir):
@@ -197,16 +191,12 @@ def separated_pairs(summary, keys=("entropy end", "eval/pass@64")):
 
 def plot(results_rows, path):
     """curves.png: entropy (moving average), eval avg@k, pass@k (largest k) and distinct over steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for name, runs in results_rows.items():
         steps = sorted({r["step"] for rows in runs for r in rows if "entropy" in r})
         ent = [sum(next(r["entropy"] for r in rows if r["step"] == s) for rows in runs) / len(runs) for s in steps]
-        smooth = [sum(ent[max(0, i - 4):i + 1]) / len(ent[max(0, i - 4):i + 1]) for i in range(len(ent))]
-        line, = axes[0].plot(steps, smooth, label=name)
+        line, = axes[0].plot(steps, plots.moving_average(ent, 5), label=name)
         evals = [r for r in runs[0] if "eval/n" in r]
         keys = [next(k for k in evals[0] if k.startswith("eval/avg@")),
                 max((k for k in evals[0] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1])),
@@ -245,7 +235,7 @@ def main(argv=None):
     extra = shlex.split(args.train_flags)
     todo = [(root / f"{n}-seed{s}", cells[n] + extra + ["--seed", str(s)])
             for n in names for s in args.seeds]
-    first = train.resolve_config(train.build_parser().parse_args(todo[0][1]), log=lambda m: None)
+    first = config.resolve(config.build_parser().parse_args(todo[0][1]), log=lambda m: None)
     tiny_lab.warm_start(first["tiny_sft_steps"], first["cache_dir"])      # once, before the parallel jobs
     from tqdm import tqdm
     failed = []
@@ -274,11 +264,8 @@ def main(argv=None):
     (root / "table.md").write_text(text)
     (root / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     print(text)
-    try:
-        plot(rows, root / "curves.png")
-        print(f"plot: {root / 'curves.png'}")
-    except ImportError:
-        print("curves.png skipped: matplotlib is not installed (pip install matplotlib)")
+    plot(rows, root / "curves.png")
+    print(f"plot: {root / 'curves.png'}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ Use:
     em.entropy_change_true(logits, token, weight, lr)    # (N,) realised change, logits (N, V)
     em.dh_exact(logits, token, weight, lr)               # and dh_sampled_logit, dh_paper, dh_covariance
     em.derive(vocab_size=3)                              # sympy proof of the identities above
+    em.estimator_report([em.estimator_terms(before, after, w, mask)])   # on a model (train.py
+                                                         # --measure-entropy-change): predicted vs realised dH
     python entropy_math.py                               # derivation, convergence and correlation tables
 
 Numerics use torch in the dtype of the logits (float64 recommended for the comparisons); sympy is only
@@ -55,6 +57,8 @@ import time
 from typing import NamedTuple
 
 import torch
+
+import losses
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,6 +324,48 @@ def spearman(x, y):
 def sign_agreement(x, y):
     """Share of entries where sign(x) == sign(y) -> float."""
     return float((torch.sign(x) == torch.sign(y)).double().mean())
+
+
+# ---------------------------------------------------------------------------------- the estimator on a model
+# train.py --measure-entropy-change: the STEER paper's estimator-accuracy experiment with shared parameters.
+def estimator_terms(before, after, weights, mask):
+    """Per token that carries gradient (valid, w != 0): realised entropy change, the three first-order
+    predictions -w * g, g = losses.first_order_term(form) at the pre-update policy (the tabular forms above;
+    eta dropped: correlations are scale-free), and pi_a before the update. Tokens with w = 0 (zero
+    advantage, clipped) are left out: their only change is the spill-over through shared parameters,
+    which no tabular form predicts.
+    before, after: rollout.response_stats dicts (logp, entropy, exact_term (B, T)) around one optimizer step;
+    weights (B, T): w = -dLoss/dlogp of that step (with AdamW the step is preconditioned, so the forms hold
+    only up to that: train.py --optimizer sgd tests them on a plain step); mask (B, T) bool.
+    """
+    carries = mask & (weights != 0)
+    realised = (after["entropy"] - before["entropy"])[carries]
+    pred = {form: (-weights * losses.first_order_term(before["logp"], before["entropy"], before["exact_term"],
+                                                      form))[carries]
+            for form in losses.FIRST_ORDER_FORMS}
+    return realised, pred, before["logp"].exp()[carries]
+
+
+UNCERTAIN = 0.99     # the estimator report is repeated over the tokens with pi_a below this
+
+
+def estimator_report(measured):
+    """Pearson / Spearman / sign agreement between realised and predicted per-token entropy changes, over
+    all tokens that carry gradient (dH/<stat>_<form>) and over those with pi_a < UNCERTAIN
+    (dH/<stat>_<form>_uncertain), where the forms differ most."""
+    realised = torch.cat([r for r, _, _ in measured]).double()
+    pi = torch.cat([p for _, _, p in measured])
+    out = {"dH/realised_mean": float(realised.mean()) if realised.numel() else None, "dH/tokens": realised.numel(),
+           "dH/tokens_uncertain": int((pi < UNCERTAIN).sum())}
+    for form in losses.FIRST_ORDER_FORMS:
+        pred = torch.cat([p[form] for _, p, _ in measured]).double()
+        for suffix, keep in (("", torch.ones_like(pi, dtype=torch.bool)), ("_uncertain", pi < UNCERTAIN)):
+            x, y = pred[keep], realised[keep]
+            if y.numel() > 2 and x.std() > 0 and y.std() > 0:
+                out[f"dH/pearson_{form}{suffix}"] = pearson(x, y)
+                out[f"dH/spearman_{form}{suffix}"] = spearman(x, y)
+                out[f"dH/sign_agree_{form}{suffix}"] = sign_agreement(x, y)
+    return out
 
 
 def error_convergence(logits, token, weight, lrs):

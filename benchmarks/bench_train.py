@@ -51,7 +51,6 @@ import gc
 import json
 import math
 import random
-import resource
 import shutil
 import sys
 import tempfile
@@ -64,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import config
 import rollout
 import train
 import verifier
@@ -115,13 +115,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_mb(device):
-    """Peak memory since the last reset: CUDA allocator peak, or (CPU) the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def release_memory(device):
     """Return freed tensors' memory (the next part's peak figures start from what is really in use)."""
     gc.collect()
@@ -137,7 +130,7 @@ def timed(device, fn):
     start = time.perf_counter()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start, peak_mb(device)
+    return out, time.perf_counter() - start, train.peak_mem_mb(device)
 
 
 def matmul_rate(device, dtype):
@@ -156,11 +149,11 @@ def matmul_rate(device, dtype):
     return 2 * n**3 / best
 
 
-def update_flops(config, rows, prompt_len, response_len):
+def update_flops(arch, rows, prompt_len, response_len):
     """Model FLOPs of forward + backward over `rows` sequences (see the module docstring)."""
-    d, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    kv = d * config.num_key_value_heads // config.num_attention_heads
-    per_layer = d * d * 2 + d * kv * 2 + 3 * d * config.intermediate_size       # q, o, k, v, gate/up/down
+    d, layers, v = arch.hidden_size, arch.num_hidden_layers, arch.vocab_size
+    kv = d * arch.num_key_value_heads // arch.num_attention_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * arch.intermediate_size       # q, o, k, v, gate/up/down
     t = prompt_len + response_len
     forward = rows * (2 * layers * per_layer * t + 2 * d * v * response_len + 2 * layers * d * t * t)
     return 3 * forward
@@ -176,15 +169,15 @@ def run_bench(device, size, *, prompts, group_size, prompt_len, new_tokens, micr
     bf16 = device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     torch.manual_seed(0)
-    config = Qwen2Config(**SIZES[size], pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    arch = Qwen2Config(**SIZES[size], pad_token_id=0, eos_token_id=1, bos_token_id=1)
     with torch.device(device):                          # initialised in place: seconds for 1.5B on a GPU
-        model = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
+        model = Qwen2ForCausalLM._from_config(arch, attn_implementation="sdpa")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tok = number_tokenizer(config.vocab_size)
+    tok = number_tokenizer(arch.vocab_size)
     model.generation_config.update(min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=1)  # fixed length
     g = torch.Generator().manual_seed(0)
-    texts = [" ".join(f"<{i}>" for i in torch.randint(3, config.vocab_size, (prompt_len,), generator=g).tolist())
+    texts = [" ".join(f"<{i}>" for i in torch.randint(3, arch.vocab_size, (prompt_len,), generator=g).tolist())
              for _ in range(prompts)]
     n_seq = prompts * group_size
     rate = matmul_rate(device, torch.bfloat16 if bf16 else torch.float32)
@@ -215,7 +208,7 @@ def run_bench(device, size, *, prompts, group_size, prompt_len, new_tokens, micr
     _, t_score, m_score = timed(device, lambda: [verifier.score(c, "0") for c in ro.completions])
     cfg = dict(algo=algo, group_size=group_size, updates_per_batch=2, micro_batch_size=micro_batch_size,
                max_grad_norm=1.0, measure_entropy_change=False, temperature=1.0, max_new_tokens=new_tokens)
-    cfg.update({k: None for k in train.LOSS_KNOBS})
+    cfg.update({k: None for k in config.KNOB_FLAGS})
     if algo == "archer":
         cfg["kl_knowledge"] = 0.0          # no reference model in the benchmark
 
@@ -231,7 +224,7 @@ def run_bench(device, size, *, prompts, group_size, prompt_len, new_tokens, micr
                  advantages=torch.randn(n_seq, generator=g).to(device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
     out, t_upd, m_upd = timed(device, lambda: train.update(model, optimizer, batch, cfg, stats_fn))
-    flops = update_flops(config, n_seq, ro.prompt_length, ro.input_ids.shape[1] - ro.prompt_length)
+    flops = update_flops(arch, n_seq, ro.prompt_length, ro.input_ids.shape[1] - ro.prompt_length)
     total_tokens = n_seq * ro.input_ids.shape[1]
 
     def phase(sec, tokens, mem):
@@ -282,12 +275,12 @@ def qwen_config(files, toy=False):
     the 151,936-token vocabulary, the special token ids and the untied lm_head."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(files)
+    arch = AutoConfig.from_pretrained(files)
     if toy:
         for key, value in TOY_QWEN.items():
-            setattr(config, key, value)
-        config.layer_types = config.layer_types[:TOY_QWEN["num_hidden_layers"]]
-    return config
+            setattr(arch, key, value)
+        arch.layer_types = arch.layer_types[:TOY_QWEN["num_hidden_layers"]]
+    return arch
 
 
 def favour_token(model, token_id, prob, probe_ids, offset=10.0):
@@ -329,9 +322,9 @@ def train_check(device, files, work, *, toy, steps, prompts, group_size, new_tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    config = qwen_config(files, toy)
+    arch = qwen_config(files, toy)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(arch, dtype=torch.float32)
     parameters = sum(q.numel() for q in model.parameters())
     tok = AutoTokenizer.from_pretrained(files)
     model.save_pretrained(work / "model")
@@ -358,7 +351,7 @@ def train_check(device, files, work, *, toy, steps, prompts, group_size, new_tok
         gen_tokens = r["response_length"] * prompts * group_size
         times = {k: r[f"time/{k}"] for k in ("generate", "score", "stats", "update")}
         width_known = r["truncation_rate"] > 0            # some row ran to max_new_tokens: R = new_tokens
-        flops = update_flops(config, n_rows, prompt_len, new_tokens)
+        flops = update_flops(arch, n_rows, prompt_len, new_tokens)
         per_step.append(dict(
             step=r["step"], seconds=times, peak_mem_mb=r["peak_mem_mb"], response_length=r["response_length"],
             truncation_rate=r["truncation_rate"], optimizer_steps=r["updates"],
@@ -446,7 +439,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), help="model size (default: full on CUDA, small on CPU)")
-    p.add_argument("--algo", choices=train.ALGOS, default="grpo", help="loss of the update phase")
+    p.add_argument("--algo", choices=config.ALGOS, default="grpo", help="loss of the update phase")
     p.add_argument("--prompts", type=int, help="prompts per step")
     p.add_argument("--group-size", type=int, help="samples per prompt")
     p.add_argument("--prompt-len", type=int, help="prompt tokens")

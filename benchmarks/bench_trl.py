@@ -23,6 +23,7 @@ Run:
 Exits 2 when TRL is not installed (pip install -r requirements-integrations.txt).
 """
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -35,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+import config
+import data
 import rollout
 import tiny_lab
 import train
@@ -48,9 +51,9 @@ def trainpy_side(path, args):
             "--max-grad-norm", "1.0", "--seed", str(args.seed)]
     if not args.skip_zero_advantage:
         argv.append("--no-skip-zero-advantage")
-    cfg = train.resolve_config(train.build_parser().parse_args(argv), log=lambda m: None)
-    model, tok = train.load_model(str(path), device=torch.device("cpu"))
-    state = dict(model=model, tok=tok, ref_model=None, autocast=train._autocast_factory(torch.device("cpu"), False),
+    cfg = config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
+    model, tok = data.load_model(str(path), device=torch.device("cpu"))
+    state = dict(model=model, tok=tok, ref_model=None, autocast=contextlib.nullcontext,
                  optimizer=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
                  score=tiny_lab.score, fork_mask=tiny_lab.fork_mask)
     problems, rng = tiny_lab.datasets()[0], random.Random(args.seed)

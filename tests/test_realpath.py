@@ -9,26 +9,28 @@ import json
 import pytest
 import torch
 
+import config
+import data
 import losses
 import tiny_lab
 import train
 from test_train import TINY, cache, parity_reward, read_rows, run, strip_timing  # noqa: F401 (fixtures)
 
 
-def config(argv, lines=None):
-    return train.resolve_config(train.build_parser().parse_args(argv),
-                                log=(lines.append if lines is not None else lambda m: None))
+def resolved(argv, lines=None):
+    return config.resolve(config.build_parser().parse_args(argv),
+                          log=(lines.append if lines is not None else lambda m: None))
 
 
 def test_own_dataset_drops_the_presets_hub_evaluation_set():
     lines = []
-    cfg = config(["--preset", "qwen-math-1.5b", "--model", "m", "--dataset", "d.jsonl"], lines)
+    cfg = resolved(["--preset", "qwen-math-1.5b", "--model", "m", "--dataset", "d.jsonl"], lines)
     assert cfg["eval_dataset"] is None
     assert lines == ["--dataset given: the preset's evaluation set HuggingFaceH4/MATH-500 is not used "
                      "(name it with --eval-dataset to evaluate on it)"]
-    cfg = config(["--preset", "qwen-math-1.5b", "--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"])
+    cfg = resolved(["--preset", "qwen-math-1.5b", "--dataset", "d.jsonl", "--eval-dataset", "e.jsonl"])
     assert cfg["eval_dataset"] == "e.jsonl"
-    assert config(["--preset", "qwen-math-1.5b"])["eval_dataset"] == "HuggingFaceH4/MATH-500"
+    assert resolved(["--preset", "qwen-math-1.5b"])["eval_dataset"] == "HuggingFaceH4/MATH-500"
 
 
 @pytest.mark.parametrize("flag", ["--dataset", "--eval-dataset"])
@@ -42,10 +44,10 @@ def test_hub_failure_names_both_flags_and_leaves_no_run_directory(flag, tmp_path
 
 def test_eval_flags_without_an_evaluation_set_warn_once():
     lines = []
-    config(["--model", "m", "--dataset", "d.jsonl", "--eval-size", "5", "--eval-k", "2"], lines)
+    resolved(["--model", "m", "--dataset", "d.jsonl", "--eval-size", "5", "--eval-k", "2"], lines)
     assert lines == ["--eval-size and --eval-k ignored: there is no evaluation set (name one with --eval-dataset)"]
     lines.clear()
-    config(["--model", "m", "--dataset", "d.jsonl", "--eval-dataset", "e.jsonl", "--eval-size", "5"], lines)
+    resolved(["--model", "m", "--dataset", "d.jsonl", "--eval-dataset", "e.jsonl", "--eval-size", "5"], lines)
     assert lines == []
 
 
@@ -67,7 +69,7 @@ def test_run_without_evaluation_set_prints_no_empty_start_line(tmp_path, cache, 
 
 def test_opefo_says_it_forces_one_update():
     lines = []
-    assert config(["--algo", "opefo", "--updates-per-batch", "4"], lines)["updates_per_batch"] == 1
+    assert resolved(["--algo", "opefo", "--updates-per-batch", "4"], lines)["updates_per_batch"] == 1
     assert "--algo opefo: updates_per_batch 4 -> 1 (strictly on-policy: one optimizer step per rollout batch)" in lines
 
 
@@ -80,7 +82,7 @@ def test_frozen_reference_under_bf16_gives_exactly_zero_kl(tmp_path, cache, pari
     row = read_rows(out / "metrics.jsonl")[1]
     assert row["updates"] == 1 and row["grad_norm"] > 0
     assert row["loss/kl"] == 0.0
-    ref, _ = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"), trainable=False)
+    ref, _ = data.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"), trainable=False)
     assert {p.dtype for p in ref.parameters()} == {torch.float32}
 
 
@@ -150,7 +152,7 @@ def test_samples_keep_the_whole_group_and_evaluations_their_verdicts(tmp_path, c
 def zero_adv_batch(cache):
     """3 prompts x G = 3 rows from the untrained lab model; group 1's advantages are all 0 (equal rewards)."""
     path = tiny_lab.warm_start(0, cache)
-    base, tok = train.load_model(str(path), device=torch.device("cpu"))
+    base, tok = data.load_model(str(path), device=torch.device("cpu"))
     ro = train.rollout.generate(base, tok, ["1+2", "3*4", "5-1"], group_size=3, max_new_tokens=5)
     stats = train.rollout.response_stats(base, ro.input_ids, ro.attention_mask, ro.prompt_length, ro.response_mask)
     return path, {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.response_mask,
@@ -162,10 +164,10 @@ def zero_adv_batch(cache):
 def one_update(path, batch, skip, **settings):
     """train.update with AdamW on a fresh copy of the model; (metrics, parameters, rows run with gradient).
     Clip-Cov's draw gets a generator seeded the same in every call."""
-    model, _ = train.load_model(str(path), device=torch.device("cpu"))
+    model, _ = data.load_model(str(path), device=torch.device("cpu"))
     cfg = dict(algo="grpo", group_size=3, updates_per_batch=1, micro_batch_size=3, max_grad_norm=1.0,
                measure_entropy_change=False, temperature=1.0, max_new_tokens=5, skip_zero_advantage=skip)
-    cfg.update({k: None for k in train.LOSS_KNOBS})
+    cfg.update({k: None for k in config.KNOB_FLAGS})
     cfg.update(settings)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     ran = []
@@ -195,7 +197,7 @@ def test_zero_advantage_rows_skipped_with_identical_parameters(cache, settings):
     assert out_a["updates"] == out_b["updates"] == settings.get("updates_per_batch", 1)
     assert out_a["loss/loss"] == out_b["loss/loss"] and out_a["grad_norm"] == out_b["grad_norm"]
     assert all(torch.equal(a, b) for a, b in zip(par_a, par_b))
-    start, _ = train.load_model(str(path), device=torch.device("cpu"))
+    start, _ = data.load_model(str(path), device=torch.device("cpu"))
     assert not all(torch.equal(a, b) for a, b in zip(par_a, start.parameters()))
 
 
@@ -219,7 +221,7 @@ def test_which_losses_allow_the_skip():
     mb = {"advantages": torch.tensor([0.0, 1.0]), "mask": torch.ones(2, 2), "entropy": torch.ones(2, 2)}
 
     def rows(algo, **cfg):
-        knobs = dict({k: None for k in train.LOSS_KNOBS}, algo=algo, max_new_tokens=4)
+        knobs = dict({k: None for k in config.KNOB_FLAGS}, algo=algo, max_new_tokens=4)
         return train.zero_advantage_rows(mb, dict(knobs, **cfg)).tolist()
     for algo in ("grpo", "dapo", "drgrpo", "steer", "opefo"):
         assert rows(algo) == [True, False], algo
@@ -231,7 +233,8 @@ def test_which_losses_allow_the_skip():
         assert rows(algo) == [False, False], algo
     mb["entropy"][0, 1] = -1e-7                 # rounding below 0: entropy_adv's A' = min(0.4 H, 0) is not 0
     assert rows("entropy_adv") == [False, False] and rows("forking") == [True, False]
-    assert train.ADVANTAGE_ONLY_LOSSES | {"entropy_bonus", "adaptive_entropy", "kl_cov"} == set(losses.LOSSES)
+    assert {name for name, m in losses.LOSSES.items() if m.zero_rows is None} == \
+        {"entropy_bonus", "adaptive_entropy", "kl_cov"}
 
 
 def test_bench_trl_without_trl_exits_2(monkeypatch, capsys):

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
+import data
 import losses
+import plots
+import run_dir
 import tiny_lab
 import train
 
@@ -41,7 +45,7 @@ def read_rows(path):
 
 def error_line(capsys, argv):
     """Run the command line on argv; assert exit status 2 and one line on stderr; return that line."""
-    assert train.cli(argv) == 2
+    assert run_dir.cli(train.main, "train.py", argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: "), err
     return err[0]
@@ -76,20 +80,22 @@ def test_non_empty_out_is_refused_and_overwrite_removes_only_run_files(tmp_path,
     line = error_line(capsys, tiny(cache, out, "--steps", "1"))
     assert "is not empty" in line and f"--resume {out}" in line and "--overwrite" in line
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'
-    monkeypatch.setattr(train, "_train", lambda cfg, run_dir, log: [])      # the claim, not the run
-    assert train.cli(tiny(cache, out, "--steps", "1", "--overwrite")) == 0
+    monkeypatch.setattr(train, "setup", lambda cfg, out, log: None)          # the claim, not the run
+    monkeypatch.setattr(train, "loop", lambda state, cfg, out, log: [])
+    assert run_dir.cli(train.main, "train.py", tiny(cache, out, "--steps", "1", "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]          # the lock is released too
 
 
 def test_empty_existing_out_is_accepted(tmp_path, cache, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    monkeypatch.setattr(train, "_train", lambda cfg, run_dir, log: [])
-    assert train.cli(tiny(cache, out, "--steps", "1")) == 0
+    monkeypatch.setattr(train, "setup", lambda cfg, out, log: None)
+    monkeypatch.setattr(train, "loop", lambda state, cfg, out, log: [])
+    assert run_dir.cli(train.main, "train.py", tiny(cache, out, "--steps", "1")) == 0
 
 
 def test_default_run_name_distinguishes_presets():
-    names = {train.resolve_config(train.build_parser().parse_args(argv), log=lambda m: None)["out"]
+    names = {config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)["out"]
              for argv in (["--preset", "tiny", "--algo", "steer", "--seed", "3"],
                           ["--preset", "qwen-0.5b-gsm8k", "--algo", "steer", "--seed", "3", "--dataset", "d.jsonl"])}
     assert names == {str(Path("runs") / "tiny-steer-seed3"), str(Path("runs") / "qwen-0.5b-gsm8k-steer-seed3")}
@@ -98,12 +104,12 @@ def test_default_run_name_distinguishes_presets():
 def test_a_second_run_into_a_locked_directory_stops(tmp_path, cache, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    held = train.take_lock(out, log=print)
+    held = run_dir.take_lock(out, log=print)
     try:
         line = error_line(capsys, tiny(cache, out, "--steps", "1"))
         assert f"in use by another run (process {os.getpid()} on" in line
     finally:
-        train.release_lock(out, held)
+        run_dir.release_lock(out, held)
     assert not (out / ".lock").exists()
 
 
@@ -112,10 +118,10 @@ def test_a_lock_left_by_an_ended_process_is_taken_over(tmp_path):
     ended.wait()
     (tmp_path / ".lock").write_text(f"{ended.pid} somehost\n")
     messages = []
-    held = train.take_lock(tmp_path, log=messages.append)
+    held = run_dir.take_lock(tmp_path, log=messages.append)
     assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
     assert len(messages) == 1 and f"process {ended.pid} on somehost" in messages[0] and "no longer running" in messages[0]
-    train.release_lock(tmp_path, held)
+    run_dir.release_lock(tmp_path, held)
 
 
 def test_unwritable_out_and_cache_dir_fail_before_any_work(tmp_path, cache, capsys, monkeypatch):
@@ -140,24 +146,24 @@ def test_read_only_out_is_one_line(tmp_path, cache, capsys):
 
 
 def test_save_keeps_the_previous_checkpoint_only(tmp_path, cache, capsys):
-    model, tok = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
+    model, tok = data.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters())
     rng = train.random.Random(0)
     capsys.readouterr()
     for step in (1, 2, 3):
-        train.save_checkpoint(tmp_path, step, model, tok, opt, rng, [])
+        run_dir.save_checkpoint(tmp_path, step, model, tok, opt, rng, [])
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
     err = capsys.readouterr().err
     assert "Writing model shards" not in err                       # transformers' bars are quiet
-    train.load_model(str(tmp_path / "checkpoints" / "step_000003" / "model"), device=torch.device("cpu"))
+    data.load_model(str(tmp_path / "checkpoints" / "step_000003" / "model"), device=torch.device("cpu"))
     assert "Loading weights" not in capsys.readouterr().err
 
 
 def test_a_checkpoint_written_truncated_never_becomes_latest(tmp_path, cache, monkeypatch):
-    model, tok = train.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
+    model, tok = data.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters())
     rng = train.random.Random(0)
-    train.save_checkpoint(tmp_path, 1, model, tok, opt, rng, [])
+    run_dir.save_checkpoint(tmp_path, 1, model, tok, opt, rng, [])
     real = torch.save
 
     def short_write(obj, path):                 # a disk that silently loses the end of the file
@@ -165,8 +171,8 @@ def test_a_checkpoint_written_truncated_never_becomes_latest(tmp_path, cache, mo
         truncate(Path(path))
     monkeypatch.setattr(train.torch, "save", short_write)
     with pytest.raises(zipfile.BadZipFile):
-        train.save_checkpoint(tmp_path, 2, model, tok, opt, rng, [])
-    assert train.latest_checkpoint(tmp_path).name == "step_000001"
+        run_dir.save_checkpoint(tmp_path, 2, model, tok, opt, rng, [])
+    assert run_dir.latest_checkpoint(tmp_path).name == "step_000001"
     assert not (tmp_path / "checkpoints" / "step_000002").exists()
 
 
@@ -223,13 +229,13 @@ def test_resume_refuses_flags_that_change_the_run(run_copy, capsys):
     assert "only --steps, --eval-interval, --save-interval, --log-samples, --plot, --cache-dir" in line
     assert "exclude each other" in error_line(capsys, ["--resume", str(run_copy), "--overwrite"])
     assert "stays in its directory" in error_line(capsys, ["--resume", str(run_copy), "--out", str(run_copy) + "x"])
-    args = train.build_parser().parse_args(["--resume", str(run_copy), "--steps", "5", "--eval-interval", "2",
+    args = config.build_parser().parse_args(["--resume", str(run_copy), "--steps", "5", "--eval-interval", "2",
                                             "--lr", "1e-2", "--preset", "tiny", "--out", str(run_copy)])
-    cfg = train.resume_config(args)
+    cfg = config.resume_config(args)
     assert (cfg["steps"], cfg["eval_interval"], cfg["resume"]) == (5, 2, str(run_copy))
-    bad = train.build_parser().parse_args(["--resume", str(run_copy), "--save-interval", "0"])
+    bad = config.build_parser().parse_args(["--resume", str(run_copy), "--save-interval", "0"])
     with pytest.raises(SystemExit, match="--save-interval must be >= 1"):
-        train.resume_config(bad)
+        config.resume_config(bad)
 
 
 def test_ctrl_c_names_the_last_checkpoint_and_exits_130(tmp_path, cache, capsys, monkeypatch):
@@ -242,7 +248,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_exits_130(tmp_path, cache, capsys,
         return real(*a, **k)
     monkeypatch.setattr(train, "rl_step", interrupted)
     out = tmp_path / "run"
-    assert train.cli(tiny(cache, out, "--steps", "3", "--save-interval", "1")) == 130
+    assert run_dir.cli(train.main, "train.py", tiny(cache, out, "--steps", "3", "--save-interval", "1")) == 130
     err = capsys.readouterr().err
     assert f"interrupted: the last checkpoint is {out / 'checkpoints' / 'step_000001'}" in err
     assert f"--resume {out}" in err and "Traceback" not in err
@@ -273,14 +279,14 @@ def test_ctrl_c_names_the_last_checkpoint_and_exits_130(tmp_path, cache, capsys,
 ])
 def test_bad_flags_are_one_line_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tiny_lab, "warm_start", lambda *a, **k: pytest.fail("work started"))
-    assert train.cli(["--preset", "tiny", "--out", str(tmp_path / "run")] + argv) == 2
+    assert run_dir.cli(train.main, "train.py", ["--preset", "tiny", "--out", str(tmp_path / "run")] + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
 
 
 def test_negative_numbers_parse_in_every_notation():
-    args = train.build_parser().parse_args(["--lr", "-1e-4", "--clip-low=-2", "--kl-coef", "-.5"])
+    args = config.build_parser().parse_args(["--lr", "-1e-4", "--clip-low=-2", "--kl-coef", "-.5"])
     assert (args.lr, args.clip_low, args.kl_coef) == (-1e-4, -2.0, -0.5)
 
 
@@ -301,7 +307,7 @@ def test_unreachable_model_is_one_line(tmp_path, capsys):
 
 def test_help_texts_and_docstrings_cite_no_issue_numbers():
     import entropy_math
-    texts = [train.build_parser().format_help(), train.__doc__, entropy_math.__doc__]
+    texts = [config.build_parser().format_help(), train.__doc__, entropy_math.__doc__]
     texts += [f.__doc__ or "" for mod in (train, entropy_math) for f in vars(mod).values()
               if callable(f) and getattr(f, "__module__", None) == mod.__name__]
     assert not [t for t in texts if "(issue" in t.lower()]
@@ -319,8 +325,8 @@ def test_help_texts_and_docstrings_cite_no_issue_numbers():
 def test_bad_data_files_name_file_and_row(tmp_path, content, row, what):
     path = tmp_path / "data.json"
     path.write_bytes(content)
-    with pytest.raises(train.DataError) as e:
-        train.load_items(str(path), "train")
+    with pytest.raises(data.DataError) as e:
+        data.load_items(str(path), "train")
     message = str(e.value)
     assert message.startswith(f"{path}, row {row}: ") and what in message and "UTF-8 JSON Lines" in message
     assert "\n" not in message
@@ -329,7 +335,7 @@ def test_bad_data_files_name_file_and_row(tmp_path, content, row, what):
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"problem": "1+1", "answer": "2"}).encode() + b"\n")
-    assert train.load_items(str(path), "train")[0]["answer"] == "2"
+    assert data.load_items(str(path), "train")[0]["answer"] == "2"
 
 
 def test_bad_row_stops_the_command_line_before_the_warm_start(tmp_path, cache, capsys, monkeypatch):
@@ -346,7 +352,7 @@ def test_drop_long_prompts_counts_exactly(cache):
     tok = tiny_lab.tokenizer()
     items = [{"problem": "7" * n} for n in range(1, 60)]
     for limit in (5, 20, 32, 57):
-        kept, dropped = train.drop_long_prompts(items, tok, limit, "ignored")
+        kept, dropped = data.drop_long_prompts(items, tok, limit, "ignored")
         lengths = [len(tok(train.rollout.format_prompt(tok, it["problem"]), add_special_tokens=False)["input_ids"])
                    for it in items]
         assert [it["problem"] for it in kept] == [it["problem"] for it, n in zip(items, lengths) if n <= limit]
@@ -376,7 +382,7 @@ def test_long_prompts_never_reach_the_model(tmp_path, cache, capsys, monkeypatch
 def test_nan_is_written_as_null(tmp_path, cache, monkeypatch):
     def nan_loss(**kw):
         return kw["logp"].sum() * float("nan"), {"pg_loss": float("nan")}
-    monkeypatch.setitem(losses.LOSSES, "grpo", nan_loss)
+    monkeypatch.setitem(losses.LOSSES, "grpo", losses.LOSSES["grpo"]._replace(fn=nan_loss))
     out = tmp_path / "nan"
     train.main(tiny(cache, out, "--steps", "1", "--no-skip-zero-advantage"))       # the loss runs on every row
 
@@ -387,23 +393,22 @@ def test_nan_is_written_as_null(tmp_path, cache, monkeypatch):
 
 
 def test_json_safe():
-    assert train.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": 2}) == \
+    assert run_dir.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x", "d": 2}) == \
         {"a": None, "b": [1.0, None], "c": "x", "d": 2}
 
 
 def test_moving_average():
-    assert train.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert train.moving_average([2.0, 4.0], 1) == [2.0, 4.0]
+    assert plots.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plots.moving_average([2.0, 4.0], 1) == [2.0, 4.0]
 
 
 def test_curves_are_smoothed_labelled_and_titled(tmp_path):
-    pytest.importorskip("matplotlib")
     (tmp_path / "config.json").write_text(json.dumps({"algo": "steer", "preset": "tiny", "seed": 4}))
     rows = [{"step": 0, "eval/avg@2": 0.2, "eval/greedy_acc": 0.5}]
     rows += [{"step": s, "reward": 0.07 - 0.0001 * s, "entropy": None if s == 5 else 0.5} for s in range(1, 41)]
     rows[-1].update({"eval/avg@2": 0.3, "eval/greedy_acc": 0.6})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = train.curves_figure(tmp_path)
+    fig = plots.curves_figure(tmp_path)
     assert fig._suptitle.get_text() == "steer, preset tiny, seed 4"
     reward, entropy, held_out, _ = fig.axes
     assert reward.get_xlabel() == "RL step" and reward.get_ylabel() == "mean reward"
@@ -411,5 +416,5 @@ def test_curves_are_smoothed_labelled_and_titled(tmp_path):
     raw, smooth = reward.get_lines()
     assert len(raw.get_xdata()) == 40 and smooth.get_ydata()[-1] == pytest.approx(0.07 - 0.0001 * 38.5)
     assert len(entropy.get_lines()[0].get_xdata()) == 39                    # the null is skipped
-    train.plot_curves(tmp_path)
+    plots.plot_curves(tmp_path)
     assert (tmp_path / "curves.png").stat().st_size > 0

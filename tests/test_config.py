@@ -1,0 +1,63 @@
+"""config.py: the flags' --help groups and the method flags' mapping onto the loss keywords."""
+import pytest
+
+import config
+import losses
+
+
+def test_help_is_grouped_and_every_flag_is_in_one_group():
+    parser = config.build_parser()
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
+    for title in ("run", "data", "model", "rollout", "optimisation", "evaluation", *config.KNOB_GROUPS):
+        assert groups[title], title
+    assert groups["optimisation"][:2] == ["lr", "optimizer"] and "algo" in groups["run"]
+    flags = [d for title, dests in groups.items() if title not in ("options", "positional arguments")
+             for d in dests]
+    assert sorted(flags) == sorted(set(flags))                                   # each flag once
+    assert set(flags) == {a.dest for a in parser._actions} - {"help"}            # none outside a group
+    assert {d for t in config.KNOB_GROUPS for d in groups[t]} == set(config.KNOB_FLAGS)
+
+
+@pytest.mark.parametrize("key", sorted(config.KNOB_FLAGS))
+def test_every_method_flag_names_a_knob_of_its_losses(key):
+    """A flag's keyword is a knob of every loss it applies to (losses.LOSSES[algo].knobs), or a keyword of the
+    adaptive-entropy controller; a flag that applies to no loss would be a typo."""
+    _, target, _ = config.KNOB_FLAGS[key]
+    applies = [algo for algo in config.ALGOS
+               if (target.get(algo) if isinstance(target, dict) else target) in losses.LOSSES[algo].knobs
+               or (losses.LOSSES[algo].adaptive and isinstance(target, dict)
+                   and target.get(algo) in config.CONTROL_KEYS)]
+    assert applies, key
+    if isinstance(target, dict):
+        assert sorted(applies) == sorted(target), key
+
+
+def test_the_ppo_clip_flags_reach_exactly_the_losses_that_take_them():
+    for algo in config.ALGOS:
+        cfg = dict({k: None for k in config.KNOB_FLAGS}, algo=algo, clip_low=0.1)
+        if "clip_low" in losses.LOSSES[algo].knobs:
+            assert config.knob_kwargs(cfg) == ({"clip_low": 0.1}, {})
+        else:
+            with pytest.raises(SystemExit, match=f"--clip-low does not apply to --algo {algo}"):
+                config.knob_kwargs(cfg)
+    assert {a for a in config.ALGOS if "clip_low" not in losses.LOSSES[a].knobs} == {"opefo", "archer", "kl_cov"}
+
+
+def test_adaptive_entropy_sends_the_controller_flags_to_the_controller():
+    cfg = dict({k: None for k in config.KNOB_FLAGS}, algo="adaptive_entropy", entropy_coef=0.01, target_entropy=0.3,
+               clip_high=0.3)
+    assert config.knob_kwargs(cfg) == ({"clip_high": 0.3}, {"coef": 0.01, "target": 0.3})
+    cfg["algo"] = "entropy_bonus"
+    with pytest.raises(SystemExit, match="--target-entropy does not apply to --algo entropy_bonus"):
+        config.knob_kwargs(cfg)
+    del cfg["target_entropy"]
+    assert config.knob_kwargs(dict(cfg, target_entropy=None)) == ({"alpha": 0.01, "clip_high": 0.3}, {})
+
+
+def test_method_data_defaults_come_from_the_registry():
+    parse = lambda *argv: config.resolve(config.build_parser().parse_args(list(argv)), log=lambda m: None)  # noqa: E731
+    for algo in config.ALGOS:
+        cfg = parse("--algo", algo)
+        for key, value in losses.LOSSES[algo].data_defaults.items():
+            assert cfg[key] == value, (algo, key)
+    assert parse("--algo", "dapo", "--no-drop-equal-groups", "--max-refill-rounds", "0")["drop_equal_groups"] is False
