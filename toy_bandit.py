@@ -70,6 +70,7 @@ import torch
 
 import entropy_math
 import losses
+from evaluation import pass_at_k
 
 # name shown to the reader -> (key of losses.LOSSES, extra keyword arguments for that loss)
 ALGOS = {
@@ -178,13 +179,6 @@ def is_correct(tokens, correct):
 def exact_accuracy(logits, correct):
     """Probability that a sample is correct, prod_t pi_t(correct set): logits (..., T, K) -> (...)."""
     return (torch.softmax(logits.detach(), -1) * correct).sum(-1).prod(-1)
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k)."""
-    if n < k:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got eval_samples={n}")
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def first_order_correlations(before, after, weights, lr):
