@@ -6,9 +6,11 @@ directory under runs/compare/SETTING/NAME-seedS. The script
       default, one per core, each on one thread);
     - resumes: a finished run (its last metrics row is the final step) is read, not redone; an unfinished
       one continues from its checkpoint with train.py --resume;
-    - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t), results.json
-      (every run's figures) and curves.png (entropy, held-out avg@k, pass@k and distinct correct solutions
-      over steps, mean over seeds).
+    - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t; with fewer than 3
+      seeds a note above the table says the intervals are wide or absent), results.json (every run's
+      figures) and curves.png (entropy, held-out avg@k, pass@k and distinct correct solutions over steps,
+      mean over seeds, shaded from the lowest to the highest seed), and ends with one line per written file:
+      "wrote PATH".
 
 Settings (the flags each cell adds to train.py's lab defaults):
     default        every algorithm with its paper defaults
@@ -102,13 +104,16 @@ def run_cell(run_dir, args, threads):
 
 # ------------------------------------------------------------------------------------------- figures
 def mean_ci(values):
-    """(mean, half-width of the 95% confidence interval over seeds); half-width nan for one value."""
+    """(mean, half-width of the 95% confidence interval over seeds); half-width nan for one value, exactly 0.0
+    when every value is the same (not the 1e-17 that summing 0.1 three times leaves)."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
         return float("nan"), float("nan")
     m = sum(vals) / len(vals)
     if len(vals) < 2:
         return m, float("nan")
+    if min(vals) == max(vals):
+        return vals[0], 0.0
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
     return m, T975.get(len(vals), 1.96) * sd / math.sqrt(len(vals))
 
@@ -177,40 +182,131 @@ ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain")
                           for stat in ("pearson", "spearman", "sign_agree"))
 
 
-def separated_pairs(summary, keys=("entropy end", "eval/pass@64")):
-    """Pairs of cells whose 95% intervals do not overlap on one of `keys`: [(key, a, b), ...]."""
+SEPARATION_KEYS = ("entropy end", "eval/pass@64")
+
+
+def separated_pairs(summary, keys=SEPARATION_KEYS):
+    """Pairs of cells whose 95% intervals do not overlap on one of `keys`: [(key, a, b), ...].
+
+    Only intervals of positive width count: a cell whose interval on `key` is nan (fewer than 2 seeds with
+    a value: no interval) or zero (every seed gave the same value) is not compared on that key with anyone
+    (not_compared lists them). A zero-width interval says nothing about the seed-to-seed spread; it comes
+    from a discrete figure landing on the same value, e.g. Archer's pass@64 of 0.625 (40 of 64 problems) on
+    all three seeds of the archer setting, which the plain test "separated" from GRPO's 0.719 ± 0.067.
+    Intervals from 2 seeds do count (t = 12.7 makes them wide; the table's note says so)."""
     out, names = [], [n for n in summary if n != "start model"]
     for key in keys:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 (ma, ca), (mb, cb) = summary[a].get(key, (math.nan,) * 2), summary[b].get(key, (math.nan,) * 2)
-                if not any(math.isnan(x) for x in (ma, ca, mb, cb)) and abs(ma - mb) > ca + cb:
+                if not any(math.isnan(x) for x in (ma, ca, mb, cb)) and ca > 0 and cb > 0 and abs(ma - mb) > ca + cb:
                     out.append((key, a, b))
     return out
 
 
-def plot(results_rows, path):
-    """curves.png: entropy (moving average), eval avg@k, pass@k (largest k) and distinct over steps."""
+def not_compared(summary, keys=SEPARATION_KEYS):
+    """The cells separated_pairs leaves out: {"zero": [(key, cell), ...] (every seed the same value),
+    "none": [(key, cell), ...] (a mean but no interval: fewer than 2 seeds with a value)}."""
+    out = {"zero": [], "none": []}
+    for key in keys:
+        for name, s in summary.items():
+            m, ci = s.get(key, (math.nan,) * 2)
+            if name != "start model" and not math.isnan(m) and (math.isnan(ci) or ci == 0):
+                out["none" if math.isnan(ci) else "zero"].append((key, name))
+    return out
+
+
+def seeds_note(n_seeds):
+    """The warning above the table when fewer than 3 seeds were run ("" from 3 on)."""
+    if n_seeds == 1:
+        return ("1 seed: no confidence intervals (one value per cell, nothing can be separated); "
+                "use 3 or more seeds to separate methods")
+    if n_seeds == 2:
+        return (f"2 seeds: the 95% intervals use t = {T975[2]:.1f} and are wide; "
+                "use 3 or more seeds to separate methods")
+    return ""
+
+
+def report(summary, n_seeds):
+    """The text of table.md: the few-seeds note (seeds_note), the main table, the estimator and flow tables
+    when measured, the separated pairs and the cells not compared."""
+    note = seeds_note(n_seeds)
+    text = (f"**{note}**\n\n" if note else "") + table(summary)
+    if any("dH/pearson_exact" in s for s in summary.values()):
+        text += ("\n\nEstimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, "
+                 "mean over steps; *_uncertain: only tokens with pi_a < 0.99:\n\n" + table(summary, ESTIMATOR_COLUMNS))
+    if any("flow/total_exact" in s for s in summary.values()):
+        text += ("\n\nExact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's "
+                 "tokens of -w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps:\n\n"
+                 + table(summary, FLOW_COLUMNS))
+    text += "\n\nPairs separated by more than their 95% intervals: "
+    if n_seeds < 2:
+        return text + "none (1 seed: no intervals to compare)\n"
+    pairs = separated_pairs(summary)
+    text += "; ".join(f"{a} vs {b} on {k}" for k, a, b in pairs) if pairs else "none"
+    left = not_compared(summary)
+    for kind, why in (("zero", "every seed gave the same value, a zero-width interval"),
+                      ("none", "fewer than 2 seeds with a value, no interval")):
+        if left[kind]:
+            text += f"\nNot compared ({why}): " + "; ".join(f"{name} on {key}" for key, name in left[kind])
+    return text + "\n"
+
+
+def _numbers(rows, key):
+    """{step: value} of `key` over the rows that hold a number for it (null, from a NaN, is skipped)."""
+    return {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+
+
+def _mean_and_spread(ax, per_seed, smooth=None, **kw):
+    """Plot the mean over the seeds of {step: value} dicts (at the steps every seed has), optionally as a
+    trailing moving average of `smooth` steps per seed, and shade min..max over the seeds around it (when
+    there are 2 or more). Returns the mean's line."""
+    steps = sorted(set.intersection(*(set(d) for d in per_seed)))
+    curves = [[d[s] for s in steps] for d in per_seed]
+    if smooth:
+        curves = [plots.moving_average(c, smooth) for c in curves]
+    line, = ax.plot(steps, [sum(v) / len(v) for v in zip(*curves)], **kw)
+    if len(curves) > 1:
+        ax.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+def curves_figure(results_rows):
+    """The figure of curves.png from {cell: [metrics rows of each seed]}: entropy (5-step moving average),
+    held-out avg@k, pass@k (largest k) and distinct over steps; each cell's line is the mean over its seeds,
+    and the shaded band around it runs from the lowest to the highest seed (min..max, not a confidence
+    interval; none with one seed). The title gives the number of seeds."""
     plt = plots.pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     for name, runs in results_rows.items():
-        steps = sorted({r["step"] for rows in runs for r in rows if "entropy" in r})
-        ent = [sum(next(r["entropy"] for r in rows if r["step"] == s) for rows in runs) / len(runs) for s in steps]
-        line, = axes[0].plot(steps, plots.moving_average(ent, 5), label=name)
+        if not runs:
+            continue
+        line = _mean_and_spread(axes[0], [_numbers(rows, "entropy") for rows in runs], smooth=5, label=name)
         evals = [r for r in runs[0] if "eval/n" in r]
+        if not evals:
+            continue
         keys = [next(k for k in evals[0] if k.startswith("eval/avg@")),
                 max((k for k in evals[0] if k.startswith("eval/pass@")), key=lambda k: int(k.split("@")[1])),
                 "eval/distinct"]
         for ax, key in zip(axes[1:], keys):
-            xs = [r["step"] for r in evals]
-            ys = [sum(next(r[key] for r in rows if r["step"] == x) for rows in runs) / len(runs) for x in xs]
-            ax.plot(xs, ys, marker="o", color=line.get_color())
+            _mean_and_spread(ax, [_numbers(rows, key) for rows in runs], marker="o", color=line.get_color())
             ax.set(title=f"held-out {key[5:]}", xlabel="step")
     axes[0].set(title="entropy (nats/token, 5-step mean)", xlabel="step")
+    counts = sorted({len(runs) for runs in results_rows.values() if runs})
+    n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle("1 seed per cell (no spread to shade)" if counts == [1] else
+                 f"mean over {n} seeds per cell; shaded: min..max over the seeds")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(8, len(results_rows)))
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def plot(results_rows, path):
+    """Write curves.png (curves_figure)."""
+    fig = curves_figure(results_rows)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.pyplot().close(fig)
 
 
 def main(argv=None):
@@ -250,23 +346,14 @@ def main(argv=None):
     rows = {n: [read_rows(root / f"{n}-seed{s}") for s in args.seeds] for n in names}
     results = {n: [run_figures(r) for r in runs] for n, runs in rows.items()}
     summary = summarise(results)
-    text = table(summary)
-    if any("dH/pearson_exact" in s for s in summary.values()):
-        text += ("\n\nEstimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, "
-                 "mean over steps; *_uncertain: only tokens with pi_a < 0.99:\n\n" + table(summary, ESTIMATOR_COLUMNS))
-    if any("flow/total_exact" in s for s in summary.values()):
-        text += ("\n\nExact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's "
-                 "tokens of -w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps:\n\n"
-                 + table(summary, FLOW_COLUMNS))
-    pairs = separated_pairs(summary)
-    text += "\n\nPairs separated by more than their 95% intervals: " + (
-        "; ".join(f"{a} vs {b} on {k}" for k, a, b in pairs) if pairs else "none") + "\n"
-    (root / "table.md").write_text(text)
-    (root / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    text = report(summary, len(args.seeds))
+    written = [root / "table.md", root / "results.json", root / "curves.png"]
+    written[0].write_text(text)
+    written[1].write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     print(text)
-    plot(rows, root / "curves.png")
-    print(f"plot: {root / 'curves.png'}")
-
+    plot(rows, written[2])
+    for path in written:
+        print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

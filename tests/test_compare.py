@@ -1,5 +1,7 @@
-"""Tests of compare.py: resuming (finished runs are read, unfinished ones continue), the statistics, and one
-small end-to-end comparison through train.py subprocesses (about 20 s on 2 CPU cores)."""
+"""Tests of compare.py: resuming (finished runs are read, unfinished ones continue), the statistics, one
+small end-to-end comparison through train.py subprocesses (about 20 s on 2 CPU cores), and the report over
+synthetic finished run directories (no training): the written paths, the few-seeds note, zero-width
+intervals, and curves.png's seed count and spread bands."""
 import json
 import math
 
@@ -56,3 +58,106 @@ def test_small_comparison_end_to_end_and_resume(tmp_path, monkeypatch):
     assert "| grpo |" in text and "| start model |" in text and "flow/pos_likely_exact" in text
     monkeypatch.setattr(compare.subprocess, "call", lambda *a, **k: pytest.fail("a finished run was redone"))
     compare.main(argv)                                           # every run finished: only the tables again
+
+
+# --------------------------------------------------------------- synthetic finished runs (no training)
+def synthetic_run(path, steps=4, entropy=0.5, pass_at=0.6, seed=0):
+    """A finished run directory as train.py leaves it: config.json (steps) and metrics.jsonl, step 0 the start
+    model's evaluation, every step an entropy, the last one an evaluation too."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"steps": steps, "seed": seed}))
+    evals = {"eval/n": 4, "eval/avg@64": pass_at / 2, "eval/pass@64": pass_at, "eval/distinct": 1.0 + pass_at}
+    rows = [{"step": 0, **{k: v - 0.1 * (k != "eval/n") for k, v in evals.items()}}]
+    for s in range(1, steps + 1):
+        row = {"step": s, "reward": 0.5, "entropy": entropy + 0.01 * s, "entropy/fork": 2 * entropy,
+               "entropy/other": entropy / 2}
+        rows.append({**row, **(evals if s == steps else {})})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def synthetic_lab(tmp_path, monkeypatch, values):
+    """Synthetic finished runs {cell: [(entropy, pass@64) per seed]} and compare.main's argv for them; returns
+    (root, argv). Nothing is trained: the warm start and train.py are stubbed out (a run that is redone fails)."""
+    monkeypatch.setattr(compare.tiny_lab, "warm_start", lambda *a, **k: None)
+    monkeypatch.setattr(compare.subprocess, "call", lambda *a, **k: pytest.fail("a finished run was redone"))
+    root = tmp_path / "default"
+    seeds = range(len(next(iter(values.values()))))
+    for name, per_seed in values.items():
+        for s, (ent, p) in zip(seeds, per_seed):
+            synthetic_run(root / f"{name}-seed{s}", entropy=ent, pass_at=p, seed=s)
+    argv = ["--algos", *values, "--seeds", *map(str, seeds), "--jobs", "1", "--out", str(tmp_path)]
+    return root, argv
+
+
+def test_main_prints_the_path_of_each_written_file(tmp_path, monkeypatch, capsys):
+    root, argv = synthetic_lab(tmp_path, monkeypatch, {"grpo": [(0.5, 0.6), (0.6, 0.7), (0.55, 0.65)],
+                                                       "steer": [(0.7, 0.6), (0.8, 0.7), (0.75, 0.65)]})
+    compare.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-3:] == [f"wrote {root / name}" for name in ("table.md", "results.json", "curves.png")]
+    assert all((root / name).stat().st_size > 0 for name in ("table.md", "results.json", "curves.png"))
+
+
+def test_few_seeds_are_flagged_above_the_table(tmp_path, monkeypatch):
+    two = {"grpo": [(0.5, 0.6), (0.6, 0.7)], "steer": [(0.7, 0.6), (0.9, 0.7)]}
+    root, argv = synthetic_lab(tmp_path / "two", monkeypatch, two)
+    compare.main(argv)
+    text = (root / "table.md").read_text()
+    note = "2 seeds: the 95% intervals use t = 12.7 and are wide; use 3 or more seeds to separate methods"
+    assert note in text and text.index(note) < text.index("| run |")
+    root, argv = synthetic_lab(tmp_path / "one", monkeypatch, {"grpo": [(0.5, 0.6)], "steer": [(0.9, 0.7)]})
+    compare.main(argv)
+    text = (root / "table.md").read_text()
+    assert "1 seed: no confidence intervals" in text and text.index("1 seed:") < text.index("| run |")
+    assert "Pairs separated by more than their 95% intervals: none (1 seed: no intervals to compare)" in text
+    three = {k: v + [v[0]] for k, v in two.items()}
+    root, argv = synthetic_lab(tmp_path / "three", monkeypatch, three)
+    compare.main(argv)
+    text = (root / "table.md").read_text()
+    assert "seeds:" not in text.split("| run |")[0] and text.startswith("| run |")
+
+
+def test_zero_width_and_single_seed_intervals_separate_nothing(tmp_path, monkeypatch):
+    assert compare.mean_ci([0.625] * 3) == (0.625, 0.0)
+    assert compare.mean_ci([0.1] * 3) == (0.1, 0.0)        # equal values: exactly zero, not 1e-17
+    summary = {"archer": {"eval/pass@64": (0.625, 0.0)}, "grpo": {"eval/pass@64": (0.719, 0.067)},
+               "no-kl": {"eval/pass@64": (0.698, 0.059)}, "one": {"eval/pass@64": (0.9, float("nan"))},
+               "far": {"eval/pass@64": (0.2, 0.01)}}
+    assert compare.separated_pairs(summary, keys=("eval/pass@64",)) == [
+        ("eval/pass@64", "grpo", "far"), ("eval/pass@64", "no-kl", "far")]
+    # the Archer artefact end to end: three equal pass@64 values, zero width, no separation claimed, and said why
+    root, argv = synthetic_lab(tmp_path, monkeypatch, {"grpo": [(0.5, 0.70), (0.6, 0.72), (0.7, 0.74)],
+                                                       "archer": [(0.5, 0.625), (0.55, 0.625), (0.6, 0.625)]})
+    compare.main(argv)
+    text = (root / "table.md").read_text()
+    assert "| 0.625 ± 0.000 |" in text
+    assert "Pairs separated by more than their 95% intervals: none\n" in text
+    assert "Not compared (every seed gave the same value, a zero-width interval): archer on eval/pass@64" in text
+
+
+def test_curves_figure_names_the_seed_count_and_shades_the_spread():
+    from matplotlib.collections import PolyCollection
+    rows = {name: [synthetic_run_rows(entropy=e, pass_at=p) for e, p in per_seed]
+            for name, per_seed in {"grpo": [(0.5, 0.6), (0.6, 0.7)], "steer": [(0.7, 0.5), (0.8, 0.9)]}.items()}
+    fig = compare.curves_figure(rows)
+    try:
+        assert "mean over 2 seeds" in fig._suptitle.get_text()
+        assert "min..max" in fig._suptitle.get_text()
+        for ax in fig.axes:
+            bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+            assert len(bands) == 2, ax.get_title()                # one band per cell in every panel
+    finally:
+        compare.plots.pyplot().close(fig)
+    one = compare.curves_figure({"grpo": rows["grpo"][:1]})      # one seed: no spread to draw
+    try:
+        assert "1 seed" in one._suptitle.get_text() and not any(ax.collections for ax in one.axes)
+    finally:
+        compare.plots.pyplot().close(one)
+
+
+def synthetic_run_rows(entropy, pass_at, steps=4):
+    """The metrics rows of synthetic_run without a directory."""
+    evals = {"eval/n": 4, "eval/avg@64": pass_at / 2, "eval/pass@64": pass_at, "eval/distinct": 1.0 + pass_at}
+    return [{"step": 0, **evals}] + [{"step": s, "entropy": entropy + 0.01 * s, **(evals if s == steps else {})}
+                                     for s in range(1, steps + 1)]
