@@ -45,7 +45,8 @@ Choices (the issue left them open):
   batches, and groups with equal rewards just contribute zero advantage.
 - Clip flags: ``--clip-low 0.99 --clip-high 5`` is STEER's "extreme scenario" (STEER Table 6). Each reaches the
   losses whose knobs include it (losses.LOSSES[name].knobs): every loss with the PPO ratio clip; Archer takes
-  only ``--dual-clip`` (its clips are per token type), OPEFO and KL-Cov none.
+  only ``--dual-clip`` (its clips are per token type), OPEFO and KL-Cov none. When one is given, the report's
+  header says which methods of the run it reaches and which not (clip_note).
 - Entropy flow per quadrant: every optimizer step's exact first-order entropy change is split with
   losses.entropy_flow_quadrants into (A > 0, A < 0) x (likely, unlikely) tokens and reported per method
   (STEER's four-factor view and OPEFO's flow view in numbers).
@@ -70,6 +71,7 @@ import torch
 
 import entropy_math
 import losses
+import plots
 from evaluation import pass_at_k
 
 # name shown to the reader -> (key of losses.LOSSES, extra keyword arguments for that loss)
@@ -340,6 +342,39 @@ def _fmt(v, spec):
     return format(v, spec)
 
 
+def clip_note(algos, cfg):
+    """The header line on the clip flags given (--clip-low / --clip-high / --dual-clip; None when none is):
+    their values, and for each method of the run whether they reach it, read off the registry
+    (losses.LOSSES[name].knobs), with the reason where one does not."""
+    given = [k for k in CLIP_KNOBS if getattr(cfg, k) is not None]
+    if not given:
+        return None
+    setting = lambda keys: ", ".join(f"{k} {getattr(cfg, k):g}" for k in keys)    # noqa: E731
+    by_taken, missed = {}, {}          # flags taken -> methods; reason -> methods not reached by any
+    for algo in dict.fromkeys(algos):
+        knobs = losses.LOSSES[ALGOS[algo][0]].knobs
+        taken = tuple(k for k in given if k in knobs)
+        own_clips = [k for k in knobs if k.startswith("clip_") and k not in CLIP_KNOBS]   # archer's per token type
+        takes = ["--" + k.replace("_", "-") for k in CLIP_KNOBS if k in knobs]
+        own = [f"own clips {', '.join(own_clips)}"] if own_clips else []
+        if taken:
+            by_taken.setdefault(taken, []).append((algo, "; ".join(own)))
+        else:
+            reason = "; ".join(own + ([f"takes only {', '.join(takes)}"] if takes else ["no ratio clip"]))
+            missed.setdefault(reason, []).append(algo)
+    rest = [k for k in CLIP_KNOBS if k not in given]
+    head = f"clip flags: {setting(given)}" + (f" ({', '.join(rest)}: each loss's default)" if rest else "")
+    verb = "reaches" if len(given) == 1 else "reach"
+    parts = [f"{head} {verb} {', '.join(a for a, _ in by_taken.get(tuple(given), [])) or 'none of the run'}"]
+    for taken, methods in by_taken.items():
+        if taken != tuple(given):
+            parts.append(f"only {setting(taken)} {'reaches' if len(taken) == 1 else 'reach'} "
+                         + ", ".join(f"{a} ({r})" if r else a for a, r in methods))
+    if missed:
+        parts.append("not " + ", ".join(f"{', '.join(ms)} ({r})" for r, ms in missed.items()))
+    return "; ".join(parts)
+
+
 def format_report(results, cfg, wall_s):
     """Summary table (per algorithm and seed, plus the mean over seeds) and per-step sparklines."""
     h_star = results[0]["h_star"]
@@ -349,6 +384,7 @@ def format_report(results, cfg, wall_s):
     lines = [f"toy bandit: T={cfg.T} positions, K={cfg.K} tokens, {(cfg.T + 1) // 2} forks with {cfg.K // 2} correct "
              f"tokens, H* = {h_star:.3f}; {cfg.groups} groups x G={cfg.G} per batch, {cfg.steps} steps, "
              f"{cfg.updates} updates/batch (opefo 1), {cfg.optimizer} lr={cfg.lr:g}",
+             *filter(None, [clip_note([r["algo"] for r in results], cfg)]),
              "acc, H: exact, final policy. 90%@: first step with acc >= 0.9. pass@k: unbiased, 256 samples, "
              "held-out variants. distinct: distinct correct answers in those samples "
              f"(of {results[0]['possible_correct']}). r_*: Pearson r, first-order vs realised per-position dH.",
@@ -390,18 +426,6 @@ def format_report(results, cfg, wall_s):
     return "\n".join(lines)
 
 
-def _pyplot(path):
-    """matplotlib.pyplot with the Agg backend; exits with a one-line message when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit(f"--plot {path}: matplotlib is not installed (pip install matplotlib); "
-                 "the table and sparklines need nothing extra")
-    return plt
-
-
 def _check_writable(path, flag):
     """Exit with a one-line message, before any work, when `path` cannot be written."""
     path = Path(path)
@@ -415,18 +439,21 @@ def _check_writable(path, flag):
 
 
 def plot(results, path):
-    """Entropy and accuracy curves (mean over seeds) to a PNG; needs matplotlib."""
-    plt = _pyplot(path)
-    fig, (ax_h, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
-    for algo in dict.fromkeys(r["algo"] for r in results):
+    """Entropy and accuracy curves (mean over seeds) to a PNG, the legend (one entry per method, and H*)
+    just right of the panels (constrained layout: the panels make room for it, no empty band)."""
+    plt = plots.pyplot()
+    fig, (ax_h, ax_a) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for i, algo in enumerate(dict.fromkeys(r["algo"] for r in results)):
         rs = [r for r in results if r["algo"] == algo]
+        style = ("-", "--", ":")[i // 10 % 3]          # the colour cycle has 10 colours: then dashed, dotted
         for ax, key in ((ax_h, "entropy_curve"), (ax_a, "accuracy_curve")):
-            ax.plot([sum(v) / len(v) for v in zip(*(r[key] for r in rs))], label=algo)
+            ax.plot([sum(v) / len(v) for v in zip(*(r[key] for r in rs))], label=algo, ls=style)
     ax_h.axhline(results[0]["h_star"], color="k", ls="--", lw=1, label="H*")
     ax_h.set(xlabel="step", ylabel="mean policy entropy (nats)", title="entropy")
     ax_a.set(xlabel="step", ylabel="P(correct)", title="accuracy", ylim=(0, 1.02))
-    fig.legend(*ax_h.get_legend_handles_labels(), loc="center right", fontsize=8)   # outside both panels
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    handles, labels = ax_h.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8,
+               ncol=1 + (len(labels) - 1) // 16)            # more than 16 entries: columns, to fit the height
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -445,7 +472,7 @@ def parse_args(argv=None):
             p.add_argument(flag, type=float, default=None, help=HELP[name])
         else:
             p.add_argument(flag, type=type(value), default=value, help=HELP[name])
-    p.add_argument("--plot", metavar="FILE.png", help="draw entropy and accuracy curves (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", help="draw entropy and accuracy curves")
     p.add_argument("--json", metavar="FILE", help="write the summary (and per-step curves) as JSON")
     args = p.parse_args(argv)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
@@ -468,8 +495,6 @@ def main(argv=None):
     for flag, path in (("--json", args.json), ("--plot", args.plot)):    # fail before the work, not after
         if path:
             _check_writable(path, flag)
-    if args.plot:
-        _pyplot(args.plot)
     torch.set_num_threads(1)
     start = time.perf_counter()
     results = [run(a, s, cfg) for a in algos for s in range(n_seeds)]

@@ -2,7 +2,6 @@
 import functools
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -172,13 +171,6 @@ def test_bad_flags_are_named(capsys):
         toy_bandit.run("ppo", 0, SHORT)
 
 
-def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib -> ImportError
-    results = [toy_bandit.run("grpo", 0, Config(steps=2))]
-    with pytest.raises(SystemExit, match="matplotlib is not installed"):
-        toy_bandit.plot(results, tmp_path / "x.png")
-
-
 def test_sparkline_maps_range_onto_blocks():
     assert toy_bandit.sparkline([0.0, 1.0], 0.0, 1.0, width=2) == "▁█"
     assert toy_bandit.sparkline([0.0] * 10 + [1.0] * 10, 0.0, 1.0, width=4) == "▁▁██"
@@ -189,6 +181,7 @@ def test_default_algorithms_run_with_their_curves():
     assert {r["algo"] for r in results} == set(toy_bandit.DEFAULT_ALGOS)
     assert all(len(r["entropy_curve"]) == 11 and len(r["accuracy_curve"]) == 11 for r in results)
 
+
 def test_plot_and_json_problems_stop_before_the_run(monkeypatch, tmp_path):
     def no_run(*a, **k):
         raise AssertionError("the run started")
@@ -197,9 +190,6 @@ def test_plot_and_json_problems_stop_before_the_run(monkeypatch, tmp_path):
         toy_bandit.main(["--json", str(tmp_path / "missing" / "toy.json")])
     with pytest.raises(SystemExit, match="is a folder"):
         toy_bandit.main(["--plot", str(tmp_path)])
-    monkeypatch.setitem(sys.modules, "matplotlib", None)           # import matplotlib -> ImportError
-    with pytest.raises(SystemExit, match="matplotlib is not installed"):
-        toy_bandit.main(["--plot", str(tmp_path / "toy.png")])
 
 
 def test_clip_flags_reach_the_losses_that_take_them(monkeypatch):
@@ -237,3 +227,75 @@ def test_adaptive_entropy_above_its_target_is_grpo():
     b = toy_bandit.run("grpo", 0, Config(steps=15))
     assert min(a["entropy_curve"]) > 0.2
     assert a["entropy_curve"] == b["entropy_curve"]
+
+
+def _header(out):
+    """The report's lines above its table (the table starts with the column names)."""
+    lines = out.splitlines()
+    return lines[:next(i for i, line in enumerate(lines) if line.startswith("algo"))]
+
+
+def test_header_names_the_clip_flags_and_the_methods_they_reach(capsys):
+    """--clip-low 0.99 --clip-high 5 (STEER's extreme scenario) is stated in the header, with the methods of
+    the run it reaches and those it does not (read off losses.LOSSES[...].knobs); a run without clip flags
+    has no such line."""
+    toy_bandit.main(["--steps", "1", "--seeds", "1", "--eval-samples", "16", "--variants", "2"])
+    assert not [line for line in _header(capsys.readouterr().out) if "clip" in line]
+    toy_bandit.main(["--steps", "1", "--seeds", "1", "--eval-samples", "16", "--variants", "2",
+                     "--clip-low", "0.99", "--clip-high", "5"])
+    lines = [line for line in _header(capsys.readouterr().out) if "clip_low" in line]
+    assert len(lines) == 1
+    line = lines[0]
+    assert "clip_low 0.99, clip_high 5 " in line and "dual_clip" in line     # the one not given: defaults
+    reach, _, rest = line.partition(" reach ")
+    reached, _, not_reached = rest.partition("; not ")
+    assert reached.split(", ") == ["grpo", "dapo", "steer", "steer-exact"]
+    for name in ("opefo", "opefo-exact", "archer"):
+        assert f" {name} (" in " " + not_reached or f" {name}," in " " + not_reached
+    assert "no ratio clip" in not_reached and "only --dual-clip" in not_reached
+    assert not any(f" {name}" in " " + reached for name in ("opefo", "archer"))
+
+
+def test_header_clip_line_follows_the_registry(monkeypatch):
+    """Which methods a clip flag reaches comes from the registry's knobs, not from a list in the toy."""
+    cfg = Config(dual_clip=3.0)
+    line = toy_bandit.clip_note(["grpo", "archer", "opefo"], cfg)
+    assert line.startswith("clip flags: dual_clip 3 ") and "reaches grpo, archer;" in line and "not opefo" in line
+    real = losses.LOSSES["grpo"]
+
+    def no_clip(*, logp, old_logp, advantages, mask, agg="token"):         # a grpo without any clip knob
+        return real.fn(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, agg=agg)
+    monkeypatch.setitem(losses.LOSSES, "grpo", real._replace(fn=no_clip))
+    line = toy_bandit.clip_note(["grpo", "archer", "opefo"], cfg)
+    assert "reaches archer;" in line and "not grpo, opefo (no ratio clip)" in line
+    assert toy_bandit.clip_note(["grpo"], Config()) is None
+
+
+def test_plot_legend_sits_next_to_the_panels(monkeypatch, tmp_path):
+    """--plot writes a PNG whose legend (one entry per method, and H*) lies inside the figure, right next
+    to the panels: the gap between the right panel's frame and the legend is small, and so is the margin
+    to the right of the legend (no empty band). Measured on the figure as it is saved."""
+    import matplotlib.figure
+    seen = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        real_savefig(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        seen.append(dict(labels=[[t.get_text() for t in leg.get_texts()] for leg in legends],
+                         legend=[leg.get_window_extent(renderer) for leg in legends], figure=fig.bbox.frozen(),
+                         right=max(ax.get_window_extent(renderer).x1 for ax in fig.axes)))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    path = tmp_path / "toy.png"
+    algos = ["grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer"]
+    toy_bandit.main(["--algos", ",".join(algos), "--seeds", "1", "--steps", "3", "--eval-samples", "16",
+                     "--variants", "2", "--plot", str(path)])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (m,) = seen
+    assert m["labels"] == [algos + ["H*"]]                       # one legend
+    (box,), frame = m["legend"], m["figure"]
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+    gap = box.x0 - m["right"]                                   # right panel's frame -> legend
+    assert 0 <= gap < 0.03 * frame.width, (gap, frame.width)
+    assert frame.x1 - box.x1 < 0.03 * frame.width, (frame.x1 - box.x1, frame.width)
