@@ -32,12 +32,14 @@ DEFAULTS = dict(
     tiny_sft_steps=1500, drop_equal_groups=False, max_refill_rounds=0, overlong_penalty=False, overlong_cache=None,
     max_prompt_tokens=1024, system_prompt=rollout.DEFAULT_SYSTEM_PROMPT, cache_dir=str(tiny_lab.CACHE_DIR),
     measure_entropy_change=False, plot=False, overwrite=False,
-    warmup_steps=0, lr_schedule="constant", save_optimizer=True, skip_zero_advantage=True,
+    warmup_steps=0, lr_schedule="constant", save_optimizer=True, skip_zero_advantage=True, reward=None,
+    report_to=None, threads=None,
 )
 PRESETS = {
     "tiny": dict(prompts_per_step=16, group_size=8, max_new_tokens=20, lr=5e-4, steps=100, updates_per_batch=2,
                  micro_batch_size=64, eval_interval=25, eval_k=64, eval_size=64, save_interval=50,
-                 max_prompt_tokens=32),    # lab prompts are ~10 characters; the model has 64 positions
+                 max_prompt_tokens=32,     # lab prompts are ~10 characters; the model has 64 positions
+                 threads=1),               # a second thread gains little on the 0.1M model (README)
     "qwen-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B", dataset="DigitalLearningGmbH/MATH-lighteval",
                            eval_dataset="HuggingFaceH4/MATH-500", dataset_split="train", eval_split="test",
                            prompts_per_step=8, group_size=8, max_new_tokens=1024, lr=1e-6, steps=500,
@@ -100,7 +102,7 @@ KNOB_FLAGS = {flag: spec for group in KNOB_GROUPS.values() for flag, spec in gro
 FLAG_RANGES = {
     **{k: (lambda v: v >= 1, ">= 1") for k in ("prompts_per_step", "group_size", "max_new_tokens", "steps",
                                               "updates_per_batch", "micro_batch_size", "eval_k", "save_interval",
-                                              "eval_size", "max_prompt_tokens")},
+                                              "eval_size", "max_prompt_tokens", "threads")},
     **{k: (lambda v: v >= 0, ">= 0") for k in ("log_samples", "tiny_sft_steps", "eval_temperature", "kl_coef",
                                               "kl_knowledge", "max_refill_rounds", "warmup_steps")},
     "eval_interval": (lambda v: v >= 0, ">= 0 (0: evaluate only at the start and the end)"),
@@ -111,7 +113,8 @@ FLAG_RANGES = {
 }
 # flags that --resume accepts with a new value: the new total, and what is evaluated, logged, saved or plotted
 # (evaluation forks the RNG, so none of them changes the training numbers)
-RESUME_FLAGS = ("steps", "eval_interval", "save_interval", "log_samples", "plot", "cache_dir", "save_optimizer")
+RESUME_FLAGS = ("steps", "eval_interval", "save_interval", "log_samples", "plot", "cache_dir", "save_optimizer",
+                "report_to")
 
 
 def flag(key):
@@ -159,6 +162,8 @@ def build_parser():
     g("--preset", choices=sorted(PRESETS), help="settings bundle; default: tiny without CUDA")
     g("--steps", type=int, help="RL steps (with --resume: the new total)")
     g("--seed", type=int, help="seed of sampling and data order")
+    g("--threads", type=int, help="CPU threads of torch (default: 1 in the tiny lab, as compare.py runs it; "
+      "torch's own otherwise)")
     g("--out", help="run directory (default runs/<preset>-<algo>-seed<seed>); must be empty or new")
     g("--overwrite", action="store_true", default=None,
       help="replace the run in a non-empty --out (removes only the files a run writes)")
@@ -171,6 +176,8 @@ def build_parser():
     g("--log-samples", type=int, help="prompts per step whose G completions go to samples.jsonl, and problems "
       "per evaluation set whose greedy and first sampled completions go to eval_samples.jsonl")
     g("--plot", action="store_true", default=None, help="write curves.png")
+    g("--report-to", choices=("tensorboard",), help="also write every metric to TensorBoard (run directory's tb/; "
+      "needs the tensorboard package); metrics.jsonl stays the record")
     g("--measure-entropy-change", action="store_true", default=None,
       help="log predicted vs realised per-token entropy change (entropy_math.estimator_report)")
     g = p.add_argument_group("data").add_argument
@@ -181,6 +188,9 @@ def build_parser():
     g("--problem-field", help="row field holding the problem (default: problem or question)")
     g("--answer-field", help="row field holding the gold (default: answer, else solution)")
     g("--answer-format", choices=("auto", "plain", "gsm8k", "boxed"), help="how to read the gold from its field")
+    g("--reward", metavar="MODULE:FUNCTION", help="your reward instead of the math verifier: function(completion, "
+      "row) -> float or verifier.Score, row the dataset row (a dict with its fields, plus problem and answer); "
+      "MODULE is imported from the working directory or the Python path")
     g("--max-prompt-tokens", type=int, help="problems whose prompt is longer are left out and counted "
       "(default 1024; 32 in the tiny lab)")
     g("--system-prompt", help="system message of the chat template "
@@ -237,10 +247,9 @@ def parse(argv=None, log=print):
     """(configuration dict, run directory) from the command line: a new run's resolved flags (resolve) or a
     resumed run's saved ones (resume_config)."""
     args = build_parser().parse_args(argv)
-    if args.resume:
-        return resume_config(args), Path(args.resume)
-    cfg = resolve(args, log)
-    return cfg, Path(cfg["out"])
+    cfg = resume_config(args) if args.resume else resolve(args, log)
+    check_environment(cfg)
+    return cfg, Path(cfg["resume"] if args.resume else cfg["out"])
 
 
 def resolve(args, log=print):
@@ -254,12 +263,20 @@ def resolve(args, log=print):
     method = losses.LOSSES[cfg["algo"]]
     given = {k for k, v in cfg.items() if v is not None}
     if cfg["preset"] is None and cfg["model"] is None:
+        if "dataset" in given:
+            raise SystemExit(f"--dataset {cfg['dataset']} needs --model: without one the run would be the tiny lab, "
+                             "whose model (a character-level Countdown solver) cannot learn your problems; give "
+                             "--model (a Hub name or a local folder), or drop --dataset to run the lab")
         cfg["preset"] = "tiny" if not torch.cuda.is_available() else "qwen-0.5b-gsm8k"
         log(f"no --preset or --model: using --preset {cfg['preset']}"
             + (" (the offline tiny lab, since CUDA is not available)" if cfg["preset"] == "tiny" else ""))
     if cfg["preset"] == "tiny" and cfg["model"]:
         raise SystemExit("--model does not apply to --preset tiny (the tiny lab builds its own model)")
     preset = dict(PRESETS.get(cfg["preset"], {}))
+    if cfg["preset"] == "tiny" and "dataset" in given:
+        log(f"--dataset with --preset tiny: the lab's model trains on {cfg['dataset']}, scored by "
+            f"{cfg['reward'] or 'the math verifier'}, and is evaluated on "
+            f"{cfg['eval_dataset'] or 'the lab sets'}")
     if "dataset" in given and "eval_dataset" not in given and preset.get("eval_dataset"):
         log(f"--dataset given: the preset's evaluation set {preset.pop('eval_dataset')} is not used "
             "(name it with --eval-dataset to evaluate on it)")
@@ -332,6 +349,44 @@ def check(cfg):
     elif cfg["overlong_cache"] is not None:
         raise SystemExit("--overlong-cache needs --overlong-penalty")
     check_knobs(cfg)
+
+
+def check_environment(cfg):
+    """What the flags ask of this machine, before any work: a GPU preset needs CUDA; a --model that names a
+    local path must exist; --reward must import; --report-to tensorboard needs tensorboard."""
+    if cfg["preset"] not in (None, "tiny") and not torch.cuda.is_available():
+        raise SystemExit(f"--preset {cfg['preset']} trains {PRESETS[cfg['preset']]['model']} in bf16 and needs a "
+                         "CUDA GPU, which this machine does not have (torch.cuda.is_available() is False); use "
+                         "--preset tiny for the offline lab, or --model with a small local model")
+    model = cfg.get("model")
+    if model and not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise SystemExit(f"--model {model}: no such folder (a local model is a folder written by save_pretrained; "
+                         "a Hub model is named organisation/name)")
+    if cfg.get("reward"):
+        reward_function(cfg["reward"])
+    if cfg.get("report_to") == "tensorboard":
+        try:
+            from torch.utils import tensorboard  # noqa: F401  (it imports the tensorboard package)
+        except ImportError:
+            raise SystemExit("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+def reward_function(spec):
+    """The function named by --reward MODULE:FUNCTION, imported from the working directory or the Python path."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"--reward {spec}: expected MODULE:FUNCTION, e.g. my_rewards:length_penalty")
+    if str(Path.cwd()) not in sys.path:            # as `python -m`: the working directory's modules first
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as e:              # not found, or the module itself fails to import
+        raise SystemExit(f"--reward {spec}: cannot import {module} ({type(e).__name__}: {one_line(e, 160)})") from None
+    if not callable(fn):
+        raise SystemExit(f"--reward {spec}: {module} has no function {name}")
+    return fn
 
 
 def check_ranges(cfg):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+import config
 import evaluation
 import rollout
 import tiny_lab
@@ -37,10 +38,11 @@ def _gsm8k_answer(text):
 
 
 def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_format="auto"):
-    """Map one dataset row (dict) to {"problem", "answer", "source"}; raise ValueError naming `where` and the field.
+    """Map one dataset row (dict) to {"problem", "answer", "source", "row"}; raise ValueError naming `where`
+    and the field. "row" is the row itself (a --reward function receives it).
 
     problem_field default: the first of "problem", "question" present. answer_field default: "answer" if
-    present, else "solution". answer_format:
+    present, else "solution" (load_items decides both once, from a file's first row). answer_format:
         plain  the field's value as text (JSON numbers such as AMC23's 27.0 become "27.0")
         gsm8k  the number after "####"
         boxed  the last \\boxed{...} of the field (verifier.extract_answer), e.g. Minerva's solution
@@ -74,15 +76,15 @@ def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_for
         raise DataError(f"unknown --answer-format {answer_format!r}; choose auto, plain, gsm8k or boxed")
     if not answer:
         raise DataError(f"{where}: field {af!r} has no {fmt} answer in {text[-80:]!r}")
-    return {"problem": problem, "answer": answer, "source": where}
+    return {"problem": problem, "answer": answer, "source": where, "row": row}
 
 
 def load_items(spec, split, *, problem_field=None, answer_field=None, answer_format="auto", flag="--dataset"):
     """Problems from a local JSON Lines file (path ending .jsonl/.json) or a Hub dataset "name[:config]".
 
     Every row must be usable: a bad row (not UTF-8, not JSON, not an object, a missing field) raises
-    DataError (a ValueError) naming the file, the 1-based row and the problem. A UTF-8 byte-order mark is
-    accepted.
+    DataError (a ValueError) naming the file, the 1-based row and the problem. The fields are those of the
+    first row (_fields_of). A UTF-8 byte-order mark is accepted.
     flag: the option that named `spec` (--dataset or --eval-dataset), for the error when the Hub fails.
     """
     fields = dict(problem_field=problem_field, answer_field=answer_field, answer_format=answer_format)
@@ -107,6 +109,8 @@ def load_items(spec, split, *, problem_field=None, answer_field=None, answer_for
                     hint = (" (the file looks like a JSON array or a pretty-printed object: write one object per "
                             "line instead)" if n == 1 and line.strip() in ("[", "{") else "")
                     raise DataError(f"{where}: not valid JSON ({e.msg}){hint}; {JSONL_HINT}") from None
+                if not items and isinstance(row, dict):
+                    fields = _fields_of(row, fields)
                 items.append(row_to_item(row, where, **fields))
         if not items:
             raise DataError(f"dataset file {path} has no rows")
@@ -120,7 +124,16 @@ def load_items(spec, split, *, problem_field=None, answer_field=None, answer_for
                          f"{type(e).__name__}: {one_line(e, 200)}. Offline alternatives: local JSON Lines files "
                          f"(--dataset / --eval-dataset path/to/file.jsonl, with --problem-field/--answer-field), "
                          f"or --preset tiny.")
+    fields = _fields_of(dict(ds[0]), fields) if len(ds) else fields
     return [row_to_item(dict(row), f"{spec}[{split}], row {n}", **fields) for n, row in enumerate(ds, 1)]
+
+
+def _fields_of(first_row, fields):
+    """The problem and answer fields of a whole file, chosen once from its first row (row_to_item's defaults),
+    so that a later row lacking the field is named by the field the file uses."""
+    return dict(fields, problem_field=fields["problem_field"] or next(
+                    (f for f in ("problem", "question") if f in first_row), "problem"),
+                answer_field=fields["answer_field"] or ("answer" if "answer" in first_row else "solution"))
 
 
 def drop_long_prompts(items, tok, limit, system_prompt):
@@ -155,9 +168,10 @@ def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(
                 name_or_path, dtype=torch.float32, attn_implementation="sdpa")
-    except OSError as e:
-        raise SystemExit(f"cannot load model {name_or_path!r}: {one_line(e, 300)}. Offline alternatives: a local "
-                         f"folder written by save_pretrained (--model path/to/model), or --preset tiny.")
+    except (OSError, ValueError) as e:      # no such folder and the Hub is unreachable, or has no such model
+        where = "" if Path(name_or_path).exists() else "there is no such local folder, and the Hugging Face Hub says: "
+        raise SystemExit(f"cannot load model {name_or_path!r}: {where}{one_line(e, 200)}. Offline alternatives: a "
+                         f"local folder written by save_pretrained (--model path/to/model), or --preset tiny.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)
@@ -172,26 +186,40 @@ def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=
 def load_problems(cfg, log):
     """The run's problems: {"train_items", "eval_sets" {prefix: (items, score_fn)}, "score", "fork_mask"}, and
     cfg["start_model"] set. The user's files are read first, so a bad row stops the run before the lab's warm
-    start. The tiny lab brings its own model, reward (tiny_lab.score), fork marks and held-out sets "test"
-    (logged as eval/) and "unique" (eval_unique/); a user's --eval-dataset replaces them."""
-    score, fork_mask, eval_sets = evaluation.verify, None, {}
+    start. Rewards: the math verifier (evaluation.verify), or --reward's function (custom_reward). The tiny
+    lab brings its own model, reward (tiny_lab.score), fork marks and held-out sets "test" (logged as eval/)
+    and "unique" (eval_unique/); a user's --dataset / --eval-dataset replace them."""
+    score = custom_reward(config.reward_function(cfg["reward"])) if cfg.get("reward") else evaluation.verify
+    fork_mask, eval_sets = None, {}
     train_items = _load(cfg["dataset"], cfg["dataset_split"], cfg) if cfg.get("dataset") else None
     if cfg.get("eval_dataset"):
-        eval_sets = {"eval": (_load(cfg["eval_dataset"], cfg["eval_split"], cfg, "--eval-dataset"),
-                              evaluation.verify)}
+        eval_sets = {"eval": (_load(cfg["eval_dataset"], cfg["eval_split"], cfg, "--eval-dataset"), score)}
     if cfg["preset"] == "tiny":
         start_model = str(tiny_lab.warm_start(cfg["tiny_sft_steps"], cfg["cache_dir"], log))
         lab_train, lab_evals = tiny_lab.datasets()
         eval_sets = eval_sets or {"eval" if name == "test" else f"eval_{name}": (items, tiny_lab.score)
                                   for name, items in lab_evals.items()}
-        if train_items is None:
-            train_items, score, fork_mask = lab_train, tiny_lab.score, tiny_lab.fork_mask
+        if train_items is None:             # the lab's problems, with its reward unless --reward names one
+            train_items, fork_mask = lab_train, tiny_lab.fork_mask
+            score = score if cfg.get("reward") else tiny_lab.score
     else:
         start_model = cfg["model"]
     if cfg["eval_size"]:
         eval_sets = {name: (items[:cfg["eval_size"]], fn) for name, (items, fn) in eval_sets.items()}
     cfg["start_model"] = start_model
     return {"train_items": train_items, "eval_sets": eval_sets, "score": score, "fork_mask": fork_mask}
+
+
+def custom_reward(fn):
+    """A --reward function as a score function: fn(completion, row) -> float or verifier.Score, row the item's
+    dataset row. A float r becomes verifier.Score(r, None, correct=r > 0, timed_out=False): accuracy and
+    pass@k count a positive reward as correct."""
+    def score(completion, item):
+        out = fn(completion, item.get("row", item))
+        if isinstance(out, verifier.Score):
+            return out
+        return verifier.Score(float(out), None, float(out) > 0, False)
+    return score
 
 
 def _load(spec, split, cfg, flag="--dataset"):

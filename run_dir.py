@@ -8,7 +8,8 @@ Files (default runs/<preset>-<algo>-seed<seed>):
                          correct, truncated and advantage
     eval_samples.jsonl   per evaluation and set, the greedy and first sampled completion of the first
                          --log-samples problems, with verdicts
-    checkpoints/step_NNNNNN, checkpoints/latest   (save_checkpoint) and, with --plot, curves.png (plots.py)
+    checkpoints/step_NNNNNN, checkpoints/latest   (save_checkpoint); with --plot, curves.png (plots.py); with
+    --report-to tensorboard, tb/ (the same scalars as metrics.jsonl, for a dashboard; reporter)
 
 Nothing is lost:
     a new run refuses a non-empty --out unless --overwrite is given, which removes only RUN_FILES;
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 # the files and folders a run writes into its directory (what --overwrite removes)
-RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "curves.png", "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "eval_samples.jsonl", "curves.png", "checkpoints", "tb")
 LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
 LOCK_FILE = ".lock"
 # metrics whose values depend on the machine's speed, not on the run's numbers
@@ -99,6 +100,23 @@ def append_jsonl(path, record):
     """Append one record to a JSON Lines file (non-finite floats written as null)."""
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+
+
+def reporter(run_dir, report_to):
+    """report(row): every number of a metrics row to TensorBoard (run_dir/tb, scalar per key at the row's step)
+    when report_to is "tensorboard"; otherwise nothing. metrics.jsonl stays the record."""
+    if report_to != "tensorboard":
+        return lambda row: None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def report(row):
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, row["step"])
+        writer.flush()
+    return report
 
 
 def read_jsonl(path):

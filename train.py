@@ -322,6 +322,8 @@ def setup(cfg, out, log):
     """Everything a run needs before its first step, new or resumed: the problems and the policy (data.py),
     the reference when the loss reads it, the optimizer and schedule, the RNGs and the logs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     if cfg["preset"] == "tiny":
         run_dir.check_writable(Path(cfg["cache_dir"]), "--cache-dir")
     ckpt, saved = run_dir.resume_checkpoint(out, log) if cfg.get("resume") else (None, None)
@@ -367,6 +369,7 @@ def main(argv=None, log=None):
     cfg, out = config.parse(argv)
     with run_dir.open_run(out, cfg, log):
         state = setup(cfg, out, log)
+        log(f"run directory: {out}")
         return loop(state, cfg, out, log)
 
 
@@ -388,10 +391,11 @@ def loop(state, cfg, out, log):
         return evaluation.evaluate_sets(state["model"], state["tok"], state["eval_sets"], cfg, step, state["autocast"],
                                         state["device"], lambda r: run_dir.append_jsonl(out / "eval_samples.jsonl", r))
 
-    rows, start = [], state["start_step"]
+    rows, start, report = [], state["start_step"], run_dir.reporter(out, cfg.get("report_to"))
     if start == 0:
         rows.append({"step": 0, **evaluate(0), **{f"too_long_prompts/{k}": n for k, n in state["too_long"].items()}})
         run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
+        report(rows[-1])
         if state["eval_sets"]:
             log(f"step 0 (start model): {evaluation.summary(rows[-1])}")
     interactive = sys.stderr.isatty()       # a bar on a terminal, one line per step in a log file
@@ -407,17 +411,20 @@ def loop(state, cfg, out, log):
         with warnings.catch_warnings():      # one schedule step per RL step, also when no update was made
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
             state["scheduler"].step()
-        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
-            metrics.update(evaluate(step))
-        metrics["peak_mem_mb"] = peak_mem_mb(state["device"])
-        rows.append(run_dir.json_safe({"step": step, **metrics}))
-        run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
-        for r in records:
-            run_dir.append_jsonl(out / "samples.jsonl", {"step": step, **r})
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
         if not interactive:
             log(f"step {step}/{cfg['steps']}: reward {metrics['reward']:.3f}, entropy {metrics['entropy']:.3f}, "
                 f"{time.perf_counter() - started:.1f}s")
+        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
+            metrics.update(evaluate(step))
+            if state["eval_sets"]:
+                log(f"step {step} evaluation, {metrics['time/eval']:.1f}s: {evaluation.summary(metrics)}")
+        metrics["peak_mem_mb"] = peak_mem_mb(state["device"])
+        rows.append(run_dir.json_safe({"step": step, **metrics}))
+        run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
+        report(rows[-1])
+        for r in records:
+            run_dir.append_jsonl(out / "samples.jsonl", {"step": step, **r})
         if step % cfg["save_interval"] == 0 or step == cfg["steps"]:
             t = time.perf_counter()
             run_dir.save_checkpoint(out, step, state["model"], state["tok"], state["optimizer"], state["data_rng"],
@@ -425,8 +432,6 @@ def loop(state, cfg, out, log):
                                     entropy_control=state["entropy_control"], scheduler=state["scheduler"],
                                     with_optimizer=cfg["save_optimizer"])
             log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
-    if rows and "eval/n" in rows[-1]:
-        log(f"step {rows[-1]['step']}: {evaluation.summary(rows[-1])}")
     if cfg["plot"]:
         plots.plot_curves(out)
     return rows

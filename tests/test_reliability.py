@@ -343,7 +343,7 @@ def test_bad_row_stops_the_command_line_before_the_warm_start(tmp_path, cache, c
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "answer": "2"}) + "\n" + json.dumps({"problem": "x"}) + "\n")
     line = error_line(capsys, tiny(cache, tmp_path / "run", "--dataset", str(data)))
-    assert f"{data}, row 2: field 'solution'" in line
+    assert f"{data}, row 2: field 'answer'" in line          # the field row 1 uses
     line = error_line(capsys, tiny(cache, tmp_path / "run2", "--dataset", str(tmp_path / "missing.jsonl")))
     assert "missing.jsonl not found" in line
 

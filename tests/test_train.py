@@ -446,7 +446,7 @@ def test_local_file_field_mapping_and_bad_rows(tmp_path):
     assert data.load_items(str(good), "train", problem_field="q", answer_field="sol")[0]["answer"] == "4"
     bad = tmp_path / "b.jsonl"
     bad.write_text(json.dumps({"problem": "x", "answer": "1"}) + "\n" + json.dumps({"problem": "y"}) + "\n")
-    with pytest.raises(ValueError, match=r"b\.jsonl, row 2: field 'solution'"):
+    with pytest.raises(ValueError, match=r"b\.jsonl, row 2: field 'answer'"):      # the field row 1 uses
         data.load_items(str(bad), "train")
     bad.write_text(json.dumps({"problem": "", "answer": "1"}) + "\n")
     with pytest.raises(ValueError, match=r"row 1: field 'problem'"):
