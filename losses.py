@@ -61,13 +61,32 @@ puts in front, and with an approximate logit step:
 `first_order_term` returns one of these three factors g, so that each token's estimate is -w g.
 
 Usage
-    LOSSES maps each method's name to a Loss: calling it runs the loss with any batch tensors as keywords
-    (those it does not read are dropped), and its fields say what a trainer needs besides: inputs and
-    needs (the batch tensors it reads and those it cannot do without; "current_entropy" in inputs: the
-    current policy's entropy with gradient), knobs (name -> default), statistics (its whole-batch
-    statistic, used by batch_statistics), zero_rows (rows a trainer may leave out), reduce (how
-    merge_metrics combines its metrics over micro-batches), std_normalize, on_policy, adaptive,
-    data_defaults (the paper's data-side settings) and forwards_to.
+    LOSSES maps each method's name to a Loss. Calling an entry, LOSSES[name](**batch, **knobs), takes
+    keywords only:
+      batch tensors  any of BATCH_KEYS: logp, old_logp, advantages, mask, entropy, exact_term, ref_logp,
+                     current_entropy, num_tokens, num_seqs, norm_length. Those not in entry.inputs are
+                     dropped; those in entry.needs are required; the rest of entry.inputs are optional (absent
+                     or None: the loss does without them). Every entry needs logp, advantages and mask; all but
+                     opefo need old_logp; steer, opefo, archer, forking and entropy_adv need entropy;
+                     entropy_bonus and adaptive_entropy need current_entropy (the current policy's entropy
+                     WITH gradient, token_logprobs_entropy(logits, tokens)[1]), which no other entry reads.
+                     A needed tensor that is absent or None is a one-line TypeError naming it and what
+                     computes it: "entropy_bonus_loss needs current_entropy (B, T) with gradient:
+                     token_logprobs_entropy(logits, tokens)[1]". An optional tensor that a knob turns on is
+                     a ValueError when missing: ref_logp for a KL term (grpo/dapo/drgrpo kl_coef > 0; archer
+                     by default; uses_reference tells), exact_term for steer's omega="exact" and opefo's
+                     flow="exact".
+      knobs          every other keyword goes to the loss function: a misspelt knob is a TypeError. Knobs
+                     without a default (REQUIRED in entry.knobs) must be given: adaptive_entropy's alpha
+                     (this step's, from entropy_control_step). batch_statistics(name, ...) output goes to
+                     the same entry.
+    So the whole batch (every BATCH_KEYS tensor, current_entropy included) runs every entry (adaptive_entropy
+    given its alpha); without current_entropy every entry but entropy_bonus and adaptive_entropy runs, to the
+    same value as with it (tests/test_losses.py loops over all 13).
+    The entry's fields say what a trainer needs besides: inputs and needs (above), knobs (name ->
+    default), statistics (its whole-batch statistic, used by batch_statistics), zero_rows (rows a trainer
+    may leave out), reduce (how merge_metrics combines its metrics over micro-batches), std_normalize,
+    on_policy, adaptive, data_defaults (the paper's data-side settings) and forwards_to.
     from losses import LOSSES, batch_statistics, group_advantages, merge_metrics, token_logprobs, token_stats
     adv = group_advantages(rewards, group_size=8, std_normalize=LOSSES["steer"].std_normalize)   # (B,)
     old_logp, entropy, s2 = token_stats(old_logits, response_ids)        # (B, T) each, one pass, no grad
@@ -117,9 +136,14 @@ def _check_knob(name, value, ok, rule):
         raise ValueError(f"{name}={value!r} must be {rule}")
 
 
-def _check_clip(clip_low, clip_high, dual_clip):
-    """PPO clip knobs: clip_low in [0, 1) (a ratio bound 1 - clip_low > 0), clip_high >= 0, dual_clip > 1."""
-    _check_knob("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1)")
+def _check_clip(clip_low, clip_high, dual_clip, no_low_clip=False):
+    """PPO clip knobs: clip_low in [0, 1) (a ratio bound 1 - clip_low > 0), clip_high >= 0, dual_clip > 1.
+    no_low_clip (Clip-Cov only): clip_low in [0, 1]; clip_low = 1 is the bound 0, which r = exp(.) > 0
+    never reaches: no lower clip (the Clip-Cov authors' 7B setting, clip ratio low = high = 1)."""
+    if no_low_clip:
+        _check_knob("clip_low", clip_low, 0 <= clip_low <= 1, "in [0, 1]")
+    else:
+        _check_knob("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1)")
     _check_knob("clip_high", clip_high, clip_high >= 0, ">= 0")
     _check_dual_clip(dual_clip)
 
@@ -244,8 +268,11 @@ def agg_loss(per_token, mask, mode="token-mean", *, num_tokens=None, num_seqs=No
     gradient accumulation pass the whole batch's totals (batch_totals(mask) on the whole batch): the sum
     of the micro-batch losses then equals the loss of the whole batch. Both must be > 0.
     seq-mean-token-sum-norm divides by num_seqs * norm_length, as TRL's dr_grpo does (B times the maximum
-    completion length); verl's mode of that name divides the token sum by the constant alone, a loss B
-    times larger. Both are valid; num_seqs=1 with norm_length=your constant gives verl's.
+    completion length) and as verl 0.9.1's agg_loss does (verl/trainer/ppo/core_algos.py): the token sum
+    of the rows with a valid token, divided by global_batch_size (default: those rows; with dp_size > 1
+    the global count, each rank's loss times dp_size) and then by loss_scale_factor (default: T, the
+    padded width). So num_seqs = global_batch_size and norm_length = loss_scale_factor reproduce verl
+    0.9.1 (tested); its defaults are this function's. (verl 0.8-dev divided by the constant alone.)
     Masked positions contribute exactly zero, even where per_token is not finite.
     """
     _check_tokens("per_token", per_token, mask)
@@ -340,12 +367,13 @@ class _PPOTerms(NamedTuple):
     rest: list                   # the further cleaned tensors, in the order given
 
 
-def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, **tensors):
+def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, no_low_clip=False, **tensors):
     """The common start of the PPO-clip losses: checks, cleaned (B, T) inputs (masked positions set to 0,
     see _batch), and the per-token clipped surrogate with its ratio, as a _PPOTerms. tensors: further
-    (B, T) inputs (entropy, exact_term, ...) to check and clean, returned in `rest`.
+    (B, T) inputs (entropy, exact_term, ...) to check and clean, returned in `rest`. no_low_clip: see
+    _check_clip (Clip-Cov's clip_low = 1).
     """
-    _check_clip(clip_low, clip_high, dual_clip)
+    _check_clip(clip_low, clip_high, dual_clip, no_low_clip)
     b = _batch(mask, advantages, logp=logp, old_logp=old_logp, **tensors)
     logp, old_logp, *rest = b.tensors
     per_token, ratio = ppo_clip_loss(logp, old_logp, b.adv, clip_low=clip_low, clip_high=clip_high,
@@ -850,8 +878,10 @@ def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_
     A random fraction r = clip_cov_ratio = 2e-4 of the valid tokens (a fraction, not a percent; the paper's
     r and verl's clip_cov_ratio), drawn among tokens with Cov in (cov_lb, cov_ub) = (1, 5) that PPO has not
     clipped, contributes nothing (value and gradient), as verl multiplies their loss by 0. Cov from
-    token_covariance on the current log pi (detached). PPO clip 0.2 / 0.2 (verl's default; the released
-    7B Clip-Cov script sets 1.0 / 1.0, i.e. no ratio clip in practice), no dual clip, token-mean.
+    token_covariance on the current log pi (detached). PPO clip 0.2 / 0.2 (verl's default), no dual clip,
+    token-mean. clip_low may be 1 here (in [0, 1]; the other PPO losses keep [0, 1)): the released 7B
+    Clip-Cov script sets clip ratio low = high = 1.0, ratio bounds (0, 2), and as r > 0 the lower bound
+    clips nothing; the loss is then the unclipped -A r wherever r < 2, Clip-Cov's token drop the only brake.
     cov_selected (B, T) bool: the whole batch's choice, from batch_statistics("clip_cov", ...) (slice it
     with the rows of each micro-batch): exact under micro-batching. Without it the choice is made in this
     call (count from this call's valid tokens, centring from cov_means or this call), as verl does per
@@ -860,7 +890,7 @@ def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_
     """
     _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub)
     mask, mf, count, adv, per_token, ratio, logp, (entropy, cov_selected) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, no_low_clip=True, entropy=entropy,
         cov_selected=cov_selected)
     if cov_selected is None:
         clipped = -adv * ratio.detach().clamp(1 - clip_low, 1 + clip_high) > -adv * ratio.detach()
@@ -1056,7 +1086,8 @@ def w_reinforce_loss(logp, old_logp, advantages, mask, *, positive_weight=0.1, c
     _check_knob("positive_weight", positive_weight, positive_weight >= 0, ">= 0")
     mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
         logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
-    weight = torch.where(adv > 0, positive_weight, 1.0)                          # lambda L_PSR + L_NSR
+    weight = torch.where(adv > 0, adv.new_tensor(positive_weight), 1.0)         # lambda L_PSR + L_NSR, in
+                                                                                 # the inputs' dtype
     loss = agg_loss(weight * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)

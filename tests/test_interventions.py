@@ -237,6 +237,33 @@ def test_clip_cov_micro_batches_with_the_batch_choice():
     assert (g[stats["cov_selected"]] == 0).all()
 
 
+
+def test_clip_cov_with_clip_low_and_high_one_is_the_unclipped_surrogate():
+    """The Clip-Cov authors' 7B setting, clip ratio low = high = 1: the ratio bounds (0, 2); r > 0 always,
+    so the lower clip is none, and for r in (0, 2) the loss is the unclipped -A r on the tokens kept."""
+    b = batch(B=4, T=6, seed=12)
+    r = 0.05 + 1.9 * torch.rand(4, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    r[1, 0] = 1e-6                                                        # far below 1 - 0.2: still unclipped
+    logp = (b["old_logp"] + r.log()).requires_grad_(True)
+    chosen = torch.zeros(4, 6, dtype=torch.bool)
+    chosen[0, 1] = chosen[2, 3] = True                                    # two valid tokens Clip-Cov drops
+    loss, m = losses.clip_cov_loss(logp, b["old_logp"], b["advantages"], b["mask"], clip_low=1.0,
+                                   clip_high=1.0, cov_selected=chosen)
+    keep = b["mask"].bool() & ~chosen
+    ratio = torch.exp(logp - b["old_logp"])
+    expected = (-b["advantages"].view(-1, 1) * ratio)[keep].sum() / b["mask"].sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-14, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, logp)[0], torch.autograd.grad(expected, logp)[0],
+                               rtol=1e-14, atol=0)
+    assert m["clip_frac_low"] == m["clip_frac_high"] == 0.0
+    own, _ = run("clip_cov", dict(b, logp=logp), clip_low=1.0, clip_high=1.0)   # its own draw, via LOSSES
+    assert torch.isfinite(own)
+    with pytest.raises(ValueError, match=r"clip_low=1.5 must be in \[0, 1\]"):
+        run("clip_cov", b, clip_low=1.5)
+    with pytest.raises(ValueError, match=r"clip_low=1.0 must be in \[0, 1\)"):    # the other PPO losses
+        run("forking", b, clip_low=1.0)
+
+
 # -------------------------------------------------------------------------------------------- KL-Cov
 def kl_cov_reference(logp, old_logp, adv, chosen, coef):
     """KL-Cov's per-token loss from the paper's formula, token-mean over one fully valid row."""
@@ -342,6 +369,22 @@ def test_w_reinforce_hand_values_and_gradient():
     same, _ = losses.w_reinforce_loss(logp, logp.detach(), adv, mask, positive_weight=1.0)
     plain, _ = losses.grpo_loss(logp, logp.detach(), adv, mask)
     assert same.item() == plain.item()
+
+
+
+def test_w_reinforce_float64_weights_are_float64():
+    """float64 inputs are computed in float64: lambda = 0.1 itself, not float32(0.1) (1.5e-9 off)."""
+    b = batch(seed=11)
+    adv = b["advantages"]
+    assert (adv > 0).any() and (adv < 0).any()
+    loss, _ = losses.w_reinforce_loss(b["logp"], b["old_logp"], adv, b["mask"], positive_weight=0.1)
+    r = torch.exp(b["logp"] - b["old_logp"])
+    a = adv.view(-1, 1)
+    per_token = torch.maximum(-a * r, -a * r.clamp(0.8, 1.2))            # PPO-clip, clip 0.2 / 0.2
+    weight = torch.tensor([[0.1 if x > 0 else 1.0] for x in adv.tolist()], dtype=torch.float64)
+    expected = (weight * per_token)[b["mask"].bool()].sum() / b["mask"].sum()
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected.item()) <= 1e-15 * abs(expected.item())
 
 
 # --------------------------------------------------------------------- every new loss: shared checks

@@ -1,6 +1,8 @@
 """Tests for losses.py: hand-computed values, reductions between methods, gradients and numerics."""
+import importlib
 import inspect
 import math
+import os
 
 import pytest
 import torch
@@ -60,6 +62,34 @@ def test_agg_modes_hand_values():
     assert agg_loss(x, m, "token-mean", num_tokens=10).item() == pytest.approx(1.5)
     with pytest.raises(ValueError, match="unknown aggregation mode 'sum'"):
         agg_loss(x, m, "sum")
+
+
+
+def verl_core_algos():
+    """verl.trainer.ppo.core_algos; skips without verl, except in CI (CI=true), where it must be there."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module("verl.trainer.ppo.core_algos")
+    return pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed "
+                               "(pip install -r requirements-integrations.txt)")
+
+
+def test_seq_mean_token_sum_norm_is_verls_agg_loss():
+    """verl 0.9.1's seq-mean-token-sum-norm: the token sum over the rows with a valid token, divided by
+    global_batch_size (default: those rows) and by loss_scale_factor (default: T), as agg_loss divides by
+    num_seqs * norm_length. Compared on a batch with an all-padding row and a partly padded one."""
+    core_algos = verl_core_algos()
+    b = random_batch(B=5, T=7)
+    mask = b["mask"].clone()
+    mask[2] = 0                                                   # a row without a valid token
+    x = b["logp"].double() * b["advantages"].double().view(-1, 1)
+    for ours, theirs in ((dict(), dict()),
+                         (dict(num_seqs=12, norm_length=16), dict(global_batch_size=12, loss_scale_factor=16))):
+        mine = agg_loss(x, mask, "seq-mean-token-sum-norm", **ours)
+        verl = core_algos.agg_loss(x, mask.double(), "seq-mean-token-sum-norm", **theirs)
+        torch.testing.assert_close(mine, verl, rtol=1e-15, atol=0)
+    assert mine.item() == pytest.approx((x * mask).sum().item() / (12 * 16), rel=1e-15)
+    alone = agg_loss(x, mask, "seq-mean-token-sum-norm", num_seqs=1, norm_length=7)   # the constant alone
+    torch.testing.assert_close(alone, 4 * core_algos.agg_loss(x, mask.double(), "seq-mean-token-sum-norm"))
 
 
 @pytest.mark.parametrize("mode", losses.AGG_MODES)
@@ -914,6 +944,43 @@ def test_missing_current_entropy_names_the_tensor_and_its_function(name):
     with pytest.raises(TypeError, match=r"steer_loss needs entropy \(B, T\), the behaviour policy's: "
                                         r"token_stats\(old_logits, tokens\)\[1\]"):
         LOSSES["steer"](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"])
+
+
+
+BONUSES = ("adaptive_entropy", "entropy_bonus")                  # the entries that need current_entropy
+
+
+def whole_batch(b):
+    """Every batch tensor of losses.BATCH_KEYS, as a trainer that serves all 13 entries would pass them."""
+    batch = {k: b[k] for k in ("logp", "old_logp", "advantages", "mask", "entropy", "exact_term",
+                                "current_entropy")}
+    batch.update(ref_logp=b["old_logp"] - 0.1, norm_length=b["mask"].shape[1], **losses.batch_totals(b["mask"]))
+    assert set(batch) == losses.BATCH_KEYS
+    return batch
+
+
+def test_every_entry_takes_the_whole_batch_and_only_the_bonuses_need_current_entropy():
+    """The contract of losses.py's Usage: one call with every batch tensor runs every entry (its required
+    knobs aside); without current_entropy, the two entropy bonuses raise one line naming the tensor and
+    the function that computes it, and every other entry gives the same value to the last bit."""
+    b = random_batch()
+    full = whole_batch(b)
+    values = {}
+    for name in ALL:
+        loss, metrics = LOSSES[name](**full, **knobs(name))
+        assert torch.isfinite(loss) and metrics, name
+        values[name] = loss.item()
+    assert [n for n in ALL if "current_entropy" in LOSSES[n].needs] == list(BONUSES)
+    without = {k: v for k, v in full.items() if k != "current_entropy"}
+    for batch in (without, dict(without, current_entropy=None)):
+        for name in ALL:
+            if name in BONUSES:
+                with pytest.raises(TypeError) as err:
+                    LOSSES[name](**batch, **knobs(name))
+                assert str(err.value) == (f"{name}_loss needs current_entropy (B, T) with gradient: "
+                                          "token_logprobs_entropy(logits, tokens)[1]")
+            else:
+                assert LOSSES[name](**batch, **knobs(name))[0].item() == values[name], name
 
 
 def test_overlong_penalty_hand_values():
