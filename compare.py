@@ -86,7 +86,8 @@ def is_finished(run_dir):
 
 
 def run_cell(run_dir, args, threads):
-    """Run (or resume) one cell; returns (run_dir, return code). Output goes to run_dir/log.txt."""
+    """Run (or resume) one cell on `threads` CPU threads; returns (run_dir, return code). Output goes to
+    <run_dir>.log beside it."""
     run_dir = Path(run_dir)
     if is_finished(run_dir):
         return run_dir, 0
@@ -94,7 +95,8 @@ def run_cell(run_dir, args, threads):
         cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(run_dir)]
     else:
         shutil.rmtree(run_dir, ignore_errors=True)            # started but never checkpointed: start again
-        cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(run_dir), "--measure-entropy-change"] + args
+        cmd = [sys.executable, str(ROOT / "train.py"), "--out", str(run_dir), "--threads", str(threads),
+               "--measure-entropy-change"] + args
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:

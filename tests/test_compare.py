@@ -27,10 +27,10 @@ def test_run_cell_skips_finished_resumes_unfinished_restarts_the_rest(tmp_path, 
     fake_run(tmp_path / "half", steps=2, done=1, checkpoint=True)
     fake_run(tmp_path / "fresh", steps=2, done=0, checkpoint=False)
     for name in ("done", "half", "fresh"):
-        assert compare.run_cell(tmp_path / name, ["--algo", "grpo"], 1) == (tmp_path / name, 0)
+        assert compare.run_cell(tmp_path / name, ["--algo", "grpo"], 3) == (tmp_path / name, 0)
     assert len(calls) == 2                                        # the finished run is not redone
     assert calls[0][-2:] == ["--resume", str(tmp_path / "half")]
-    assert calls[1][2:6] == ["--out", str(tmp_path / "fresh"), "--measure-entropy-change", "--algo"]
+    assert calls[1][2:8] == ["--out", str(tmp_path / "fresh"), "--threads", "3", "--measure-entropy-change", "--algo"]
     assert not (tmp_path / "fresh" / "metrics.jsonl").exists()   # never checkpointed: started again
 
 
