@@ -32,6 +32,22 @@ tensors that losses.py needs and TRL does not keep:
                           weighted_flow, entropy_bonus and kl_cov summed; omega_max and weight_max maxed,
                           weight_min minned; the others token-weighted), then across processes (max, min,
                           else the mean).
+    entropy flow          the four-quadrant first-order entropy change that train.py logs
+                          (losses.entropy_flow_quadrants), once per optimizer step as
+                          "<loss>/flow/<q>_exact", "_paper" and "_count" for q in losses.QUADRANTS, zero_adv
+                          and total: summed over the window's micro-batches and over processes, so the value is
+                          the optimizer step's. Each token's weight w = -dLoss/dlogp is read off the loss that
+                          _compute_loss returns, by torch.autograd.grad(loss, logp, retain_graph=True): a
+                          backward through the loss's own (B, T) elementwise graph only (it stops at logp,
+                          neither the LM head nor the model is visited; no extra memory beyond one (B, T)
+                          tensor), before and independent of TRL's backward, which may scale the loss
+                          (fp16 GradScaler, DeepSpeed, transformers' accumulation scaling) -- a logp.retain_grad()
+                          read after accelerator.backward would carry those factors. Per process the loss is
+                          num_processes times its share of the global one (num_tokens is the global total over
+                          num_processes, DDP averages), so w is that gradient over num_processes. Like train.py's,
+                          w holds only what passes through log pi(a) (not an entropy bonus's gradient, nor MoE's
+                          aux loss). TRL averages each metric over logging_steps optimizer steps: with
+                          logging_steps = k the logged value is the per-step mean of the k steps' flows.
 
 Usage (text models; any LOSSES name; knobs as in losses.py; adaptive_entropy takes a
 fixed alpha here, TRL's own use_adaptive_entropy being refused):
@@ -99,6 +115,7 @@ class LossesGRPOTrainer(GRPOTrainer):
         self._check_config()
         self._stats = (None, None)        # (window index, losses.batch_statistics of that window)
         self._window_parts = []           # (valid tokens, metrics) of this window's micro-batches
+        self._window_flows = []           # losses.entropy_flow_quadrants of this window's micro-batches
 
     def _check_config(self):
         a, name = self.args, self.loss_name
@@ -203,11 +220,34 @@ class LossesGRPOTrainer(GRPOTrainer):
             logp=logp, old_logp=logp.detach() if old_logp is None else old_logp, advantages=inputs["advantages"],
             mask=mask, entropy=inputs["old_entropy"], exact_term=inputs["old_exact_term"],
             ref_logp=inputs.get("ref_per_token_logps"), current_entropy=current_entropy, **{**self._loss_statistics(inputs), **self.loss_kwargs})
+        if self.model.training and loss.requires_grad:
+            self._window_flows.append(self._flow(loss, logp, inputs, mask))
         if self.aux_loss_enabled:            # MoE load balancing, scaled for accumulation as TRL does
             share = self.current_gradient_accumulation_steps if self.model.training else 1
             loss = loss + self.router_aux_loss_coef * aux_loss / share
         self._record(metrics, int(mask.sum()))
         return loss
+
+    def _flow(self, loss, logp, inputs, mask):
+        """losses.entropy_flow_quadrants of this micro-batch, with w = -dLoss/dlogp of the global loss."""
+        grad, = torch.autograd.grad(loss, logp, retain_graph=True, allow_unused=True)   # the loss's graph only
+        weights = torch.zeros_like(logp) if grad is None else -grad / self.accelerator.num_processes
+        return losses.entropy_flow_quadrants(inputs["old_logp_stats"], inputs["old_entropy"], inputs["old_exact_term"],
+                                             inputs["advantages"], weights, mask)
+
+    def _log_flow(self):
+        """The window's flow (summed over its micro-batches and over processes) to TRL's logs, as train.py's."""
+        flows, self._window_flows = self._window_flows, []
+        if not flows:
+            return
+        keys = [f"{q}_{k}" for q in losses.QUADRANTS + ("zero_adv", "total") for k in ("exact", "paper", "count")]
+        device = self.accelerator.device
+        total = torch.tensor([sum(f[k] for f in flows) for k in keys], device=device,
+                             dtype=torch.float32 if device.type == "mps" else torch.float64)   # MPS: no float64
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        for k, value in zip(keys, total.tolist()):
+            self._metrics["train"][f"{self.loss_name}/flow/{k}"].append(value)
 
     def _record(self, metrics, tokens):
         """Collect a micro-batch's metrics; at the window's end write one value per metric to TRL's logs."""
@@ -215,6 +255,8 @@ class LossesGRPOTrainer(GRPOTrainer):
         if self.model.training and (self._step + 1) % self.args.gradient_accumulation_steps:
             return
         parts, self._window_parts = self._window_parts, []
+        if self.model.training:
+            self._log_flow()
         merged = losses.merge_metrics(self.loss_name, parts)
         reduce = losses.LOSSES[self.loss_name].reduce
         keys = list(merged)

@@ -86,6 +86,13 @@ def test_trains_a_few_steps(model_dir, tmp_path, loss, beta):
     assert moved > 1e-4                                            # the loss reached the parameters
     entropy = logged(trainer, f"{loss}/entropy")
     assert len(entropy) == 3 and all(0.5 < h < math.log(17) for h in entropy)   # behaviour H, nats, V = 17
+    for form in ("exact", "paper", "count"):                       # the entropy flow: one value per step
+        parts = [logged(trainer, f"{loss}/flow/{q}_{form}") for q in losses.QUADRANTS + ("zero_adv",)]
+        total = logged(trainer, f"{loss}/flow/total_{form}")
+        assert len(total) == 3                                     # (OPEFO's paper total is ~0: abs to the parts)
+        for t, *v in zip(total, *parts):
+            assert t == pytest.approx(sum(v), rel=1e-6, abs=1e-6 * sum(map(abs, v))), form
+    assert all(n > 0 for n in logged(trainer, f"{loss}/flow/total_count"))
     if loss == "steer":
         assert all(abs(w - 0.7) < 1e-3 for w in logged(trainer, "steer/weight_min"))   # M is the window's max
         assert all(0.7 < w < 1.0 for w in logged(trainer, "steer/weight_mean"))
@@ -149,3 +156,63 @@ def test_refuses_mismatched_reference(model_dir, tmp_path):
     assert not trl_adapter.uses_reference("kl_cov", {})            # its kl_coef is to pi_old, not the reference
     assert trl_adapter.uses_reference("grpo", {"kl_coef": 0.04}) and not trl_adapter.uses_reference("grpo", {})
     assert not trl_adapter.uses_reference("archer", {"kl_knowledge": 0.0})
+
+
+FLOW_KEYS = [f"{q}_{k}" for q in losses.QUADRANTS + ("zero_adv", "total") for k in ("exact", "paper", "count")]
+
+
+def train_py_flow(trainer, loss):
+    """train.py's flow of one optimizer step (train.update, one mini-batch of the whole window, micro-batches
+    of ROWS rows) on the window's rows, with the adapter's behaviour statistics (log pi_old, H, S2)."""
+    import train
+
+    pieces = trainer._buffered_inputs[:GA]
+    cat = {k: torch.cat([p[k] for p in pieces]) for k in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                             "completion_mask", "advantages", "old_logp_stats",
+                                                             "old_entropy", "old_exact_term")}
+    assert bool((cat["prompt_mask"] == 1).all())   # no left padding: train.py's position ids are TRL's
+    batch = {"input_ids": torch.cat([cat["prompt_ids"], cat["completion_ids"]], 1),
+             "attention_mask": torch.cat([cat["prompt_mask"], cat["completion_mask"]], 1),
+             "mask": cat["completion_mask"].float(), "prompt_length": cat["prompt_ids"].shape[1],
+             "advantages": cat["advantages"], "old_logp": cat["old_logp_stats"], "entropy": cat["old_entropy"],
+             "exact_term": cat["old_exact_term"]}
+    model = trainer.model
+
+    def stats_fn(b, with_grad=False, with_entropy=True):
+        return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"], b["mask"],
+                                            temperature=trainer.temperature, with_grad=with_grad,
+                                            with_entropy=with_entropy)
+    cfg = dict(algo=loss, group_size=GROUP, updates_per_batch=1, micro_batch_size=ROWS, max_grad_norm=1e9,
+               measure_entropy_change=False, temperature=trainer.temperature, max_new_tokens=LENGTH)
+    cfg.update({k: None for k in train.config.KNOB_FLAGS})
+    out = train.update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, cfg, stats_fn)
+    assert out["updates"] == 1
+    return out
+
+
+@pytest.mark.parametrize("loss", ["steer", "grpo"])
+def test_flow_equals_train_py(model_dir, tmp_path, loss):
+    """One optimizer step over a window of GA = 2 micro-batches: the adapter logs flow/<q>_{exact,paper,count}
+    once, and each equals train.py's for the same rows (rel 1e-4; counts exactly)."""
+    trainer = make_trainer(model_dir, tmp_path, loss)
+    generation_batch = next(iter(trainer.get_train_dataloader()))
+    trainer.current_gradient_accumulation_steps = GA
+    trainer.model.zero_grad()
+    for _ in range(GA):
+        trainer.training_step(trainer.model, generation_batch, None)
+    metrics = trainer._metrics["train"]
+    assert all(len(metrics[f"{loss}/flow/{k}"]) == 1 for k in FLOW_KEYS)   # one value per optimizer step
+    adapter = {k: metrics[f"{loss}/flow/{k}"][0] for k in FLOW_KEYS}
+    expected = train_py_flow(trainer, loss)
+    mask = torch.cat([p["completion_mask"] for p in trainer._buffered_inputs[:GA]])
+    assert adapter["total_count"] == int(mask.sum()) > 20
+    assert sum(adapter[f"{q}_count"] > 0 for q in losses.QUADRANTS) >= 3        # the quadrants are populated
+    scale = sum(abs(adapter[f"{q}_exact"]) for q in losses.QUADRANTS)
+    assert scale > 1e-3
+    for k in FLOW_KEYS:
+        if k.endswith("_count"):
+            assert adapter[k] == expected[f"flow/{k}"], k
+        else:
+            assert adapter[k] == pytest.approx(expected[f"flow/{k}"], rel=1e-4, abs=1e-7 * scale), k
+    assert adapter["total_exact"] == pytest.approx(sum(adapter[f"{q}_exact"] for q in losses.QUADRANTS + ("zero_adv",)),
+                                                   rel=1e-6, abs=1e-9)
