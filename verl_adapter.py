@@ -13,10 +13,25 @@ around one verl function, which keep verl's code and only add to what flows thro
        training batch (behaviour statistics, r = 1) joins the batch as per-row columns, which survive any
        mini- and micro-batch split: STEER's M, OPEFO's flow totals (P, N), and the other losses' batch
        statistics (a scalar as a constant column "batch_stat.<key>", a (B, T) tensor as "batch_rows.<key>").
-       STEER's weights then depend on neither the micro- nor the mini-batch size.
+       STEER's weights then depend on neither the micro- nor the mini-batch size. After the update, the
+       entropy-flow metrics are summed over the mini-batches (below).
     3. verl.workers.utils.losses.ppo_loss (actor workers): reads "old_entropy", those columns,
        "ref_log_prob" and, with actor.calculate_entropy, the current entropy (with gradient) of the
-       micro-batch and hands them to the registered loss for the length of the call.
+       micro-batch and hands them to the registered loss for the length of the call; adds the loss's
+       entropy-flow sums to the metrics ppo_loss returns.
+Entropy flow: the registered loss also splits the update's first-order entropy change into STEER's quadrants,
+as train.py does (losses.entropy_flow_quadrants): w = -dLoss/dlogp from torch.autograd.grad(loss, log_prob,
+retain_graph=True) inside the loss, a backward through the loss's own (B, T) elementwise graph only (it stops
+at log_prob: no model backward, one (B, T) tensor of memory), independent of how verl then scales the loss for
+its backward (fp16 scaler). Logged as "<loss>/flow/<q>_paper" and "_count" for q in losses.QUADRANTS, zero_adv
+and total (verl's driver shows them under "actor/"), each the sum over the RL step's optimizer steps, as
+train.py's: wrapper 3 adds them to ppo_loss's metrics as Metric(SUM), so verl sums them over a mini-batch's
+micro-batches; verl then averages over dp ranks (Metric.aggregate_dp), which the loss undoes by logging
+dp_size x its rank's share (w being the rank's gradient over dp_size, since verl averages the ranks'
+gradients); wrapper 2 sums the per-mini-batch values that verl's driver would average (reduce_metrics). The
+"_exact" sums are not logged: they need S2 (see Limits). verl's own KL loss (use_kl_loss with kl_loss_coef)
+and entropy_coeff terms are added outside the registered loss and are not in w, nor is the current entropy's
+gradient (train.py's w has no entropy gradient either).
 The normalisers come from verl's own global batch info: num_tokens = batch_num_tokens / dp_size and
 num_seqs = global_batch_size / dp_size (verl averages the gradients over dp ranks), so the micro-batch
 losses add up to the mini-batch's; norm_length = loss_scale_factor when it is set. agg is verl's
@@ -39,13 +54,17 @@ multi-node one gets them through +ray_kwargs.ray_init.runtime_env.env_vars.NAME=
         actor_rollout_ref.actor.loss_agg_mode=token-mean ...
 
 Limits: S2, the exact forms' extra statistic (omega="exact", flow="exact"), is not computed by verl's actor
-(its calculate_sum_pi_squared is sum pi^2, a different quantity), so the exact forms are refused here;
-train.py and trl_adapter.py have them. rollout_is_weights (rollout correction) is refused rather than
-dropped. adaptive_entropy takes a fixed alpha knob (verl does not step its controller). OPEFO needs one
-optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal to
-data.train_batch_size. Tested with verl 0.9.1 (refused otherwise, at import), whose internals used are the
+(its calculate_sum_pi_squared is sum pi^2, a different quantity), so the exact forms are refused here, and
+the entropy flow is logged in the paper form only (flow/<q>_exact is absent); train.py and trl_adapter.py
+have them. Getting S2 would mean a fourth wrapper inside each verl engine's logits-to-entropy kernel (plain,
+chunked, fused, Megatron vocab-parallel), which this adapter does not attempt. rollout_is_weights (rollout
+correction) is refused rather than dropped. adaptive_entropy takes a fixed alpha knob (verl does not step
+its controller). OPEFO needs one optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal
+to data.train_batch_size. Tested with verl 0.9.1 (refused otherwise, at import), whose internals used are the
 three functions above, the batch keys "entropys", "old_log_probs", "advantages", "response_mask" and
-"ref_log_prob", the model output "entropy", ActorConfig.global_batch_info and no_padding_2_padding.
+"ref_log_prob", the model output "entropy", ActorConfig.global_batch_info, no_padding_2_padding, and
+for the flow metrics verl.utils.metric.Metric (SUM over micro-batches, Metric.aggregate_dp's mean over dp
+ranks) and _update_actor's per-mini-batch metric lists.
 """
 import contextvars
 import functools
@@ -56,6 +75,7 @@ import sys
 import torch
 import verl
 from verl.trainer.ppo import core_algos, ray_trainer
+from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils import losses as verl_losses
 from verl.workers.utils.padding import no_padding_2_padding
 
@@ -168,9 +188,36 @@ def make_policy_loss(name):
         loss, metrics = losses.LOSSES[name](logp=log_prob, old_logp=old_log_prob, advantages=advantages,
                                             mask=response_mask, entropy=extra["entropy"], ref_logp=extra["ref_logp"],
                                             current_entropy=extra["current_entropy"], **{**kwargs, **KNOBS})
+        if torch.is_grad_enabled() and loss.requires_grad and log_prob.requires_grad:
+            flow = flow_sums(loss, log_prob, old_log_prob, extra["entropy"], advantages, response_mask, dp)
+            extra["flow"] = {f"{name}/flow/{k}": v for k, v in flow.items()}
         return loss, {f"{name}/{k}": v for k, v in metrics.items() if k != "pg_loss"}   # verl logs pg_loss
     policy_loss.__name__ = policy_loss.__qualname__ = f"{name}_policy_loss"
     return policy_loss
+
+
+FLOW_KEYS = tuple(f"{q}_{k}" for q in losses.QUADRANTS + ("zero_adv", "total") for k in ("paper", "count"))
+
+
+def flow_sums(loss, log_prob, old_log_prob, entropy, advantages, mask, dp):
+    """This rank's micro-batch share of the optimizer step's entropy flow (paper form and counts), times dp
+    (verl averages the metric over dp ranks): losses.entropy_flow_quadrants with w = -dLoss/dlogp / dp, the
+    gradient of the loss verl averages over dp ranks."""
+    grad, = torch.autograd.grad(loss, log_prob, retain_graph=True, allow_unused=True)   # the loss's graph only
+    weights = torch.zeros_like(log_prob) if grad is None else -grad / dp
+    flow = losses.entropy_flow_quadrants(old_log_prob, entropy, torch.zeros_like(entropy), advantages, weights,
+                                         mask)                      # S2 = 0: the exact sums are dropped
+    return {k: dp * flow[k] for k in FLOW_KEYS}
+
+
+def sum_flow_over_mini_batches(metrics, name):
+    """In _update_actor's metrics (per mini-batch lists, which verl's driver averages), replace each flow list
+    by its sum: the logged value is then the RL step's, summed over its optimizer steps as train.py's."""
+    prefix = f"actor/{name}/flow/"
+    for key, value in metrics.items():
+        if key.startswith(prefix) and isinstance(value, list):      # (a Metric, without a dp group: SUM already)
+            metrics[key] = [float(sum(value))]
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ wrappers
@@ -185,7 +232,8 @@ def keep_behaviour_entropy(compute_old_log_prob):
 
 
 def add_batch_statistics(update_actor):
-    """Wrapper 2: the chosen loss's batch statistics join the batch as per-row columns before the update."""
+    """Wrapper 2: the chosen loss's batch statistics join the batch as per-row columns before the update;
+    after it, the entropy-flow metrics are summed over the mini-batches (sum_flow_over_mini_batches)."""
     @functools.wraps(update_actor)
     def wrapper(self, batch):
         actor = self.config.actor_rollout_ref.actor
@@ -201,13 +249,17 @@ def add_batch_statistics(update_actor):
                                  "= data.train_batch_size (one optimizer step per batch)")
             for key, column in statistics_columns(name, batch.batch).items():
                 batch.batch[key] = column
-        return update_actor(self, batch)
+        output = update_actor(self, batch)
+        if name is not None:
+            sum_flow_over_mini_batches(output.meta_info["metrics"], name)
+        return output
     return wrapper
 
 
 def hand_batch_to_loss(ppo_loss):
     """Wrapper 3: the micro-batch's behaviour entropy, batch statistics, reference log-probs and (with
-    calculate_entropy) current entropy reach the registered loss for the length of the call."""
+    calculate_entropy) current entropy reach the registered loss for the length of the call; the loss's
+    entropy-flow sums come back into ppo_loss's metrics as Metric(SUM), summed over micro-batches."""
     @functools.wraps(ppo_loss)
     def wrapper(config, model_output, data, dp_group=None):
         if config.policy_loss.get("loss_mode", "vanilla") not in REGISTERED or ENTROPY_KEY not in data.keys():
@@ -221,9 +273,12 @@ def hand_batch_to_loss(ppo_loss):
                  "current_entropy": None if current is None else no_padding_2_padding(current, data)}
         token = _MICRO_BATCH.set(extra)
         try:
-            return ppo_loss(config, model_output, data, dp_group)
+            loss, metrics = ppo_loss(config, model_output, data, dp_group)
         finally:
             _MICRO_BATCH.reset(token)
+        for key, value in extra.get("flow", {}).items():     # summed over micro-batches (policy metrics: mean)
+            metrics[key] = Metric(value=value, aggregation=AggregationType.SUM)
+        return loss, metrics
     wrapper.wraps_ppo_loss = True
     return wrapper
 
