@@ -1,13 +1,14 @@
-"""Policy losses for RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer, and the entropy
-interventions they are compared with (entropy bonus, adaptive entropy, Clip-Cov, KL-Cov, forking tokens,
-entropy-based advantage, W-REINFORCE).
+"""Policy losses for RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer, the clip successors
+ASPO, CE-GPPO and GPPO, and the entropy interventions they are compared with (entropy bonus, adaptive entropy,
+Clip-Cov, KL-Cov, forking tokens, entropy-based advantage, W-REINFORCE).
 
 One drop-in file. It imports only torch and the standard library, works on any device and dtype, and
 every function states its tensor shapes and the equation it implements. Copy it into your own trainer.
 It reads in the papers' order: checks and helpers; group advantages, aggregation, KL; GRPO, DAPO (with its
-overlong penalty), Dr. GRPO; the first-order entropy term; STEER; OPEFO; Archer; the interventions; the
-four-quadrant diagnostic; the registry (LOSSES, batch_statistics, merge_metrics, uses_reference); and an
-appendix with the chunked log-probability and entropy kernels (token_logprobs, token_stats, ...).
+overlong penalty), Dr. GRPO; the first-order entropy term; STEER; OPEFO; Archer; ASPO, CE-GPPO and GPPO (the
+losses that act through the PPO clip after it); the interventions; the four-quadrant diagnostic; the registry
+(LOSSES, batch_statistics, merge_metrics, uses_reference); and an appendix with the chunked log-probability
+and entropy kernels (token_logprobs, token_stats, ...).
 
 Conventions
     B responses, T response positions, V vocabulary.
@@ -41,6 +42,15 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
                        sections: their equation numbers could not be checked against the arXiv text)
     archer_loss        Archer arXiv 2507.15778 v2 sec. 4.1: eqs. 2-5 (per-response entropy quantile,
                        token-conditioned clip range and KL coefficient, joint objective)
+    aspo_loss          ASPO arXiv 2510.06062 (Archer's successor): Archer's token split; the flipped ratio
+                       1 / r for A > 0 with PPO's clip mask kept; the soft dual clip at c on both sides;
+                       checked against the public code (wizard-III/Archer2.0, compute_policy_loss_archer)
+    ce_gppo_loss       CE-GPPO arXiv 2509.20712: gradient-preserving clipping, beta_1 (1 - eps_l) A and
+                       beta_2 (1 + eps_h) A on the clipped tokens; verl's dual clip (public code
+                       Kwai-Klear/CE-GPPO, compute_gppo_loss_general_beta)
+    gppo_loss          GPPO arXiv 2508.07629 (Klear-Reasoner): CE-GPPO with beta_1 = beta_2 = 1
+                       (ASPO, CE-GPPO and GPPO are cited by their methods and public code: their equation
+                       numbers could not be checked against the arXiv text)
   The interventions STEER and OPEFO compare against (same contract, in LOSSES):
     entropy_bonus_loss     loss - alpha H with H's gradient (token_logprobs_entropy); alpha 0.001 (verl)
     adaptive_entropy_loss  Skywork-OR1 arXiv 2505.22312: the bonus with alpha from entropy_control_step
@@ -67,14 +77,14 @@ Usage
                      current_entropy, num_tokens, num_seqs, norm_length. Those not in entry.inputs are
                      dropped; those in entry.needs are required; the rest of entry.inputs are optional (absent
                      or None: the loss does without them). Every entry needs logp, advantages and mask; all but
-                     opefo need old_logp; steer, opefo, archer, forking and entropy_adv need entropy;
+                     opefo need old_logp; steer, opefo, archer, aspo, forking and entropy_adv need entropy;
                      entropy_bonus and adaptive_entropy need current_entropy (the current policy's entropy
                      WITH gradient, token_logprobs_entropy(logits, tokens)[1]), which no other entry reads.
                      A needed tensor that is absent or None is a one-line TypeError naming it and what
                      computes it: "entropy_bonus_loss needs current_entropy (B, T) with gradient:
                      token_logprobs_entropy(logits, tokens)[1]". An optional tensor that a knob turns on is
                      a ValueError when missing: ref_logp for a KL term (grpo/dapo/drgrpo kl_coef > 0; archer
-                     by default; uses_reference tells), exact_term for steer's omega="exact" and opefo's
+                     and aspo by default; uses_reference tells), exact_term for steer's omega="exact" and opefo's
                      flow="exact".
       knobs          every other keyword goes to the loss function: a misspelt knob is a TypeError. Knobs
                      without a default (REQUIRED in entry.knobs) must be given: adaptive_entropy's alpha
@@ -82,7 +92,7 @@ Usage
                      the same entry.
     So the whole batch (every BATCH_KEYS tensor, current_entropy included) runs every entry (adaptive_entropy
     given its alpha); without current_entropy every entry but entropy_bonus and adaptive_entropy runs, to the
-    same value as with it (tests/test_losses.py loops over all 13).
+    same value as with it (tests/test_losses.py loops over every entry).
     The entry's fields say what a trainer needs besides: inputs and needs (above), knobs (name ->
     default), statistics (its whole-batch statistic, used by batch_statistics), zero_rows (rows a trainer
     may leave out), reduce (how merge_metrics combines its metrics over micro-batches), std_normalize,
@@ -712,26 +722,203 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     _check_tensor("entropy", entropy)
     mask, mf, count, adv, (logp, old_logp, entropy, ref_logp) = _batch(
         mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
-    tau = response_quantile(entropy, mask, quantile)                                 # (B,)  eq. 2
-    rf = (entropy >= tau[:, None].to(entropy.dtype)).to(mf.dtype) * mf             # omega: reasoning
+    rf = _reasoning_tokens(entropy, mask, mf, quantile)                             # omega, eq. 2
     eps = clip_knowledge + (clip_reasoning - clip_knowledge) * rf                   # eq. 3
     per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - eps, 1 + eps, entropy)
     metrics["reasoning_frac"] = rf.sum() / count
     metrics["pg_loss"] = agg_loss(per_token.detach(), mask, agg, **agg_kw)
-    if kl_knowledge or kl_reasoning:
-        if ref_logp is None:
-            raise ValueError("Archer's KL terms need ref_logp (B, T) from the frozen base model "
-                             "(or set kl_knowledge=0 and kl_reasoning=0)")
-        kl = kl_penalty(logp, ref_logp, kl_kind)
-        beta = kl_knowledge + (kl_reasoning - kl_knowledge) * rf                    # eq. 4
-        per_token = per_token + beta * kl
-        kf = mf - rf                                                                 # knowledge tokens
-        metrics.update(kl_knowledge=_masked_mean(kl.detach(), kf, kf.sum().clamp(min=1)),
-                       kl_reasoning=_masked_mean(kl.detach(), rf, rf.sum().clamp(min=1)))
+    per_token = _token_type_kl(per_token, logp, ref_logp, rf, mf, kl_knowledge, kl_reasoning, kl_kind,
+                               metrics, "Archer")
     loss = agg_loss(per_token, mask, agg, **agg_kw)                                  # eq. 5
     return loss, _to_floats(metrics)
+
+
+def _reasoning_tokens(entropy, mask, mf, quantile):
+    """Archer's token types on cleaned inputs (_batch): omega (B, T) in mf's dtype, 1 on the reasoning tokens
+    H_{i,t} >= tau_i = Quantile_rho of row i's valid entropies (Archer eq. 2), 0 on knowledge tokens and padding."""
+    tau = response_quantile(entropy, mask, quantile)                                 # (B,)  eq. 2
+    return (entropy >= tau[:, None].to(entropy.dtype)).to(mf.dtype) * mf
+
+
+def _token_type_kl(per_token, logp, ref_logp, rf, mf, kl_knowledge, kl_reasoning, kl_kind, metrics, who):
+    """per_token + beta(e) KL_kind(pi || pi_ref) with beta(e) = omega kl_reasoning + (1 - omega) kl_knowledge
+    (Archer eq. 4), inside the same token aggregation (eq. 5); adds the metrics kl_knowledge / kl_reasoning
+    (unweighted KL means per token type). Both coefficients 0: per_token unchanged, ref_logp not read."""
+    if not (kl_knowledge or kl_reasoning):
+        return per_token
+    if ref_logp is None:
+        raise ValueError(f"{who}'s KL terms need ref_logp (B, T) from the frozen base model "
+                         "(or set kl_knowledge=0 and kl_reasoning=0)")
+    kl = kl_penalty(logp, ref_logp, kl_kind)
+    beta = kl_knowledge + (kl_reasoning - kl_knowledge) * rf                        # eq. 4
+    kf = mf - rf                                                                     # knowledge tokens
+    metrics.update(kl_knowledge=_masked_mean(kl.detach(), kf, kf.sum().clamp(min=1)),
+                   kl_reasoning=_masked_mean(kl.detach(), rf, rf.sum().clamp(min=1)))
+    return per_token + beta * kl
+
+
+# ------------------------------------------------------------- clip successors: ASPO, CE-GPPO and GPPO
+def _with_gradient(value, weight, logp):
+    """A per-token loss whose value is `value` and whose gradient with respect to logp is `weight` (both
+    (B, T), detached): value + weight (log pi - sg(log pi)). The difference is exactly 0 for finite log pi,
+    so the value is `value` to the last bit, and no ratio enters the gradient (no overflow, no clamp)."""
+    return value.detach() + weight.detach() * (logp - logp.detach())
+
+
+def aspo_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, quantile=0.8, clip_reasoning=0.4,
+              clip_knowledge=0.2, dual_clip=3.0, kl_knowledge=0.001, kl_reasoning=0.0, kl_kind="k3",
+              agg="token-mean", num_tokens=None, num_seqs=None, norm_length=None):
+    """ASPO (arXiv 2510.06062, "When Importance Sampling Misallocates Credit"; Archer's successor by the same
+    group, public code wizard-III/Archer2.0): Archer's dual-token split, the importance ratio of positive-
+    advantage tokens flipped, and a soft dual clip on both sides.
+
+    tau_i = Quantile_rho({H_{i,t}}_t) over each response's valid tokens, rho = 0.8       (Archer eq. 2)
+    omega = 1[H_{i,t} >= tau_i]: reasoning tokens; the rest are knowledge tokens.
+    eps   = omega clip_reasoning + (1 - omega) clip_knowledge    (0.4 / 0.2, both sides, the public code)
+    r = pi / pi_old (log-ratio clamped to +-20, no gradient through it), c = dual_clip = 3, and each token's
+    importance weight w (no gradient): the flipped clipped ratio for A > 0, PPO's clipped ratio for A < 0,
+    both capped at c (the soft dual clip):
+        A > 0:  w = min(1 / min(r, 1 + eps), c)          A <= 0:  w = min(max(r, 1 - eps), c)
+    Per token, the value -A w and the gradient -A w grad log pi where PPO's clip leaves the token open, 0
+    where it clips (A > 0, r > 1 + eps; A < 0, r < 1 - eps: GRPO's hard clip mask kept):
+        A > 0, 1/c <= r <= 1 + eps:  value -A / r          gradient -(A / r) grad log pi   (flipped IS)
+        A > 0, r < 1/c:              value -A c            gradient -A c grad log pi       (soft dual clip)
+        A > 0, r > 1 + eps:          value -A / (1 + eps)  gradient 0                      (PPO clip)
+        A < 0, 1 - eps <= r <= c:    value -A r            gradient -A r grad log pi       (PPO)
+        A < 0, r > c:                value -A c            gradient -A c grad log pi       (soft dual clip)
+        A < 0, r < 1 - eps:          value -A (1 - eps)    gradient 0                      (PPO clip)
+        A = 0:                       value 0               gradient 0
+    (objective = -loss: an A > 0 token's update is A / r times grad log pi, larger for tokens the update has
+    made less likely: the flip.) At r = 1 (the first update) the gradient is GRPO's, -A grad log pi.
+    loss = agg( that  +  beta(e) KL_k3(pi || pi_ref) ),  beta(e) = omega kl_reasoning + (1 - omega) kl_knowledge
+    (0 / 0.001), inside the same token aggregation as in Archer eq. 5 (micro-batching with num_tokens exact).
+    verl's own dual clip (grpo_loss's dual_clip) caps the value of A < 0 tokens and zeroes their gradient;
+    ASPO's soft one keeps a gradient of c |A| on both sides. dual_clip=None: no cap (w = 1/r or r).
+
+    Defaults: the public code, which trained the released Archer2.0 checkpoint: eps 0.4 on reasoning and 0.2
+    on knowledge tokens (its actor passes these literals, and c = 3 on both sides, whatever the script's clip
+    flags say), KL k3 0.001 on knowledge tokens (as Archer), token-mean, rho 0.8. clip_reasoning=0.4 is the
+    default because it is what the released code runs and what makes ASPO Archer's successor. The paper's
+    appendix states eps = 0.2 for all tokens (not re-checked against the arXiv text here): clip_reasoning=0.2
+    gives it (the split then only places the KL; add kl_knowledge=0 for ASPO without any token types).
+    Differences from the authors' code (compute_policy_loss_archer and its caller in verl/workers/actor/
+    dp_actor.py), each chosen here:
+    - the token types come from `entropy`, the behaviour policy's (fixed for the rollout batch), with
+      H >= tau for reasoning tokens; the code recomputes them from the current policy's entropy at every
+      micro-batch of each of its 3 PPO epochs and marks reasoning tokens with a strict H > tau (as Archer);
+    - a soft-dual-clipped token's value here is the capped -A c (continuous with its neighbours); the code's
+      is -A c log pi, the same gradient with a value that moves with log pi (only pg_loss differs);
+    - the KL sits inside the token aggregation (Archer eq. 5); the code averages it over the knowledge tokens
+      only (an effective coefficient about 1 / rho_k = 1.25 times larger) in the branch it takes when the
+      actor config's use_token_entropy_separate is true. Neither the released script nor the default config
+      sets that key (the script sets only high_entropy_kl_loss_scale_coef = 0), and the code reads it as an
+      attribute: read as false, the code's KL is 0.001 on every token (kl_reasoning=0.001 here);
+    - token-mean over num_tokens by default; the code's policy loss is a token mean per micro-batch of one
+      response (the script's micro batch size 1): seq-mean-token-mean in effect (agg="seq-mean-token-mean");
+    - the clip ranges, c and rho are knobs here; the code hard-codes 0.2 / 0.4 and c = 3 in the actor call;
+    - padding holding NaN or inf contributes exactly 0 (the code multiplies by the mask).
+    Given the same token types, every token's gradient is the code's to float precision, past the +-20 clamp
+    too (tests/test_clip_successors.py compares against the authors' function when it is available).
+    The recipe also drops groups whose rewards are all 0 or all 1 (trainer.rejection_sample, no refill):
+    LOSSES["aspo"].data_defaults. Its DAPO overlong buffer of 16 tokens (of 32k) is not set here.
+    entropy (B, T): the behaviour policy's token entropy; ref_logp (B, T): the frozen base model's.
+    quantile in [0, 1]; clip_reasoning, clip_knowledge in [0, 1); dual_clip > 1 or None; kl_knowledge,
+    kl_reasoning >= 0. The per-token clip range, weights and KL coefficient keep the inputs' precision.
+    Metrics: grpo_loss's (clip_frac_low / clip_frac_high: the PPO-clipped shares, A < 0 below 1 - eps and
+    A > 0 above 1 + eps), pg_loss, reasoning_frac, dual_clip_frac_pos / dual_clip_frac_neg (shares of valid
+    tokens where the soft dual clip binds: A > 0 with r < 1/c, A < 0 with r > c), [kl_knowledge, kl_reasoning].
+    """
+    _check_knob("quantile", quantile, 0 <= quantile <= 1, "in [0, 1]")
+    _check_knob("clip_reasoning", clip_reasoning, 0 <= clip_reasoning < 1, "in [0, 1)")
+    _check_knob("clip_knowledge", clip_knowledge, 0 <= clip_knowledge < 1, "in [0, 1)")
+    _check_knob("kl_knowledge", kl_knowledge, kl_knowledge >= 0, ">= 0")
+    _check_knob("kl_reasoning", kl_reasoning, kl_reasoning >= 0, ">= 0")
+    _check_dual_clip(dual_clip)
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, (logp, old_logp, entropy, ref_logp) = _batch(
+        mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
+    rf = _reasoning_tokens(entropy, mask, mf, quantile)                             # omega (Archer eq. 2)
+    eps = clip_knowledge + (clip_reasoning - clip_knowledge) * rf                   # per token type
+    ratio = torch.exp((logp.detach() - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    cap = math.inf if dual_clip is None else dual_clip
+    pos = adv > 0
+    w = torch.where(pos, 1.0 / torch.minimum(ratio, 1.0 + eps), torch.maximum(ratio, 1.0 - eps))  # flipped / PPO
+    w = w.clamp(max=cap)                                                             # soft dual clip at c
+    open_ = torch.where(pos, ratio <= 1.0 + eps, ratio >= 1.0 - eps)                # PPO's clip mask kept
+    per_token = _with_gradient(-adv * w, -adv * w * open_, logp)                     # value -A w, grad -A w 1[open]
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - eps, 1 + eps, entropy)
+    metrics.update(pg_loss=agg_loss(per_token.detach(), mask, agg, **agg_kw), reasoning_frac=rf.sum() / count,
+                   dual_clip_frac_pos=(pos & (ratio * cap < 1.0)).sum() / count,
+                   dual_clip_frac_neg=((adv < 0) & (ratio > cap)).sum() / count)
+    per_token = _token_type_kl(per_token, logp, ref_logp, rf, mf, kl_knowledge, kl_reasoning, kl_kind,
+                               metrics, "ASPO")
+    return agg_loss(per_token, mask, agg, **agg_kw), _to_floats(metrics)
+
+
+def ce_gppo_loss(logp, old_logp, advantages, mask, *, beta_low=0.5, beta_high=1.0, clip_low=0.2, clip_high=0.2,
+                 dual_clip=10.0, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
+                 norm_length=None):
+    """CE-GPPO (arXiv 2509.20712; public code Kwai-Klear/CE-GPPO, compute_gppo_loss_general_beta): the PPO-clip
+    loss whose clipped tokens keep a bounded gradient (gradient-preserving clipping), beta_1 = beta_low on the
+    lower clip, beta_2 = beta_high on the upper clip.
+
+    r = pi / pi_old (log-ratio clamped to +-20), eps_l = clip_low, eps_h = clip_high, c = dual_clip; per token:
+        A < 0, r < 1 - eps_l:  value -A (1 - eps_l)   gradient -beta_1 (1 - eps_l) A grad log pi   (PPO: 0)
+        A > 0, r > 1 + eps_h:  value -A (1 + eps_h)   gradient -beta_2 (1 + eps_h) A grad log pi   (PPO: 0)
+        A < 0, r > c:          value -A c             gradient 0          (verl's hard dual clip, c = 10)
+        otherwise:             value -A r             gradient -A r grad log pi
+    i.e. grpo_loss's per-token term (same value) plus -beta A (1 -+ eps) (log pi - sg(log pi)) on the two
+    clipped cases; then agg (token-mean). beta_1 = beta_2 = 0 is grpo_loss with the same clip and dual clip
+    to the last bit; beta_1 = beta_2 = 1 is GPPO (arXiv 2508.07629, Klear-Reasoner): LOSSES["gppo"].
+    (objective = -loss: the clipped tokens' update is beta (1 -+ eps) A grad log pi, the size of the
+    gradient at the clip boundary, scaled by beta.)
+    Defaults: the released 1.5B recipe (recipe/dapo/1_5B_perf_run_gppo_v1_beta1_05_beta2_1_ours_math.sh):
+    beta_1 0.5, beta_2 1, eps 0.2 / 0.2, dual clip 10, token-mean, no KL; its 7B recipe uses beta_1 = 0.75.
+    Differences from the authors' code, each chosen here:
+    - a clipped token's value is PPO's clipped value -A (1 -+ eps); the code's is beta times it (the same
+      gradient; only pg_loss differs, and beta = 0 here is exactly grpo_loss);
+    - the log-ratio is clamped to +-20 before exp (as grpo_loss and verl's compute_policy_loss do); the code
+      takes exp unclamped, and its r / sg(r) is NaN where r overflows. Beyond the clamp an unclipped token
+      (A > 0 with r < e^-20) gets no gradient here instead of a weight below 2e-9 |A|;
+    - padding holding NaN or inf contributes exactly 0 (the code multiplies by the mask).
+    The code's one-line compute_gppo_loss (the config's default loss_func "gppo", in both Klear repositories)
+    reads an undefined name `only_higher` (its parameter is only_high), so only loss_func="gppo_general"
+    (this function's) runs as committed; that bug is not ported. Not part of this loss: the recipes' extra
+    positive_loss_coeff = 0.1 times the token-mean NLL of the correct responses (a trainer-side term), and
+    their dynamic sampling (groups with equal accuracy dropped from a 2x oversampled batch, no refill:
+    LOSSES["ce_gppo"].data_defaults drops them; the oversampling is not reproduced).
+    beta_low, beta_high >= 0; clip_low in [0, 1); clip_high >= 0; dual_clip > 1 or None.
+    `entropy` (B, T), if given, only feeds the "entropy" metric.
+    Metrics: grpo_loss's (clip_frac_low / clip_frac_high: the shares of valid tokens in the two clipped cases,
+    whose gradient is scaled by beta_1 / beta_2), pg_loss, dual_clip_frac (A < 0 with r > c).
+    """
+    _check_knob("beta_low", beta_low, beta_low >= 0, ">= 0")
+    _check_knob("beta_high", beta_high, beta_high >= 0, ">= 0")
+    mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
+    r = ratio.detach()
+    low = ((adv < 0) & (r < 1 - clip_low)).to(mf.dtype)                            # PPO's lower clip
+    high = ((adv > 0) & (r > 1 + clip_high)).to(mf.dtype)                          # PPO's upper clip
+    kept = beta_low * (1 - clip_low) * low + beta_high * (1 + clip_high) * high     # beta (1 -+ eps) there
+    per_token = per_token + _with_gradient(torch.zeros_like(per_token), -adv * kept, logp)   # value +0
+    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    cap = math.inf if dual_clip is None else dual_clip
+    metrics.update(pg_loss=loss.detach(), dual_clip_frac=((adv < 0) & (r > cap)).sum() / count)
+    return loss, _to_floats(metrics)
+
+
+def gppo_loss(logp, old_logp, advantages, mask, *, beta_low=1.0, beta_high=1.0, clip_high=0.28, **kw):
+    """GPPO (arXiv 2508.07629, Klear-Reasoner; public code Kwai-Klear/KlearReasoner): ce_gppo_loss with
+    beta_1 = beta_2 = 1, "forward like clip-higher": the clipped tokens' gradient is the one at the clip
+    boundary, (1 -+ eps) A grad log pi. Clip 0.2 / 0.28 and dual clip 10 as the released Klear-Reasoner
+    scripts (recipe/dapo/perf_run_dapo_ours_math.sh); every other knob is ce_gppo_loss's.
+    """
+    return ce_gppo_loss(logp, old_logp, advantages, mask, beta_low=beta_low, beta_high=beta_high,
+                        clip_high=clip_high, **kw)
 
 
 # ------------------------------------------------------------ entropy interventions (STEER's baselines)
@@ -1221,6 +1408,15 @@ LOSSES = {
     "archer": Loss(archer_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO + ("entropy",),
                    zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
                    data_defaults={"drop_equal_groups": True}),
+    "aspo": Loss(aspo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO + ("entropy",),
+                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
+                 data_defaults={"drop_equal_groups": True}),
+    "ce_gppo": Loss(ce_gppo_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
+                    zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
+                    data_defaults={"drop_equal_groups": True}),
+    "gppo": Loss(gppo_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
+                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
+                 data_defaults={"drop_equal_groups": True}, forwards_to=ce_gppo_loss),
     "entropy_bonus": Loss(entropy_bonus_loss, inputs=_PPO + ("current_entropy", "entropy") + _NORMS,
                           needs=_PPO + ("current_entropy",), reduce={"pg_loss": "sum", "entropy_bonus": "sum"}),
     "adaptive_entropy": Loss(adaptive_entropy_loss, inputs=_PPO + ("current_entropy", "entropy") + _NORMS,

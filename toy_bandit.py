@@ -44,9 +44,9 @@ Choices (the issue left them open):
 - No dynamic sampling and no overlong penalty (all responses have length T): every algorithm sees the same
   batches, and groups with equal rewards just contribute zero advantage.
 - Clip flags: ``--clip-low 0.99 --clip-high 5`` is STEER's "extreme scenario" (STEER Table 6). Each reaches the
-  losses whose knobs include it (losses.LOSSES[name].knobs): every loss with the PPO ratio clip; Archer takes
-  only ``--dual-clip`` (its clips are per token type), OPEFO and KL-Cov none. When one is given, the report's
-  header says which methods of the run it reaches and which not (clip_note).
+  losses whose knobs include it (losses.LOSSES[name].knobs): every loss with the PPO ratio clip; Archer and
+  ASPO take only ``--dual-clip`` (their clips are per token type), OPEFO and KL-Cov none. When one is given,
+  the report's header says which methods of the run it reaches and which not (clip_note).
 - Entropy flow per quadrant: every optimizer step's exact first-order entropy change is split with
   losses.entropy_flow_quadrants into (A > 0, A < 0) x (likely, unlikely) tokens and reported per method
   (STEER's four-factor view and OPEFO's flow view in numbers).
@@ -54,6 +54,10 @@ Choices (the issue left them open):
   Skywork-OR1's target of 0.2 nats, which the toy's entropy never goes below, so it acts only once a run
   has collapsed past that target. Clip-Cov draws its tokens from the run's generator.
 - ``--algos drgrpo`` (not in the default set): Dr. GRPO's loss with unnormalised advantages A = R - mean.
+- ``--algos aspo,ce-gppo,gppo`` (not in the default set): the losses that act through the PPO clip after
+  Archer, with their papers' defaults (losses.py). ASPO takes Archer's --archer-quantile and --archer-kl
+  (its token split and knowledge-token KL) and only --dual-clip of the clip flags (its soft dual clip);
+  CE-GPPO and GPPO take all three clip flags.
 - The labels of the correct tokens carry no meaning in a tabular policy, so they are fixed: tokens
   0 .. K//2 - 1 at forks, token 0 at knowledge positions.
 """
@@ -85,6 +89,10 @@ ALGOS = {
     "opefo-exact": ("opefo", {"flow": "exact"}),
     "archer": ("archer", {}),
     "drgrpo": ("drgrpo", {}),
+    # the losses that act through the PPO clip after Archer (not in the default set)
+    "aspo": ("aspo", {}),
+    "ce-gppo": ("ce_gppo", {}),
+    "gppo": ("gppo", {}),
     # the interventions STEER and OPEFO compare against (losses.py docstrings give papers and defaults)
     "entropy-bonus": ("entropy_bonus", {}),
     "adaptive-entropy": ("adaptive_entropy", {}),
@@ -110,13 +118,14 @@ HELP = {
     "init_bias": "initial logit bonus of the correct tokens",
     "init_noise": "std of the random initial logits",
     "clip_low": "PPO clip epsilon below 1 (None: each loss's default; taken by every loss with the ratio clip: "
-                "not opefo, kl-cov or archer)",
+                "not opefo, kl-cov, archer or aspo)",
     "clip_high": "PPO clip epsilon above 1 (None: each loss's default; same losses)",
-    "dual_clip": "dual-clip constant c for negative advantages (None: each loss's default; also archer)",
+    "dual_clip": "dual-clip constant c for negative advantages (None: each loss's default; also archer, and "
+                 "aspo's soft dual clip on both signs)",
     "lambda_min": "STEER: smallest token weight",
     "opefo_lr_scale": "OPEFO lr multiplier (None: sqrt(updates), as in the OPEFO paper)",
-    "archer_quantile": "Archer: per-response entropy quantile separating reasoning tokens",
-    "archer_kl": "Archer: KL coefficient on knowledge tokens",
+    "archer_quantile": "Archer and ASPO: per-response entropy quantile separating reasoning tokens",
+    "archer_kl": "Archer and ASPO: KL coefficient on knowledge tokens",
     "eval_samples": "samples of the final policy for pass@k and distinct answers",
     "variants": "held-out task variants for pass@k",
 }
@@ -220,7 +229,7 @@ def run(algo, seed, cfg):
                   if name in method.knobs and getattr(cfg, name) is not None})   # only where the loss has it
     if loss_name == "steer":
         knobs["lambda_min"] = cfg.lambda_min
-    if loss_name == "archer":
+    if loss_name in ("archer", "aspo"):                # ASPO keeps Archer's token split and knowledge-token KL
         knobs.update(quantile=cfg.archer_quantile, kl_knowledge=cfg.archer_kl)
     n_updates = 1 if method.on_policy else cfg.updates
     lr = cfg.lr

@@ -299,3 +299,34 @@ def test_plot_legend_sits_next_to_the_panels(monkeypatch, tmp_path):
     gap = box.x0 - m["right"]                                   # right panel's frame -> legend
     assert 0 <= gap < 0.03 * frame.width, (gap, frame.width)
     assert frame.x1 - box.x1 < 0.03 * frame.width, (frame.x1 - box.x1, frame.width)
+
+
+@pytest.mark.parametrize("algo", ["aspo", "ce-gppo", "gppo"])
+def test_clip_successors_run_outside_the_default_set(algo):
+    """ASPO, CE-GPPO and GPPO are in ALGOS (--algos), not in the default run (its output stays as it was)."""
+    assert algo not in toy_bandit.DEFAULT_ALGOS
+    r = toy_bandit.run(algo, 0, Config(steps=15))
+    assert r["accuracy_curve"][-1] > r["accuracy_curve"][0]
+    if algo != "aspo":                  # no KL: A = 0 tokens carry no weight, the quadrants are the total
+        assert sum(r["flow"][q] for q in losses.QUADRANTS) == pytest.approx(r["flow"]["total"], rel=1e-6, abs=1e-9)
+
+
+def test_clip_successors_take_their_knobs(monkeypatch):
+    """ASPO takes Archer's quantile and knowledge-token KL and only --dual-clip of the clip flags; CE-GPPO and
+    GPPO take all three."""
+    seen = {}
+    for name in ("aspo", "ce_gppo", "gppo"):
+        real = losses.LOSSES[name]
+
+        @functools.wraps(real.fn)                        # the same signature, so the same knobs
+        def spy(_real=real.fn, _name=name, **kw):
+            seen[_name] = {k: kw.get(k) for k in ("clip_low", "clip_high", "dual_clip", "quantile", "kl_knowledge")}
+            return _real(**kw)
+        monkeypatch.setitem(losses.LOSSES, name, real._replace(fn=spy))
+    cfg = Config(steps=1, clip_low=0.1, clip_high=0.3, dual_clip=4.0, archer_quantile=0.7, archer_kl=0.002)
+    for algo in ("aspo", "ce-gppo", "gppo"):
+        toy_bandit.run(algo, 0, cfg)
+    assert seen["aspo"] == {"clip_low": None, "clip_high": None, "dual_clip": 4.0, "quantile": 0.7,
+                            "kl_knowledge": 0.002}
+    assert seen["ce_gppo"] == seen["gppo"] == {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": 4.0, "quantile": None,
+                                               "kl_knowledge": None}
