@@ -56,7 +56,7 @@ PRESETS = {
 # refused (knob_kwargs).
 CONTROL_KEYS = ("target", "coef", "delta", "coef_max")
 KNOB_GROUPS = {
-    "PPO clip (every loss with the ratio clip; Archer: --dual-clip only)": {
+    "PPO clip (every loss with the ratio clip; Archer and ASPO: --dual-clip only)": {
         "clip_low": (float, "clip_low", "clip epsilon below 1"),
         "clip_high": (float, "clip_high", "clip epsilon above 1"),
         "dual_clip": (float, "dual_clip", "dual-clip constant c for negative advantages"),
@@ -69,11 +69,16 @@ KNOB_GROUPS = {
         "lambda_min": (float, "lambda_min", "STEER's smallest token weight"),
         "first_order_form": (losses.FIRST_ORDER_FORMS, {"steer": "omega", "opefo": "flow"},
                              "STEER's Omega / OPEFO's flow form")},
-    "Archer": {
+    "Archer and ASPO": {
         "archer_quantile": (float, "quantile", "per-response entropy quantile rho"),
         "clip_reasoning": (float, "clip_reasoning", "clip range on high-entropy tokens"),
         "clip_knowledge": (float, "clip_knowledge", "clip range on low-entropy tokens"),
         "kl_knowledge": (float, "kl_knowledge", "KL coefficient on low-entropy tokens")},
+    "CE-GPPO and GPPO": {
+        "gppo_beta_low": (float, {"ce_gppo": "beta_low", "gppo": "beta_low"},
+                          "beta_1, the gradient kept on tokens clipped below (A < 0) (default 0.5; GPPO 1)"),
+        "gppo_beta_high": (float, {"ce_gppo": "beta_high", "gppo": "beta_high"},
+                           "beta_2, the gradient kept on tokens clipped above (A > 0) (default 1)")},
     "entropy bonus and adaptive entropy (Skywork-OR1)": {
         "entropy_coef": (float, {"entropy_bonus": "alpha", "adaptive_entropy": "coef"},
                          "entropy_bonus's alpha (default 0.001); adaptive_entropy's starting coefficient "

@@ -380,7 +380,7 @@ def test_equal_reward_group_gives_zero_advantage_and_finite_loss(name):
     b["advantages"] = group_advantages(torch.ones(4), 4)
     loss, metrics = call(name, b)
     assert b["advantages"].eq(0).all() and metrics["pg_loss"] == 0.0
-    if name == "archer":                                                   # only the knowledge-token KL
+    if name in ("archer", "aspo"):                                         # only the knowledge-token KL
         assert 0 < loss.item() <= 0.001 * metrics["kl_knowledge"]
     elif "current_entropy" in LOSSES[name].inputs:                         # only the bonus -alpha agg(H)
         assert loss.item() == pytest.approx(-metrics["alpha"] * metrics["entropy_bonus"], rel=1e-6)
@@ -402,8 +402,9 @@ def test_extreme_log_ratios_do_not_overflow(name):
 
 def test_registry_accepts_the_full_batch_and_rejects_typos():
     b = random_batch()
-    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "opefo", "archer", "entropy_bonus",
-                           "adaptive_entropy", "clip_cov", "kl_cov", "forking", "entropy_adv", "w_reinforce"}
+    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "opefo", "archer", "aspo", "ce_gppo", "gppo",
+                           "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "forking", "entropy_adv",
+                           "w_reinforce"}
     with pytest.raises(TypeError):
         call("steer", b, lamda_min=0.5)
     assert call("dapo", b, clip_high=0.2)[0].item() == call("grpo", b)[0].item()
@@ -743,7 +744,7 @@ def test_uses_reference_probes_whether_a_loss_reads_ref_logp():
 # ----------------------------------------------------------------------------------- registry (losses.Loss)
 CLIPS = ("clip_low", "clip_high", "dual_clip")
 RATIO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entropy", "clip_cov", "forking",
-              "entropy_adv", "w_reinforce"}                    # the losses built on ppo_clip_loss's ratio clip
+              "entropy_adv", "w_reinforce", "ce_gppo", "gppo"}   # the losses built on ppo_clip_loss's ratio clip
 
 
 def parameters(entry):
@@ -776,7 +777,7 @@ def test_registry_knobs_are_what_the_loss_takes_with_its_defaults(name):
         except TypeError:
             takes = False
         assert takes == (knob in knobs), knob
-    expected = CLIPS if name in RATIO_CLIP else ("dual_clip",) if name == "archer" else ()
+    expected = CLIPS if name in RATIO_CLIP else ("dual_clip",) if name in ("archer", "aspo") else ()
     assert tuple(k for k in CLIPS if k in knobs) == expected
     # the defaults are the ones the loss uses: passing them all changes nothing, to the last bit
     given = {k: v for k, v in knobs.items() if v is not losses.REQUIRED and k != "generator"}
@@ -797,7 +798,8 @@ def test_registry_flags_match_the_papers():
     assert [n for n in ALL if "current_entropy" in LOSSES[n].inputs] == ["adaptive_entropy", "entropy_bonus"]
     assert {n: LOSSES[n].data_defaults for n in ALL if LOSSES[n].data_defaults} == {
         "dapo": {"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True},
-        "archer": {"drop_equal_groups": True}}
+        "archer": {"drop_equal_groups": True}, "aspo": {"drop_equal_groups": True},
+        "ce_gppo": {"drop_equal_groups": True}, "gppo": {"drop_equal_groups": True}}
     assert [n for n in ALL if LOSSES[n].zero_rows is None] == ["adaptive_entropy", "entropy_bonus", "kl_cov"]
     assert {n for n in ALL if LOSSES[n].statistics is not None} == {"steer", "opefo", "clip_cov", "kl_cov",
                                                                      "forking"}
@@ -826,7 +828,8 @@ def test_zero_rows_have_exactly_zero_gradient(name):
     """Rows a trainer may skip (Loss.zero_rows) get exactly zero gradient, with the whole batch's statistics
     and no reference KL; the losses without zero_rows move some zero-advantage row."""
     b = zero_row_batch()
-    kw = {"archer": {"kl_knowledge": 0.0}, "kl_cov": {"kl_cov_ratio": 0.5}, "forking": {"top_frac": 0.5}}.get(name, {})
+    kw = {"archer": {"kl_knowledge": 0.0}, "aspo": {"kl_knowledge": 0.0}, "kl_cov": {"kl_cov_ratio": 0.5},
+          "forking": {"top_frac": 0.5}}.get(name, {})
     assert not losses.uses_reference(name, **knobs(name, **kw))
     stats = whole_batch_statistics(name, b, **kw)
     logp = b["logp"].clone().requires_grad_(True)
