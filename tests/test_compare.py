@@ -161,3 +161,13 @@ def synthetic_run_rows(entropy, pass_at, steps=4):
     evals = {"eval/n": 4, "eval/avg@64": pass_at / 2, "eval/pass@64": pass_at, "eval/distinct": 1.0 + pass_at}
     return [{"step": 0, **evals}] + [{"step": s, "entropy": entropy + 0.01 * s, **(evals if s == steps else {})}
                                      for s in range(1, steps + 1)]
+
+
+def test_every_setting_resolves_and_the_clip_regime_takes_eight_updates_at_half_the_lr():
+    import config
+    for setting, cells in compare.SETTINGS.items():
+        for name, argv in cells.items():
+            cfg = config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
+            if setting == "clip-regime":
+                assert (cfg["updates_per_batch"], cfg["lr"]) == (8, config.PRESETS["tiny"]["lr"] / 2), name
+    assert {"aspo", "ce-gppo", "archer-no-kl", "steer-extreme-exact"} <= set(compare.SETTINGS["clip-regime"])
