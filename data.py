@@ -9,6 +9,7 @@ the file, the row and the field. The tiny lab (tiny_lab.py) brings its own probl
     items = load_items("math500.jsonl", "test")           # [{"problem", "answer", "source"}, ...]
     model, tok = load_model("path/to/model", device=torch.device("cpu"))
 """
+import contextlib
 import json
 from pathlib import Path
 
@@ -151,6 +152,13 @@ def drop_long_prompts(items, tok, limit, system_prompt):
         return len(tok(prompt, add_special_tokens=special)["input_ids"]) <= limit
     kept = [it for it in items if fits(it["problem"])]
     return kept, len(items) - len(kept)
+
+
+def autocast_factory(device, bf16):
+    """A context-manager factory for the forward passes: bf16 autocast on `device` with --bf16, else none."""
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=True):

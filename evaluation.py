@@ -216,7 +216,6 @@ def main(argv=None):
     """python evaluation.py --model DIR --data FILE.jsonl ...: check every input, then evaluate() with a
     progress bar, print the figures and write samples.jsonl (one record per problem) and figures.json.
     Returns the figures (keys without the eval/ prefix). A user error is SystemExit with one line."""
-    import contextlib
     import json
     import random
     import sys
@@ -245,8 +244,7 @@ def main(argv=None):
     items, too_long = data.drop_long_prompts(items, tok, args.max_prompt_tokens, args.system_prompt)
     if not items:
         raise SystemExit(f"every problem's prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}")
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if args.bf16 \
-        else contextlib.nullcontext
+    autocast = data.autocast_factory(device, args.bf16)
     samples_path, figures_path = out / "samples.jsonl", out / "figures.json"
     samples_path.write_text("")
     random.seed(args.seed)

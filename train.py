@@ -32,7 +32,6 @@ directory, checkpoints, resume and exit codes are run_dir.py; datasets and model
     python train.py --algo steer --preset qwen-0.5b-gsm8k --out runs/steer-gsm8k
     python train.py --resume runs/steer-gsm8k
 """
-import contextlib
 import math
 import random
 import re
@@ -355,8 +354,7 @@ def setup(cfg, out, log):
         for name in run_dir.LOGS:
             (out / name).write_text("")
     run_dir.write_config(out, cfg)
-    autocast = contextlib.nullcontext if not cfg["bf16"] else \
-        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    autocast = data.autocast_factory(device, cfg["bf16"])
     return dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, scheduler=scheduler,
                 autocast=autocast, device=device, generator=generator, entropy_control=control, data_rng=data_rng,
                 order=order, start_step=saved["step"] if saved else 0, **problems)
