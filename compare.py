@@ -154,7 +154,8 @@ def run_figures(rows):
         if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")):
             out[k] = v
             out[f"{k} start"] = start_eval.get(k)
-    for k in {k for r in rows for k in r if k.startswith("dH/") or (k.startswith("flow/") and k.endswith("_exact"))}:
+    for k in {k for r in rows for k in r if k.startswith("dH/") or (k.startswith("flow/") and k.endswith("_exact"))
+              or k in CLIP_COLUMNS}:
         out[k] = window_mean(rows, k, 1, steps)
     return out
 
@@ -172,26 +173,29 @@ def summarise(results):
     return out
 
 
-def _fmt(mc):
+def _fmt(mc, spec=".3f"):
     m, ci = mc
     if math.isnan(m):
         return "-"
-    return f"{m:.3f}" if math.isnan(ci) else f"{m:.3f} ± {ci:.3f}"
+    return f"{m:{spec}}" if math.isnan(ci) else f"{m:{spec}} ± {ci:{spec}}"
 
 
 TABLE_COLUMNS = ("entropy start", "entropy end", "entropy/fork start", "entropy/fork end", "entropy/other end",
                  "eval/avg@64", "eval/pass@64", "eval/distinct", "eval_unique/avg@64", "eval_unique/pass@64")
 
 
-def table(summary, columns=TABLE_COLUMNS):
-    """Markdown table: one row per cell, mean ± 95% CI over seeds."""
+def table(summary, columns=TABLE_COLUMNS, spec=".3f"):
+    """Markdown table: one row per cell (those with a value in `columns`), mean ± 95% CI over seeds, each
+    number formatted by `spec`."""
     cols = [c for c in columns if any(c in s for s in summary.values())]
     lines = ["| run | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for name, s in summary.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(s.get(c, (float("nan"),) * 2)) for c in cols) + " |")
+        if any(c in s for c in cols):
+            lines.append(f"| {name} | " + " | ".join(_fmt(s.get(c, (float("nan"),) * 2), spec) for c in cols) + " |")
     return "\n".join(lines)
 
 
+CLIP_COLUMNS = ("loss/clip_frac_low", "loss/clip_frac_high", "loss/approx_kl")
 FLOW_COLUMNS = tuple(f"flow/{q}_exact" for q in losses.QUADRANTS + ("zero_adv", "total"))
 ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain") for form in losses.FIRST_ORDER_FORMS
                           for stat in ("pearson", "spearman", "sign_agree"))
@@ -250,6 +254,11 @@ def report(summary, n_seeds):
     if any("dH/pearson_exact" in s for s in summary.values()):
         text += ("\n\nEstimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, "
                  "mean over steps; *_uncertain: only tokens with pi_a < 0.99:\n\n" + table(summary, ESTIMATOR_COLUMNS))
+    if any("loss/approx_kl" in s for s in summary.values()):
+        text += ("\n\nHow often the clip binds: the fraction of the batch's tokens past a clip bound on the side "
+                 "the clip acts (A < 0 and r < 1 - eps_low; A > 0 and r > 1 + eps_high), and the approximate "
+                 "KL(pi_old || pi) = mean of (r - 1) - log r over the tokens (losses._ppo_metrics); the mean "
+                 "over the optimizer steps of each RL step, then over the RL steps:\n\n" + table(summary, CLIP_COLUMNS, ".2e"))
     if any("flow/total_exact" in s for s in summary.values()):
         text += ("\n\nExact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's "
                  "tokens of -w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps:\n\n"

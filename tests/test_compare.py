@@ -171,3 +171,19 @@ def test_every_setting_resolves_and_the_clip_regime_takes_eight_updates_at_half_
             if setting == "clip-regime":
                 assert (cfg["updates_per_batch"], cfg["lr"]) == (8, config.PRESETS["tiny"]["lr"] / 2), name
     assert {"aspo", "ce-gppo", "archer-no-kl", "steer-extreme-exact"} <= set(compare.SETTINGS["clip-regime"])
+
+
+def test_the_clip_table_gives_each_cells_clip_fractions_and_kl_over_steps():
+    rows = synthetic_run_rows(entropy=0.5, pass_at=0.6)
+    for r, (lo, kl) in zip(rows[1:], [(0.01, 1e-3), (0.02, 2e-3), (0.03, 3e-3), (0.06, 6e-3)]):
+        r.update({"loss/clip_frac_low": lo, "loss/clip_frac_high": 0.0, "loss/approx_kl": kl})
+    figures = compare.run_figures(rows)
+    assert figures["loss/clip_frac_low"] == pytest.approx(0.03) and figures["loss/approx_kl"] == pytest.approx(3e-3)
+    summary = compare.summarise({"grpo": [figures, {**figures, "loss/approx_kl": 5e-3}],
+                                 "old": [compare.run_figures(synthetic_run_rows(0.5, 0.6))] * 2})
+    text = compare.report(summary, 2)
+    clip = text.split("How often the clip binds")[1].split("\n\n")[1]
+    assert clip.splitlines()[0] == "| run | loss/clip_frac_low | loss/clip_frac_high | loss/approx_kl |"
+    assert clip.splitlines()[2] == ("| grpo | 3.00e-02 ± 0.00e+00 | 0.00e+00 ± 0.00e+00 | 4.00e-03 ± "
+                                    f"{12.706 * math.sqrt(2e-6) / math.sqrt(2):.2e} |")
+    assert len(clip.splitlines()) == 3                   # no row for the start model or a run without the metrics
