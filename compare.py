@@ -7,7 +7,9 @@ directory under runs/compare/SETTING/NAME-seedS. The script
     - resumes: a finished run (its last metrics row is the final step) is read, not redone; an unfinished
       one continues from its checkpoint with train.py --resume;
     - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t; with fewer than 3
-      seeds a note above the table says the intervals are wide or absent), results.json (every run's
+      seeds a note above the table says the intervals are wide or absent; the clip fractions and approximate
+      KL per cell; the pairs of cells whose intervals do not overlap on final entropy, held-out avg@64 or
+      pass@64), results.json (every run's
       figures) and curves.png (entropy, held-out avg@k, pass@k and distinct correct solutions over steps,
       mean over seeds, shaded from the lowest to the highest seed), and ends with one line per written file:
       "wrote PATH".
@@ -24,8 +26,8 @@ Settings (the flags each cell adds to train.py's lab defaults):
     clip-regime    the papers' regime, where the clip acts: 8 optimizer steps per rollout batch (the recipes
                    take 4-16) at lr / 2 = 2.5e-4, chosen on GRPO seed 0 alone before any other method ran
                    (the largest of lr/2, lr/4, lr/8 whose held-out avg@64 gain by step 100 is at least the
-                   default's: 0.115 against 0.088); GRPO, DAPO, STEER's extreme scenario (paper and exact),
-                   Archer and its two ablations, ASPO, CE-GPPO
+                   default's: 0.115 against 0.088); GRPO, DAPO, STEER's extreme scenario (paper and exact)
+                   with GRPO in it as the control, Archer and its two ablations, ASPO, CE-GPPO
 
 Run:
     python compare.py                                    # default setting, 5 seeds, 2 jobs
@@ -74,7 +76,7 @@ SETTINGS = {
         "archer-one-clip": ["--algo", "archer", "--clip-reasoning", "0.2"],
     },
     "clip-regime": {name: args + REGIME for name, args in {
-        "grpo": ["--algo", "grpo"], "dapo": ["--algo", "dapo"],
+        "grpo": ["--algo", "grpo"], "dapo": ["--algo", "dapo"], "grpo-extreme": ["--algo", "grpo"] + EXTREME,
         "steer-extreme-paper": ["--algo", "steer"] + EXTREME,
         "steer-extreme-exact": ["--algo", "steer", "--first-order-form", "exact"] + EXTREME,
         "archer": ["--algo", "archer"], "archer-no-kl": ["--algo", "archer", "--kl-knowledge", "0"],
@@ -201,7 +203,7 @@ ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain")
                           for stat in ("pearson", "spearman", "sign_agree"))
 
 
-SEPARATION_KEYS = ("entropy end", "eval/pass@64")
+SEPARATION_KEYS = ("entropy end", "eval/avg@64", "eval/pass@64")     # collapse, pass@1, pass@k
 
 
 def separated_pairs(summary, keys=SEPARATION_KEYS):

@@ -133,7 +133,14 @@ def test_zero_width_and_single_seed_intervals_separate_nothing(tmp_path, monkeyp
     text = (root / "table.md").read_text()
     assert "| 0.625 ± 0.000 |" in text
     assert "Pairs separated by more than their 95% intervals: none\n" in text
-    assert "Not compared (every seed gave the same value, a zero-width interval): archer on eval/pass@64" in text
+    assert ("Not compared (every seed gave the same value, a zero-width interval): archer on eval/avg@64; "
+            "archer on eval/pass@64") in text
+
+
+def test_pass_at_1_is_tested_for_separation_too():
+    summary = {"grpo": {"eval/avg@64": (0.359, 0.045), "eval/pass@64": (0.68, 0.03)},
+               "dapo": {"eval/avg@64": (0.435, 0.020), "eval/pass@64": (0.68, 0.03)}}
+    assert compare.separated_pairs(summary) == [("eval/avg@64", "grpo", "dapo")]
 
 
 def test_curves_figure_names_the_seed_count_and_shades_the_spread():
@@ -170,7 +177,10 @@ def test_every_setting_resolves_and_the_clip_regime_takes_eight_updates_at_half_
             cfg = config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
             if setting == "clip-regime":
                 assert (cfg["updates_per_batch"], cfg["lr"]) == (8, config.PRESETS["tiny"]["lr"] / 2), name
-    assert {"aspo", "ce-gppo", "archer-no-kl", "steer-extreme-exact"} <= set(compare.SETTINGS["clip-regime"])
+    assert {"aspo", "ce-gppo", "archer-no-kl", "steer-extreme-exact", "grpo-extreme"} <= set(compare.SETTINGS["clip-regime"])
+    extreme = config.resolve(config.build_parser().parse_args(compare.SETTINGS["clip-regime"]["grpo-extreme"]),
+                             log=lambda m: None)
+    assert (extreme["algo"], extreme["clip_low"], extreme["clip_high"]) == ("grpo", 0.99, 5.0)
 
 
 def test_the_clip_table_gives_each_cells_clip_fractions_and_kl_over_steps():
