@@ -641,13 +641,25 @@ def test_empty_batch_statistics():
     ("grpo", "num_tokens", 0, r"num_tokens=0 must be > 0"),
     ("opefo", "num_tokens", -3, r"num_tokens=-3 must be > 0"),
     ("grpo", "num_tokens", torch.tensor(0), r"num_tokens=0 must be > 0"),
+    ("aspo", "clip_reasoning", 1.0, r"clip_reasoning=1.0 must be in \[0, 1\)"),
+    ("aspo", "clip_knowledge", -0.1, r"clip_knowledge=-0.1 must be in \[0, 1\)"),
+    ("aspo", "quantile", 1.5, r"quantile=1.5 must be in \[0, 1\]"),
+    ("aspo", "dual_clip", 1.0, r"dual_clip=1.0 must be > 1"),
+    ("aspo", "kl_knowledge", -0.001, r"kl_knowledge=-0.001 must be >= 0"),
+    ("aspo", "kl_reasoning", -1.0, r"kl_reasoning=-1.0 must be >= 0"),
+    ("ce_gppo", "beta_low", -0.5, r"beta_low=-0.5 must be >= 0"),
+    ("gppo", "beta_high", -1.0, r"beta_high=-1.0 must be >= 0"),
+    ("ce_gppo", "clip_low", 1.0, r"clip_low=1.0 must be in \[0, 1\)"),
+    ("gppo", "clip_high", -0.1, r"clip_high=-0.1 must be >= 0"),
+    ("ce_gppo", "dual_clip", 0.5, r"dual_clip=0.5 must be > 1"),
 ])
 def test_bad_knobs_raise_one_clear_error(name, knob, value, message):
     b = random_batch()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as err:
         call(name, b, **{knob: value}) if knob != "num_tokens" else LOSSES[name](
             logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"],
             entropy=b["entropy"], exact_term=b["exact_term"], ref_logp=b["old_logp"], num_tokens=value)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
