@@ -203,6 +203,16 @@ ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain")
                           for stat in ("pearson", "spearman", "sign_agree"))
 
 
+SUB_TABLES = (     # (heading, columns, number format): written below the main table when a run measured them
+    ("Estimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, mean over steps; "
+     "*_uncertain: only tokens with pi_a < 0.99", ESTIMATOR_COLUMNS, ".3f"),
+    ("How often the clip binds: the fraction of the batch's tokens past a clip bound on the side the clip acts "
+     "(A < 0 and r < 1 - eps_low; A > 0 and r > 1 + eps_high), and the approximate KL(pi_old || pi) = mean of "
+     "(r - 1) - log r over the tokens (losses._ppo_metrics); the mean over the optimizer steps of each RL step, "
+     "then over the RL steps", CLIP_COLUMNS, ".2e"),
+    ("Exact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's tokens of "
+     "-w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps", FLOW_COLUMNS, ".3f"),
+)
 SEPARATION_KEYS = ("entropy end", "eval/avg@64", "eval/pass@64")     # collapse, pass@1, pass@k
 
 
@@ -249,22 +259,13 @@ def seeds_note(n_seeds):
 
 
 def report(summary, n_seeds):
-    """The text of table.md: the few-seeds note (seeds_note), the main table, the estimator and flow tables
-    when measured, the separated pairs and the cells not compared."""
+    """The text of table.md: the few-seeds note (seeds_note), the main table, the SUB_TABLES that were
+    measured, the separated pairs and the cells not compared."""
     note = seeds_note(n_seeds)
     text = (f"**{note}**\n\n" if note else "") + table(summary)
-    if any("dH/pearson_exact" in s for s in summary.values()):
-        text += ("\n\nEstimator accuracy (--measure-entropy-change), per step over the tokens that carry gradient, "
-                 "mean over steps; *_uncertain: only tokens with pi_a < 0.99:\n\n" + table(summary, ESTIMATOR_COLUMNS))
-    if any("loss/approx_kl" in s for s in summary.values()):
-        text += ("\n\nHow often the clip binds: the fraction of the batch's tokens past a clip bound on the side "
-                 "the clip acts (A < 0 and r < 1 - eps_low; A > 0 and r > 1 + eps_high), and the approximate "
-                 "KL(pi_old || pi) = mean of (r - 1) - log r over the tokens (losses._ppo_metrics); the mean "
-                 "over the optimizer steps of each RL step, then over the RL steps:\n\n" + table(summary, CLIP_COLUMNS, ".2e"))
-    if any("flow/total_exact" in s for s in summary.values()):
-        text += ("\n\nExact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's "
-                 "tokens of -w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps:\n\n"
-                 + table(summary, FLOW_COLUMNS))
+    for heading, columns, spec in SUB_TABLES:
+        if any(c in s for s in summary.values() for c in columns):
+            text += f"\n\n{heading}:\n\n" + table(summary, columns, spec)
     text += "\n\nPairs separated by more than their 95% intervals: "
     if n_seeds < 2:
         return text + "none (1 seed: no intervals to compare)\n"

@@ -172,14 +172,13 @@ def synthetic_run_rows(entropy, pass_at, steps=4):
 
 def test_every_setting_resolves_and_the_clip_regime_takes_eight_updates_at_half_the_lr():
     import config
-    for setting, cells in compare.SETTINGS.items():
-        for name, argv in cells.items():
-            cfg = config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
-            if setting == "clip-regime":
-                assert (cfg["updates_per_batch"], cfg["lr"]) == (8, config.PRESETS["tiny"]["lr"] / 2), name
-    assert {"aspo", "ce-gppo", "archer-no-kl", "steer-extreme-exact", "grpo-extreme"} <= set(compare.SETTINGS["clip-regime"])
-    extreme = config.resolve(config.build_parser().parse_args(compare.SETTINGS["clip-regime"]["grpo-extreme"]),
-                             log=lambda m: None)
+    cfgs = {(setting, name): config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
+            for setting, cells in compare.SETTINGS.items() for name, argv in cells.items()}
+    regime = {name: cfg for (setting, name), cfg in cfgs.items() if setting == "clip-regime"}
+    for name, cfg in regime.items():
+        assert (cfg["updates_per_batch"], cfg["lr"]) == (8, config.PRESETS["tiny"]["lr"] / 2), name
+    assert {"aspo", "ce-gppo", "archer-no-kl", "steer-extreme-exact", "grpo-extreme"} <= set(regime)
+    extreme = regime["grpo-extreme"]
     assert (extreme["algo"], extreme["clip_low"], extreme["clip_high"]) == ("grpo", 0.99, 5.0)
 
 
