@@ -105,6 +105,8 @@ ALGOS = {
 INTERVENTIONS = ("entropy-bonus", "adaptive-entropy", "clip-cov", "kl-cov", "forking", "entropy-adv", "w-reinforce")
 DEFAULT_ALGOS = ("grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
 CLIP_KNOBS = ("clip_low", "clip_high", "dual_clip")    # each reaches the losses whose knobs include it
+# method knob -> the flag that sets it, for every loss whose knobs include it (STEER; Archer and ASPO)
+METHOD_KNOBS = {"lambda_min": "lambda_min", "quantile": "archer_quantile", "kl_knowledge": "archer_kl"}
 PASS_K = (1, 4, 16)
 HELP = {
     "T": "response length (positions; even ones are forks)",
@@ -227,10 +229,7 @@ def run(algo, seed, cfg):
     knobs = dict(extra)
     knobs.update({name: getattr(cfg, name) for name in CLIP_KNOBS
                   if name in method.knobs and getattr(cfg, name) is not None})   # only where the loss has it
-    if loss_name == "steer":
-        knobs["lambda_min"] = cfg.lambda_min
-    if loss_name in ("archer", "aspo"):                # ASPO keeps Archer's token split and knowledge-token KL
-        knobs.update(quantile=cfg.archer_quantile, kl_knowledge=cfg.archer_kl)
+    knobs.update({knob: getattr(cfg, flag) for knob, flag in METHOD_KNOBS.items() if knob in method.knobs})
     n_updates = 1 if method.on_policy else cfg.updates
     lr = cfg.lr
     if method.on_policy:
