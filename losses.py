@@ -60,6 +60,7 @@ Where each formula comes from (equation numbers as checked in the arXiv versions
     entropy_adv_loss       Cheng et al. arXiv 2506.14758: A' = A + min(0.4 H, |A| / 2)
     w_reinforce_loss       Zhu et al. arXiv 2506.01347: positive-sample terms weighted 0.1
     entropy_flow_quadrants the exact first-order entropy change per quadrant (A sign x pi_a > exp(-H))
+    loss_weights           w = -dLoss/dlogp per token, the weights the quadrants are split with
 
 The first-order entropy change that STEER and OPEFO estimate (entropy_math.py derives and tests it): a
 gradient step of size eta on w * log pi(a|s) changes the entropy at s of a tabular softmax by
@@ -1284,6 +1285,14 @@ def w_reinforce_loss(logp, old_logp, advantages, mask, *, positive_weight=0.1, c
 
 # ---------------------------------------------------------------------------- four-quadrant entropy flow
 QUADRANTS = ("pos_likely", "pos_unlikely", "neg_likely", "neg_unlikely")
+
+
+def loss_weights(loss, logp):
+    """w = -dLoss/dlogp per token, (B, T) like logp, for entropy_flow_quadrants: read off the loss's own graph
+    with torch.autograd.grad (retain_graph: the trainer's backward still runs after it; the graph walk stops at
+    logp, so nothing of the model is visited). Zeros when logp does not reach the loss."""
+    grad, = torch.autograd.grad(loss, logp, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(logp) if grad is None else -grad
 
 
 def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, mask):

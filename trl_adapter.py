@@ -230,8 +230,7 @@ class LossesGRPOTrainer(GRPOTrainer):
 
     def _flow(self, loss, logp, inputs, mask):
         """losses.entropy_flow_quadrants of this micro-batch, with w = -dLoss/dlogp of the global loss."""
-        grad, = torch.autograd.grad(loss, logp, retain_graph=True, allow_unused=True)   # the loss's graph only
-        weights = torch.zeros_like(logp) if grad is None else -grad / self.accelerator.num_processes
+        weights = losses.loss_weights(loss, logp) / self.accelerator.num_processes     # the loss's graph only
         return losses.entropy_flow_quadrants(inputs["old_logp_stats"], inputs["old_entropy"], inputs["old_exact_term"],
                                              inputs["advantages"], weights, mask)
 

@@ -203,8 +203,7 @@ def flow_sums(loss, log_prob, old_log_prob, entropy, advantages, mask, dp):
     """This rank's micro-batch share of the optimizer step's entropy flow (paper form and counts), times dp
     (verl averages the metric over dp ranks): losses.entropy_flow_quadrants with w = -dLoss/dlogp / dp, the
     gradient of the loss verl averages over dp ranks."""
-    grad, = torch.autograd.grad(loss, log_prob, retain_graph=True, allow_unused=True)   # the loss's graph only
-    weights = torch.zeros_like(log_prob) if grad is None else -grad / dp
+    weights = losses.loss_weights(loss, log_prob) / dp                # the loss's graph only
     flow = losses.entropy_flow_quadrants(old_log_prob, entropy, torch.zeros_like(entropy), advantages, weights,
                                          mask)                      # S2 = 0: the exact sums are dropped
     return {k: dp * flow[k] for k in FLOW_KEYS}

@@ -1004,3 +1004,14 @@ def test_overlong_penalty_hand_values():
     assert penalty.dtype == torch.float32
     assert penalty.tolist() == [0.0, 0.0, -0.25, -0.75, -1.0, -1.0]
     assert [losses.default_overlong_cache(n) for n in (20480, 512, 1)] == [4096, 102, 1]
+
+
+def test_loss_weights_are_minus_the_gradient_backward_would_leave_on_logp():
+    b = random_batch()
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, _ = call("grpo", b, logp=logp)
+    w = losses.loss_weights(loss, logp)
+    loss.backward()                                      # the graph was retained for the trainer's backward
+    assert torch.equal(w, -logp.grad) and w.abs().sum() > 0
+    unused = torch.zeros(2, 3, requires_grad=True)
+    assert torch.equal(losses.loss_weights((2 * logp).sum(), unused), torch.zeros(2, 3))   # unused does not reach it
