@@ -50,6 +50,9 @@ PRESETS = {
                             micro_batch_size=8, eval_interval=50, eval_k=4, eval_size=500, bf16=True,
                             gradient_checkpointing=True),
 }
+# --model without CUDA: GPU-sized defaults would take minutes per step and gigabytes on a laptop (1024 new
+# tokens, 8 x 8 responses); these make a step take seconds to a minute. A flag you give overrides them.
+CPU_DEFAULTS = dict(prompts_per_step=2, group_size=4, max_new_tokens=64, eval_k=4, eval_size=16)
 # The method flags, by --help group: flag -> (type or choices, the keyword it sets, help). The keyword is the
 # loss function's (per algorithm where the names differ); for adaptive_entropy the keywords of
 # losses.entropy_control_init (CONTROL_KEYS) go to its controller. A flag the chosen loss does not take is
@@ -285,7 +288,12 @@ def resolve(args, log=print):
     if "dataset" in given and "eval_dataset" not in given and preset.get("eval_dataset"):
         log(f"--dataset given: the preset's evaluation set {preset.pop('eval_dataset')} is not used "
             "(name it with --eval-dataset to evaluate on it)")
-    for source in (preset, method.data_defaults, DEFAULTS):
+    cpu = {} if cfg["preset"] or torch.cuda.is_available() else {k: v for k, v in CPU_DEFAULTS.items()
+                                                                  if k not in given}
+    shown = [f"{flag(k)} {v}" for k, v in cpu.items() if cfg["eval_dataset"] or not k.startswith("eval")]
+    if shown:
+        log("no CUDA: sized for a CPU (set a flag to override): " + " ".join(shown))
+    for source in (preset, method.data_defaults, cpu, DEFAULTS):
         for k, v in source.items():
             if cfg.get(k) is None:
                 cfg[k] = v
@@ -310,8 +318,10 @@ def resume_config(args):
     every other flag whose value differs from the saved one (it would change the run)."""
     run_dir = Path(args.resume)
     path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise SystemExit(f"--resume {run_dir}: no such run directory")
     if not path.is_file():
-        raise SystemExit(f"--resume {run_dir}: no config.json there")
+        raise SystemExit(f"--resume {run_dir}: no config.json there (not a train.py run directory)")
     try:
         cfg = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -24,7 +24,8 @@ Nothing is lost:
 
 Exit status of the command line (cli): 0 done; 2 a user error, one line on stderr (a bad flag, data file
 or run directory, an unreachable model or dataset), raised as SystemExit(message) before any work;
-130 interrupted by Ctrl-C (the message names the last checkpoint); a traceback means a bug.
+130 interrupted by Ctrl-C: the first finishes the step and writes a checkpoint (stop_on_ctrl_c), a second
+stops at once; the message names the checkpoint to resume from. A traceback means a bug.
 """
 import contextlib
 import fcntl
@@ -33,9 +34,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -197,6 +200,10 @@ def claim_run_dir(run_dir, cfg, log):
         if not cfg.get("resume") and present:
             if not cfg["overwrite"]:
                 shown = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
+                if not any((run_dir / "checkpoints").glob("step_*")):
+                    raise SystemExit(f"--out {run_dir} is not empty ({shown}) and holds no checkpoint to resume: "
+                                     f"give --overwrite to start again (it removes only a run's files), or "
+                                     f"choose another --out")
                 raise SystemExit(f"--out {run_dir} is not empty ({shown}): continue that run with --resume "
                                  f"{run_dir}, choose another --out, or give --overwrite to replace it")
             for name in RUN_FILES:
@@ -312,6 +319,9 @@ def resume_checkpoint(run_dir, log):
         if ckpt != named:
             point_latest(run_dir, ckpt)
         return ckpt, state
+    if not candidates:
+        raise SystemExit(f"--resume {run_dir}: the run there wrote no checkpoint, so it cannot be resumed: start "
+                         f"it again with the same flags and --overwrite --out {run_dir}")
     raise SystemExit(f"--resume {run_dir}: no checkpoint that loads under {root}")
 
 
@@ -354,8 +364,8 @@ def truncate_jsonl(path, last_step, log):
 
 @contextlib.contextmanager
 def open_run(run_dir, cfg, log):
-    """Hold the run directory for the length of the block: claimed and locked (claim_run_dir); Ctrl-C ends
-    the run with SystemExit(130) after naming the last checkpoint; a directory the run created and left
+    """Hold the run directory for the length of the block: claimed and locked (claim_run_dir); Ctrl-C
+    (KeyboardInterrupt) ends the run with SystemExit(130) after naming the last checkpoint; a directory the run created and left
     empty (it failed before writing anything: data, model) is removed."""
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
@@ -365,13 +375,35 @@ def open_run(run_dir, cfg, log):
     except KeyboardInterrupt:
         ckpt = latest_checkpoint(run_dir)
         where = (f"the last checkpoint is {ckpt}; continue with: python train.py --resume {run_dir}" if ckpt
-                 else "no checkpoint was written yet, so it cannot be resumed")
+                 else f"no checkpoint was written yet; start again with --overwrite --out {run_dir}")
         log(f"interrupted: {where}")
         raise SystemExit(130) from None
     finally:
         release_lock(run_dir, lock)
         if fresh and not any(run_dir.iterdir()):
             run_dir.rmdir()
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c(log):
+    """Within the block, the first Ctrl-C (SIGINT) only asks to stop: the block gets stop_asked() -> True and
+    is expected to finish its step, write a checkpoint and raise KeyboardInterrupt. A second Ctrl-C
+    interrupts at once. Outside the main thread (no signal handlers there) Ctrl-C interrupts as usual."""
+    asked = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def ask(signum, frame):
+        asked.append(signum)
+        signal.signal(signal.SIGINT, previous)
+        log("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once, losing the "
+            "steps since the last checkpoint)")
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def restore(run_dir, ckpt, saved, cfg, optimizer, scheduler, data_rng, generator, log):

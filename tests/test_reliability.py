@@ -78,6 +78,9 @@ def test_non_empty_out_is_refused_and_overwrite_removes_only_run_files(tmp_path,
     (out / "metrics.jsonl").write_text('{"step": 0}\n')
     (out / "notes.txt").write_text("mine")
     line = error_line(capsys, tiny(cache, out, "--steps", "1"))
+    assert "is not empty" in line and "no checkpoint to resume" in line and "--overwrite" in line
+    (out / "checkpoints" / "step_000001").mkdir(parents=True)               # resumable: --resume is named
+    line = error_line(capsys, tiny(cache, out, "--steps", "1"))
     assert "is not empty" in line and f"--resume {out}" in line and "--overwrite" in line
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'
     monkeypatch.setattr(train, "setup", lambda cfg, out, log: None)          # the claim, not the run
