@@ -119,9 +119,19 @@ def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk,
 
 
 def summary(row):
-    """One line with the evaluation figures of a metrics row."""
-    return ", ".join(f"{k} {v:.3f}" for k, v in row.items()
-                     if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")))
+    """One readable line with the headline evaluation figures of a metrics row, per set: avg@k, pass@k at
+    the largest k, greedy accuracy and distinct correct solutions ("eval: avg@64 0.363, pass@64 0.680,
+    greedy 0.410, distinct 1.20"); every figure stays in metrics.jsonl."""
+    sets = dict.fromkeys(k.split("/")[0] for k in row if k.startswith("eval") and "/avg@" in k)
+    parts = []
+    for prefix in sets:
+        figs = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith(prefix + "/")}
+        top = max((k for k in figs if k.startswith("pass@")), key=lambda k: int(k[5:]), default=None)
+        shown = [k for k in figs if k.startswith("avg@")] + [top] * (top is not None)
+        text = ", ".join(f"{k} {figs[k]:.3f}" for k in shown)
+        text += f", greedy {figs['greedy_acc']:.3f}, distinct {figs['distinct']:.2f}" if "greedy_acc" in figs else ""
+        parts.append(f"{prefix}: {text}")
+    return "; ".join(parts)
 
 
 def evaluate_sets(model, tok, eval_sets, cfg, step, autocast, device, on_samples):
@@ -157,6 +167,10 @@ def model_folder(path):
     if not given.is_dir():
         raise SystemExit(f"--model {path}: no such folder (a model folder written by save_pretrained, or a "
                          "checkpoint folder runs/X/checkpoints/step_N)")
+    if (given / "metrics.jsonl").is_file() or (given / "checkpoints").is_dir():
+        steps = sorted(p.name for p in (given / "checkpoints").glob("step_*"))
+        raise SystemExit(f"--model {path} is a train.py run directory, not a model: give one of its checkpoints ("
+                         + (", ".join(str(given / "checkpoints" / n) for n in steps) or "it has none yet") + ")")
     folder = given / "model" if (given / "model" / "config.json").is_file() else given
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--model {path}: neither a model folder (no config.json) nor a checkpoint folder "
@@ -177,12 +191,13 @@ def build_parser():
         "problem's completions saved.")
     a = p.add_argument
     a("--model", required=True, help="model folder (save_pretrained) or checkpoint folder runs/X/checkpoints/step_N")
-    a("--data", required=True, help="benchmark file, JSON Lines (MATH-500, AIME24, AMC23, Minerva, GSM8K, ...)")
+    a("--data", required=True, help="benchmark file, JSON Lines (MATH-500, AIME24, AMC23, Minerva, GSM8K, ...), "
+      "or lab:test / lab:unique, the tiny lab's held-out sets scored by its own reward")
     a("--k", type=int, default=8, help="samples per problem for avg@k and pass@j (default 8)")
     a("--size", type=int, help="evaluate the first N problems of the file (default all)")
     a("--temperature", type=float, default=1.0, help="sampling temperature of the k samples (default 1.0)")
     a("--top-p", type=float, default=1.0, help="nucleus threshold of the k samples (default 1.0)")
-    a("--max-new-tokens", type=int, default=1024, help="generation budget per completion (default 1024)")
+    a("--max-new-tokens", type=int, help="generation budget per completion (default 1024; 20 on lab:)")
     a("--max-prompt-tokens", type=int, default=1024, help="problems whose prompt is longer are left out and "
       "counted (default 1024)")
     a("--chunk", type=int, help="problems per generation call (default max(1, 64 // k)); the samples depend on it")
@@ -204,12 +219,51 @@ def check_args(args):
               ("--size", args.size, args.size is None or args.size >= 1, "at least 1"),
               ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
               ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
-              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1,
+               "at least 1"),
               ("--max-prompt-tokens", args.max_prompt_tokens, args.max_prompt_tokens >= 1, "at least 1"),
               ("--chunk", args.chunk, args.chunk is None or args.chunk >= 1, "at least 1"))
     for name, value, ok, wanted in checks:
         if not ok:
             raise SystemExit(f"{name} must be {wanted}, got {value}")
+
+
+def load_data(args):
+    """(items, score function, path) of --data: a JSON Lines benchmark scored by the math verifier, or the
+    tiny lab's held-out set lab:test / lab:unique scored by the lab's reward (its default --max-new-tokens 20)."""
+    import data
+
+    if args.data.startswith("lab:"):
+        import config
+        import tiny_lab
+
+        sets = tiny_lab.datasets()[1]
+        if args.data[4:] not in sets:
+            raise SystemExit(f"--data {args.data}: the lab's held-out sets are " + ", ".join(f"lab:{n}" for n in sets))
+        args.max_new_tokens = args.max_new_tokens or config.PRESETS["tiny"]["max_new_tokens"]
+        return sets[args.data[4:]], tiny_lab.score, Path(f"lab-{args.data[4:]}")
+    args.max_new_tokens = args.max_new_tokens or 1024
+    path = Path(args.data)
+    if not path.is_file():
+        raise SystemExit(f"--data {args.data}: no such file")
+    try:
+        items = data.load_items(str(path), "test", problem_field=args.problem_field, answer_field=args.answer_field,
+                                answer_format=args.answer_format, flag="--data")
+    except data.DataError as e:
+        raise SystemExit(f"--data {e}") from None
+    return items, verify, path
+
+
+def fit_context(model, args):
+    """The longest prompt that fits the model's context (max_position_embeddings) with --max-new-tokens
+    after it, at most --max-prompt-tokens; refused when --max-new-tokens alone does not fit."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None or args.max_prompt_tokens + args.max_new_tokens <= context:
+        return args.max_prompt_tokens
+    if args.max_new_tokens >= context:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} "
+                         f"positions (max_position_embeddings): give at most {context - 1} and shorter prompts")
+    return context - args.max_new_tokens
 
 
 def main(argv=None):
@@ -227,23 +281,22 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
     folder, name = model_folder(args.model)
-    path = Path(args.data)
-    if not path.is_file():
-        raise SystemExit(f"--data {args.data}: no such file")
-    try:
-        items = data.load_items(str(path), "test", problem_field=args.problem_field, answer_field=args.answer_field,
-                                answer_format=args.answer_format, flag="--data")
-    except data.DataError as e:
-        raise SystemExit(f"--data {e}") from None
+    items, score_fn, path = load_data(args)
     items = items[:args.size] if args.size else items
     out = Path(args.out) if args.out else Path("runs") / f"eval-{name}-{path.stem}"
     run_dir.check_writable(out, "--out")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = data.load_model(str(folder), device=device, trainable=False)
-    items, too_long = data.drop_long_prompts(items, tok, args.max_prompt_tokens, args.system_prompt)
+    model, tok = data.load_model(str(folder), device=device, trainable=False, offline="a model folder written by "
+                                 "save_pretrained, or a checkpoint folder runs/X/checkpoints/step_N")
+    limit = fit_context(model, args)
+    items, too_long = data.drop_long_prompts(items, tok, limit, args.system_prompt)
     if not items:
-        raise SystemExit(f"every problem's prompt is longer than --max-prompt-tokens {args.max_prompt_tokens}")
+        raise SystemExit(f"every problem's prompt is longer than {limit} tokens (--max-prompt-tokens, or the "
+                         f"model's context less --max-new-tokens {args.max_new_tokens})")
+    if too_long:
+        print(f"left out {too_long} problems whose prompt is longer than {limit} tokens (--max-prompt-tokens, or "
+              f"the model's context less --max-new-tokens)", file=sys.stderr)
     autocast = data.autocast_factory(device, args.bf16)
     samples_path, figures_path = out / "samples.jsonl", out / "figures.json"
     samples_path.write_text("")
@@ -255,9 +308,14 @@ def main(argv=None):
         def on_problem(record):
             run_dir.append_jsonl(samples_path, record)
             bar.update(1)
+            done = record["problem_index"] + 1
+            spent = time.perf_counter() - t          # in a log: each tenth, once it takes a while
+            if bar.disable and spent > 10 and done * 10 // len(items) > (done - 1) * 10 // len(items):
+                print(f"problems {done}/{len(items)}, {spent:.0f}s, about {spent * (len(items) - done) / done:.0f}s "
+                      "left", file=sys.stderr)
         figures, _ = evaluate(model, tok, items, k=args.k, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, chunk=chunk, system_prompt=args.system_prompt,
-                              autocast=autocast, score_fn=verify, on_problem=on_problem)
+                              autocast=autocast, score_fn=score_fn, on_problem=on_problem)
     figures = {key.split("/", 1)[1]: value for key, value in figures.items()}
     seconds = time.perf_counter() - t
     settings = dict(model=str(folder), data=str(path), size=args.size, k=args.k, temperature=args.temperature,
@@ -268,7 +326,7 @@ def main(argv=None):
     figures_path.write_text(json.dumps({"figures": figures, "too_long": too_long, "settings": settings}, indent=1))
 
     print(f"{name} on {path.name}: {figures['n']} problems, k={args.k}, temperature {args.temperature}, "
-          f"{seconds:.1f}s" + (f"; {too_long} left out (prompt over --max-prompt-tokens)" if too_long else "")
+          f"{seconds:.1f}s" + (f"; {too_long} left out (prompt over {limit} tokens)" if too_long else "")
           + (f"; {figures['skipped_gold']} skipped (gold not parseable)" if figures["skipped_gold"] else ""))
     shown = [key for key in figures if key not in ("n", "skipped_gold")]
     for key in shown:

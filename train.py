@@ -66,6 +66,7 @@ def sample(state, cfg, items, draw):
     parts, sampled, scores, kept, rounds = [], [], [], 0, 0
     while True:
         t = time.perf_counter()
+        state["phase"](f"generating {len(items)} x {g} responses")
         prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=cfg["system_prompt"]) for it in items]
         model.eval()
         with torch.no_grad(), state["autocast"]():
@@ -73,6 +74,7 @@ def sample(state, cfg, items, draw):
                                     temperature=cfg["temperature"], top_p=cfg["top_p"])
         timings["generate"] += time.perf_counter() - t
         t = time.perf_counter()
+        state["phase"]("scoring")
         part_scores = [state["score"](c, items[int(i)]) for c, i in zip(part.completions, part.prompt_index.tolist())]
         timings["score"] += time.perf_counter() - t
         parts.append(part)
@@ -127,6 +129,7 @@ def rl_step(state, cfg, items, draw):
     t = time.perf_counter()
     full = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.response_mask,
             "prompt_length": ro.prompt_length}
+    state["phase"]("log-probs")
     old = stats_fn(full)                                           # the behaviour policy: log pi, H, S2
     metrics["entropy"] = float((old["entropy"] * ro.response_mask).sum() / valid_resp.clamp(min=1))
     if state.get("fork_mask"):
@@ -151,6 +154,7 @@ def rl_step(state, cfg, items, draw):
             batch["ref_logp"] = stats_fn(batch, with_entropy=False, net=state["ref_model"])["logp"]
             timings["stats"] += time.perf_counter() - t
         t = time.perf_counter()
+        state["phase"]("update")
         metrics.update(update(state["model"], state["optimizer"], batch, cfg, stats_fn, knobs=knobs))
         timings["update"] = time.perf_counter() - t
         metrics["update_tokens"] = int(batch["mask"].sum())
@@ -357,7 +361,7 @@ def setup(cfg, out, log):
     autocast = data.autocast_factory(device, cfg["bf16"])
     return dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, scheduler=scheduler,
                 autocast=autocast, device=device, generator=generator, entropy_control=control, data_rng=data_rng,
-                order=order, start_step=saved["step"] if saved else 0, **problems)
+                order=order, start_step=saved["step"] if saved else 0, phase=lambda name: None, **problems)
 
 
 def main(argv=None, log=None):
@@ -396,42 +400,53 @@ def loop(state, cfg, out, log):
         report(rows[-1])
         if state["eval_sets"]:
             log(f"step 0 (start model): {evaluation.summary(rows[-1])}")
-    interactive = sys.stderr.isatty()       # a bar on a terminal, one line per step in a log file
+    interactive, began = sys.stderr.isatty(), time.perf_counter()   # a bar on a terminal, lines in a log
     bar = tqdm(range(start + 1, cfg["steps"] + 1), initial=start, total=cfg["steps"], disable=not interactive,
                desc=cfg["algo"])
-    for step in bar:
-        started = time.perf_counter()
-        if state["device"].type == "cuda":
-            torch.cuda.reset_peak_memory_stats(state["device"])
-        lr = state["optimizer"].param_groups[0]["lr"]
-        metrics, records = rl_step(state, cfg, draw(cfg["prompts_per_step"]), draw)
-        metrics["lr"] = lr
-        with warnings.catch_warnings():      # one schedule step per RL step, also when no update was made
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
-            state["scheduler"].step()
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
-        if not interactive:
-            log(f"step {step}/{cfg['steps']}: reward {metrics['reward']:.3f}, entropy {metrics['entropy']:.3f}, "
-                f"{time.perf_counter() - started:.1f}s")
-        if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
-            metrics.update(evaluate(step))
-            if state["eval_sets"]:
-                log(f"step {step} evaluation, {metrics['time/eval']:.1f}s: {evaluation.summary(metrics)}")
-        metrics["peak_mem_mb"] = peak_mem_mb(state["device"])
-        rows.append(run_dir.json_safe({"step": step, **metrics}))
-        run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
-        report(rows[-1])
-        for r in records:
-            run_dir.append_jsonl(out / "samples.jsonl", {"step": step, **r})
-        if step % cfg["save_interval"] == 0 or step == cfg["steps"]:
-            t = time.perf_counter()
-            run_dir.save_checkpoint(out, step, state["model"], state["tok"], state["optimizer"], state["data_rng"],
-                                    state["order"], generator=state["generator"],
-                                    entropy_control=state["entropy_control"], scheduler=state["scheduler"],
-                                    with_optimizer=cfg["save_optimizer"])
-            log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
+    with run_dir.stop_on_ctrl_c(log) as stop_asked:
+        for step in bar:
+            # inside a step: its phase on the bar, or a line per phase in a log (a --model step takes minutes)
+            state["phase"] = lambda name: (bar.set_postfix_str(name) if interactive
+                                           else cfg.get("model") and log(f"step {step}: {name}"))
+            started = time.perf_counter()
+            if state["device"].type == "cuda":
+                torch.cuda.reset_peak_memory_stats(state["device"])
+            lr = state["optimizer"].param_groups[0]["lr"]
+            metrics, records = rl_step(state, cfg, draw(cfg["prompts_per_step"]), draw)
+            metrics["lr"] = lr
+            with warnings.catch_warnings():      # one schedule step per RL step, also when no update was made
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                state["scheduler"].step()
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
+            if not interactive:
+                log(f"step {step}/{cfg['steps']}: reward {metrics['reward']:.3f}, entropy "
+                    f"{metrics['entropy']:.3f}, {time.perf_counter() - started:.1f}s")
+            if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
+                metrics.update(evaluate(step))
+                if state["eval_sets"]:
+                    log(f"step {step} evaluation, {metrics['time/eval']:.1f}s: {evaluation.summary(metrics)}")
+            metrics["peak_mem_mb"] = peak_mem_mb(state["device"])
+            rows.append(run_dir.json_safe({"step": step, **metrics}))
+            run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
+            report(rows[-1])
+            for r in records:
+                run_dir.append_jsonl(out / "samples.jsonl", {"step": step, **r})
+            if step % cfg["save_interval"] == 0 or step == cfg["steps"] or stop_asked():
+                t = time.perf_counter()
+                run_dir.save_checkpoint(out, step, state["model"], state["tok"], state["optimizer"],
+                                        state["data_rng"], state["order"], generator=state["generator"],
+                                        entropy_control=state["entropy_control"], scheduler=state["scheduler"],
+                                        with_optimizer=cfg["save_optimizer"])
+                log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
+            if stop_asked():
+                raise KeyboardInterrupt          # open_run names the checkpoint just written
     if cfg["plot"]:
         plots.plot_curves(out)
+        log(f"wrote {out / 'curves.png'}")
+    last = rows[-1] if rows else {}
+    log(f"done: {cfg['steps']} steps, {time.perf_counter() - began:.0f}s this session; last step reward "
+        f"{last.get('reward', float('nan')):.3f}, entropy {last.get('entropy', float('nan')):.3f}; "
+        f"{evaluation.summary(last) or 'no evaluation set'}; run directory {out}")
     return rows
 
 

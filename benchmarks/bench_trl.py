@@ -55,7 +55,7 @@ def trainpy_side(path, args):
     model, tok = data.load_model(str(path), device=torch.device("cpu"))
     state = dict(model=model, tok=tok, ref_model=None, autocast=contextlib.nullcontext,
                  optimizer=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
-                 score=tiny_lab.score, fork_mask=tiny_lab.fork_mask)
+                 score=tiny_lab.score, fork_mask=tiny_lab.fork_mask, phase=lambda name: None)
     problems, rng = tiny_lab.datasets()[0], random.Random(args.seed)
 
     def draw(n):

@@ -20,7 +20,8 @@ def test_a_run_names_its_directory_and_prints_each_evaluation_with_its_time(tmp_
     evals = [i for i, line in enumerate(err) if line.startswith(("step 1 evaluation, ", "step 2 evaluation, "))]
     assert len(steps) == len(evals) == 2 and all(s < e for s, e in zip(steps, evals))   # the step's line first
     rows = read_rows(out / "metrics.jsonl")
-    assert f"{rows[1]['time/eval']:.1f}s: eval/avg@2 {rows[1]['eval/avg@2']:.3f}" in err[evals[0]]
+    assert f"{rows[1]['time/eval']:.1f}s: eval: avg@2 {rows[1]['eval/avg@2']:.3f}, pass@2" in err[evals[0]]
+    assert len(err[evals[0]]) < 200                    # the headline figures; every one is in metrics.jsonl
 
 
 def test_a_dataset_without_a_model_is_refused(tmp_path):

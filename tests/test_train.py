@@ -507,3 +507,27 @@ def test_cli_validation(capsys):
 def test_bad_flags_name_the_flag(argv, message):
     with pytest.raises(SystemExit, match=message):
         config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
+
+
+def test_a_run_ends_with_one_summary_line_and_names_the_plot_it_writes(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    rows = run(TINY + ["--cache-dir", cache, "--out", str(out), "--steps", "2", "--plot"])
+    err = capsys.readouterr().err.splitlines()
+    assert f"wrote {out / 'curves.png'}" in err and (out / "curves.png").is_file()
+    last = rows[-1]
+    assert err[-1].startswith(f"done: 2 steps, ") and err[-1].endswith(f"; run directory {out}")
+    assert (f"last step reward {last['reward']:.3f}, entropy {last['entropy']:.3f}; eval: avg@2 "
+            f"{last['eval/avg@2']:.3f}, pass@2 {last['eval/pass@2']:.3f}, greedy {last['eval/greedy_acc']:.3f}, "
+            f"distinct {last['eval/distinct']:.2f}; eval_unique: avg@2") in err[-1]
+
+
+def test_a_model_run_in_a_log_says_each_phase_of_a_step(tmp_path, cache, capsys, monkeypatch):
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: False)
+    model = tiny_lab.warm_start(0, cache, log=lambda m: None)
+    problems = tmp_path / "d.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"{a}+{a}", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    run(["--model", str(model), "--dataset", str(problems), "--steps", "1", "--max-new-tokens", "4",
+         "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.splitlines()
+    phases = [line for line in err if line.startswith("step 1: ") and "checkpoint" not in line]
+    assert phases == ["step 1: generating 2 x 4 responses", "step 1: scoring", "step 1: log-probs", "step 1: update"]
