@@ -53,16 +53,22 @@ def row_to_item(row, where, *, problem_field=None, answer_field=None, answer_for
     if not isinstance(row, dict):
         hint = " (a JSON array: write one object per line instead)" if isinstance(row, list) else ""
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}{hint}; {JSONL_HINT}")
-    pf = problem_field or next((f for f in ("problem", "question") if f in row), "problem")
-    af = answer_field or ("answer" if "answer" in row else "solution")
+    fields = sorted(row)
+    pf = problem_field or next((f for f in ("problem", "question") if f in row), None)
+    af = answer_field or next((f for f in ("answer", "solution") if f in row), None)
+    for field, what, defaults, option in ((pf, "problem", "'problem' nor 'question'", "--problem-field"),
+                                          (af, "answer", "'answer' nor 'solution'", "--answer-field")):
+        if field is None:
+            raise DataError(f"{where}: no {what} field: neither {defaults} is present; fields present: {fields} "
+                            f"(choose one with {option})")
     problem = row.get(pf)
     if not isinstance(problem, str) or not problem.strip():
         raise DataError(f"{where}: field {pf!r} (the problem) is missing or empty; "
-                         f"fields present: {sorted(row)} (choose one with --problem-field)")
+                        f"fields present: {fields} (choose one with --problem-field)")
     raw = row.get(af)
     if raw is None or isinstance(raw, (dict, list, bool)) or (isinstance(raw, str) and not raw.strip()):
         raise DataError(f"{where}: field {af!r} (the answer) is missing, empty or not text/number: {raw!r}; "
-                         f"fields present: {sorted(row)} (choose one with --answer-field)")
+                        f"fields present: {fields} (choose one with --answer-field)")
     text = raw if isinstance(raw, str) else json.dumps(raw)
     fmt = answer_format
     if fmt == "auto":
@@ -131,10 +137,12 @@ def load_items(spec, split, *, problem_field=None, answer_field=None, answer_for
 
 def _fields_of(first_row, fields):
     """The problem and answer fields of a whole file, chosen once from its first row (row_to_item's defaults),
-    so that a later row lacking the field is named by the field the file uses."""
+    so that a later row lacking the field is named by the field the file uses; None where the first row has
+    neither default (row_to_item then names both)."""
     return dict(fields, problem_field=fields["problem_field"] or next(
-                    (f for f in ("problem", "question") if f in first_row), "problem"),
-                answer_field=fields["answer_field"] or ("answer" if "answer" in first_row else "solution"))
+                    (f for f in ("problem", "question") if f in first_row), None),
+                answer_field=fields["answer_field"] or next((f for f in ("answer", "solution") if f in first_row),
+                                                            None))
 
 
 def drop_long_prompts(items, tok, limit, system_prompt):
@@ -161,13 +169,15 @@ def autocast_factory(device, bf16):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=True):
+def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=True,
+               offline="a local folder written by save_pretrained (--model path/to/model), or --preset tiny"):
     """(model, tokenizer) from a Hub name or local folder, SDPA attention; a clear error when unreachable.
 
     Weights stay float32 (the master copy AdamW updates); --bf16 runs the forward passes under autocast.
     A frozen reference (trainable=False) keeps float32 weights too and runs under the same autocast, so at
     identical weights its log-probs equal the policy's bit for bit (the KL is exactly 0); a bf16 copy would
     save 2 bytes per parameter but put a floor under the KL (6e-4 measured on Qwen2.5-0.5B).
+    offline: what the error suggests instead (train.py's flags by default).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,8 +188,8 @@ def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=
                 name_or_path, dtype=torch.float32, attn_implementation="sdpa")
     except (OSError, ValueError) as e:      # no such folder and the Hub is unreachable, or has no such model
         where = "" if Path(name_or_path).exists() else "there is no such local folder, and the Hugging Face Hub says: "
-        raise SystemExit(f"cannot load model {name_or_path!r}: {where}{one_line(e, 200)}. Offline alternatives: a "
-                         f"local folder written by save_pretrained (--model path/to/model), or --preset tiny.")
+        raise SystemExit(f"cannot load model {name_or_path!r}: {where}{one_line(e, 200)}. Offline alternatives: "
+                         f"{offline}.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.to(device)

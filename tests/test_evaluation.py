@@ -147,9 +147,13 @@ def test_checkpoint_folder_and_default_out(model_dir, synth, tmp_path, monkeypat
 
 
 def test_math500_first_three(model_dir, shared_data, tmp_path):
-    """The real verifier on MATH-500's first 3 problems: the untrained tiny model scores 0 everywhere."""
-    path = shared_data / "math500.jsonl"
-    figures = evaluate_cli(model_dir, path, tmp_path / "out", "--size", "3", "--k", "2")
+    """The real verifier on MATH-500's first 3 problems: the untrained tiny model, its context widened from 64
+    positions so the prompts fit (its rotary embeddings take any length), scores 0 everywhere."""
+    path, wide = shared_data / "math500.jsonl", tmp_path / "wide"
+    shutil.copytree(model_dir, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=4096)))
+    figures = evaluate_cli(wide, path, tmp_path / "out", "--size", "3", "--k", "2")
     assert figures == {"skipped_gold": 0, "n": 3, "avg@2": 0.0, "pass@1": 0.0, "pass@2": 0.0, "distinct": 0.0,
                        "greedy_acc": 0.0}
     _, records = read(tmp_path / "out")
@@ -222,3 +226,58 @@ def test_on_problem_records_match_kept_samples(model_dir, monkeypatch):
         assert sample == {"set": "eval_x", "problem_index": r["problem_index"], "prompt": r["prompt"],
                           "gold": r["gold"], "kind": kind, **shown}
     assert figures["eval_x/avg@3"] == pytest.approx(sum(r["n_correct"] for r in records) / 12)
+
+
+def test_a_run_directory_is_named_as_such_with_its_checkpoints(model_dir, tmp_path):
+    run = tmp_path / "runs" / "tiny-grpo-seed0"
+    shutil.copytree(model_dir, run / "checkpoints" / "step_000050" / "model")
+    (run / "config.json").write_text(json.dumps({"algo": "grpo"}))             # a run's config, not a model's
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=rf"--model {run} is a train.py run directory, not a model: give one of "
+                                         rf"its checkpoints \({run / 'checkpoints' / 'step_000050'}\)"):
+        evaluation.main(["--model", str(run), "--data", "lab:test"])
+
+
+def test_the_labs_own_held_out_set_with_the_labs_reward_and_budget(model_dir, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tiny_lab, "score", lambda c, item: seen.append(item) or verifier.Score(1.0, None, True, False))
+    figures = evaluation.main(["--model", str(model_dir), "--data", "lab:unique", "--size", "3", "--k", "2",
+                               "--out", str(tmp_path / "out")])
+    assert figures["n"] == 3 and figures["avg@2"] == 1.0
+    assert [it["problem"] for it in seen[:2]] == [tiny_lab.datasets()[1]["unique"][0]["problem"]] * 2
+    settings = read(tmp_path / "out")[0]["settings"]
+    assert settings["max_new_tokens"] == 20 and settings["data"] == "lab-unique"
+    with pytest.raises(SystemExit, match="--data lab:nope: the lab's held-out sets are lab:test, lab:unique"):
+        evaluation.main(["--model", str(model_dir), "--data", "lab:nope"])
+
+
+def test_prompts_that_do_not_fit_the_context_are_refused_or_left_out_with_a_warning(model_dir, synth, tmp_path,
+                                                                                    capsys):
+    with pytest.raises(SystemExit, match="--max-new-tokens 1024 does not fit the model's context of 64 positions"):
+        evaluation.main(["--model", str(model_dir), "--data", str(synth), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="every problem's prompt is longer than 4 tokens"):
+        evaluation.main(["--model", str(model_dir), "--data", str(synth), "--max-new-tokens", "60"])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"problem": "x" * 80, "answer": "1"}) + "\n" + synth.read_text())
+    figures = evaluation.main(["--model", str(model_dir), "--data", str(long), "--out", str(tmp_path / "b"), *FAST])
+    assert figures["n"] == 4
+    assert "left out 1 problems whose prompt is longer than 58 tokens" in capsys.readouterr().err
+
+
+def test_a_long_evaluation_in_a_log_prints_progress_with_the_time_left(model_dir, synth, tmp_path, capsys,
+                                                                      monkeypatch):
+    clock = iter(range(0, 10_000, 7))                           # every reading 7 s later
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: next(clock))
+    evaluation.main(["--model", str(model_dir), "--data", str(synth), "--out", str(tmp_path / "out"), *FAST,
+                     "--chunk", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("problems ")]
+    assert [line.split(",")[0] for line in lines] == ["problems 2/4", "problems 3/4", "problems 4/4"]
+    assert lines[-1].endswith("about 0s left") and "about" in lines[0]
+
+
+def test_a_model_folder_that_does_not_load_suggests_what_evaluation_takes(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--model", str(tmp_path / "m"), "--data", "lab:test"])
+    assert "checkpoint folder runs/X/checkpoints/step_N" in str(e.value) and "--preset" not in str(e.value)
