@@ -62,3 +62,28 @@ def test_method_data_defaults_come_from_the_registry():
         for key, value in losses.LOSSES[algo].data_defaults.items():
             assert cfg[key] == value, (algo, key)
     assert parse("--algo", "dapo", "--no-drop-equal-groups", "--max-refill-rounds", "0")["drop_equal_groups"] is False
+
+
+def test_a_model_without_cuda_runs_cpu_sized_and_says_so(monkeypatch):
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: False)
+    said = []
+    cfg = config.resolve(config.build_parser().parse_args(["--model", "m", "--dataset", "d.jsonl",
+                                                           "--eval-dataset", "e.jsonl", "--group-size", "8"]),
+                         log=said.append)
+    assert (cfg["prompts_per_step"], cfg["group_size"], cfg["max_new_tokens"], cfg["eval_k"]) == (2, 8, 64, 4)
+    assert said == ["no CUDA: sized for a CPU (set a flag to override): --prompts-per-step 2 --max-new-tokens 64 "
+                    "--eval-k 4 --eval-size 16"]
+    said.clear()
+    config.resolve(config.build_parser().parse_args(["--model", "m", "--dataset", "d.jsonl"]), log=said.append)
+    assert said == ["no CUDA: sized for a CPU (set a flag to override): --prompts-per-step 2 --group-size 4 "
+                    "--max-new-tokens 64"]                     # no evaluation set: its sizes not mentioned
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: True)
+    cfg = config.resolve(config.build_parser().parse_args(["--model", "m", "--dataset", "d.jsonl"]), log=said.append)
+    assert (cfg["max_new_tokens"], cfg["prompts_per_step"]) == (1024, 8) and len(said) == 1
+
+
+def test_resume_of_a_folder_that_is_not_there_says_so(tmp_path):
+    with pytest.raises(SystemExit, match=f"--resume {tmp_path / 'nope'}: no such run directory"):
+        config.parse(["--resume", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match="no config.json there \\(not a train.py run directory\\)"):
+        config.parse(["--resume", str(tmp_path)])

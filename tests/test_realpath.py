@@ -42,7 +42,8 @@ def test_hub_failure_names_both_flags_and_leaves_no_run_directory(flag, tmp_path
     assert not out.exists()
 
 
-def test_eval_flags_without_an_evaluation_set_warn_once():
+def test_eval_flags_without_an_evaluation_set_warn_once(monkeypatch):
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: True)          # no CPU sizing line
     lines = []
     resolved(["--model", "m", "--dataset", "d.jsonl", "--eval-size", "5", "--eval-k", "2"], lines)
     assert lines == ["--eval-size and --eval-k ignored: there is no evaluation set (name one with --eval-dataset)"]
