@@ -31,12 +31,14 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
 import rollout
 import verifier
+from run_dir import quiet_transformers
 
 CACHE_DIR = Path(".cache") / "tiny_lab"
 MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -229,7 +231,8 @@ def warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
             rng = random.Random(SFT["seed"])
             opt = torch.optim.AdamW(model.parameters(), lr=SFT["lr"], weight_decay=0.0)
             model.train()
-            for _ in range(sft_steps):
+            began = time.perf_counter()
+            for n in range(1, sft_steps + 1):
                 batch = rng.sample(train, SFT["batch_size"])
                 prompts = [tok(rollout.format_prompt(tok, b["problem"]), add_special_tokens=False)["input_ids"]
                            for b in batch]
@@ -246,10 +249,13 @@ def warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
                 model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if n % 250 == 0 or n == sft_steps:
+                    log(f"tiny lab warm start: step {n}/{sft_steps}, {time.perf_counter() - began:.0f}s")
     finally:
         torch.set_num_threads(threads)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    with quiet_transformers():
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

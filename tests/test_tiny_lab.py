@@ -99,7 +99,12 @@ def test_tokenizer_is_character_level():
 
 @pytest.fixture(scope="module")
 def fast_start(tmp_path_factory):
-    return tiny_lab.warm_start(FAST_SFT, tmp_path_factory.mktemp("lab_cache"), log=lambda m: None)
+    said = []
+    path = tiny_lab.warm_start(FAST_SFT, tmp_path_factory.mktemp("lab_cache"), log=said.append)
+    progress = [line.split(",")[0] for line in said[1:]]
+    assert progress == ["tiny lab warm start: step 250/600", "tiny lab warm start: step 500/600",
+                        "tiny lab warm start: step 600/600"], said          # progress, not a silent minute
+    return path
 
 
 def forced_entropy(model_dir, items):
