@@ -48,8 +48,9 @@ def curves_figure(run_dir):
     for ax, key, label in zip(axes, ("reward", "entropy"), ("mean reward", "mean token entropy (nats)")):
         steps, values = _series(train, key)
         window = max(1, len(values) // 10)
-        ax.plot(steps, values, color="C0", alpha=0.3, lw=0.8, label="per step")
-        ax.plot(steps, moving_average(values, window), color="C0", label=f"moving average of {window}")
+        ax.plot(steps, values, color="C0", alpha=0.3 if window > 1 else 1.0, lw=0.8, label="per step")
+        if window > 1:
+            ax.plot(steps, moving_average(values, window), color="C0", label=f"moving average of {window} steps")
         ax.set(title=key, xlabel="RL step", ylabel=label)
         ax.legend(fontsize=8)
     avg = next((k for k in evals[0] if k.startswith("eval/avg@")), None) if evals else None
@@ -72,7 +73,10 @@ def curves_figure(run_dir):
         axes[3].legend(fontsize="x-small", ncol=2)
     axes[3].axhline(0.0, color="grey", linewidth=0.5)
     axes[3].set(title="first-order entropy change by quadrant", xlabel="RL step", ylabel="first-order dH (nats)")
-    fig.suptitle(f"{cfg['algo']}, preset {cfg.get('preset') or cfg.get('model')}, seed {cfg['seed']}")
+    for ax in axes:
+        ax.ticklabel_format(axis="y", useOffset=False)       # a flat curve: its values, not "1e-6+1.19e1"
+    source = f"model {cfg['model']}" if cfg.get("model") else f"preset {cfg.get('preset')}"
+    fig.suptitle(f"{cfg['algo']}, {source}, seed {cfg['seed']}")
     fig.tight_layout()
     return fig
 
