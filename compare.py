@@ -32,7 +32,7 @@ Settings (the flags each cell adds to train.py's lab defaults):
 Run:
     python compare.py                                    # default setting, 5 seeds, 2 jobs
     python compare.py --setting steer-extreme
-    python compare.py --algos grpo steer --seeds 0 1 --jobs 1
+    python compare.py --algos grpo steer --seeds 2 --steps 20 --jobs 1
     python compare.py --setting steer-extreme --train-flags "--updates-per-batch 8" --out runs/compare-u8
 """
 import argparse
@@ -141,16 +141,24 @@ def window_mean(rows, key, first, last):
     return sum(vals) / len(vals) if vals else None
 
 
+def window(steps):
+    """Steps per start / end window of a run of `steps` steps: 10, fewer for runs under 20 steps (the two
+    windows never overlap)."""
+    return max(1, min(10, steps // 2))
+
+
 def run_figures(rows):
-    """The figures of one finished run: start and end entropy (all tokens, forks, elsewhere), the final
-    held-out evaluation of each set, and the estimator correlations averaged over the steps."""
+    """The figures of one finished run: start and end entropy (all tokens, forks, elsewhere; the mean over the
+    first and the last window(steps) steps), the final held-out evaluation of each set, and the estimator
+    correlations averaged over the steps."""
     steps = max(r["step"] for r in rows)
+    w = window(steps)
     final = next(r for r in reversed(rows) if any(k.startswith("eval") for k in r))
     out = {}
     for key in ("entropy", "entropy/fork", "entropy/other"):
-        out[f"{key} start"] = window_mean(rows, key, 1, 10)
-        out[f"{key} end"] = window_mean(rows, key, steps - 9, steps)
-    out["reward end"] = window_mean(rows, "reward", steps - 9, steps)
+        out[f"{key} start"] = window_mean(rows, key, 1, w)
+        out[f"{key} end"] = window_mean(rows, key, steps - w + 1, steps)
+    out["reward end"] = window_mean(rows, "reward", steps - w + 1, steps)
     start_eval = rows[0]
     for k, v in final.items():
         if k.startswith("eval") and not k.endswith(("/n", "/skipped_gold")):
@@ -258,11 +266,13 @@ def seeds_note(n_seeds):
     return ""
 
 
-def report(summary, n_seeds):
-    """The text of table.md: the few-seeds note (seeds_note), the main table, the SUB_TABLES that were
-    measured, the separated pairs and the cells not compared."""
-    note = seeds_note(n_seeds)
-    text = (f"**{note}**\n\n" if note else "") + table(summary)
+def report(summary, n_seeds, steps):
+    """The text of table.md: the few-seeds note (seeds_note), the windows of "start" and "end", the main
+    table, the SUB_TABLES that were measured, the separated pairs and the cells not compared."""
+    note, w = seeds_note(n_seeds), window(steps)
+    text = (f"**{note}**\n\n" if note else "") + (
+        f"{n_seeds} seeds, {steps} steps; start / end: mean over steps 1-{w} / {steps - w + 1}-{steps}; eval: "
+        f"the held-out sets at step {steps}\n\n") + table(summary)
     for heading, columns, spec in SUB_TABLES:
         if any(c in s for s in summary.values() for c in columns):
             text += f"\n\n{heading}:\n\n" + table(summary, columns, spec)
@@ -340,7 +350,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="default", help="which comparison (default: default)")
     p.add_argument("--algos", nargs="+", help="cells to run (default: every cell of the setting)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default 0-4)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds: 0 .. N-1 (default 5), as toy_bandit.py")
+    p.add_argument("--steps", type=int, help="RL steps of every run (default: the lab's 100)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     p.add_argument("--out", default="runs/compare", help="root of the run directories (default runs/compare)")
     p.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--steps 200' "
@@ -351,13 +362,14 @@ def main(argv=None):
     unknown = [n for n in names if n not in cells]
     if unknown:
         raise SystemExit(f"--algos: {unknown} not in setting {args.setting!r}; choose from {list(cells)}")
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    for name in ("jobs", "seeds", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     root = Path(args.out) / args.setting
     root.mkdir(parents=True, exist_ok=True)
-    extra = shlex.split(args.train_flags)
-    todo = [(root / f"{n}-seed{s}", cells[n] + extra + ["--seed", str(s)])
-            for n in names for s in args.seeds]
+    extra = shlex.split(args.train_flags) + (["--steps", str(args.steps)] if args.steps else [])
+    seeds = range(args.seeds)
+    todo = [(root / f"{n}-seed{s}", cells[n] + extra + ["--seed", str(s)]) for n in names for s in seeds]
     first = config.resolve(config.build_parser().parse_args(todo[0][1]), log=lambda m: None)
     tiny_lab.warm_start(first["tiny_sft_steps"], first["cache_dir"])      # once, before the parallel jobs
     from tqdm import tqdm
@@ -370,10 +382,10 @@ def main(argv=None):
             bar.update()
     if failed:
         raise SystemExit(f"{len(failed)} runs failed; see their logs: " + ", ".join(f"{d}.log" for d in failed))
-    rows = {n: [read_rows(root / f"{n}-seed{s}") for s in args.seeds] for n in names}
+    rows = {n: [read_rows(root / f"{n}-seed{s}") for s in seeds] for n in names}
     results = {n: [run_figures(r) for r in runs] for n, runs in rows.items()}
     summary = summarise(results)
-    text = report(summary, len(args.seeds))
+    text = report(summary, args.seeds, max(r["step"] for r in rows[names[0]][0]))
     written = [root / "table.md", root / "results.json", root / "curves.png"]
     written[0].write_text(text)
     written[1].write_text(json.dumps({"summary": summary, "runs": results}, indent=1))

@@ -24,7 +24,7 @@ needs besides its loss is read off its registry entry (losses.Loss): the clip kn
 update per batch (on_policy), Dr. GRPO's advantages (std_normalize), the current entropy with gradient
 ("current_entropy" in inputs), the adaptive controller (adaptive) and Clip-Cov's generator (knobs).
 
-Choices (the issue left them open):
+Choices:
 - Optimizer: plain SGD by default. The first-order entropy analysis (entropy_math.py) is for an SGD step on
   the logits; Adam rescales every logit's step and so changes the dynamics: run ``--optimizer adam`` to see.
 - Accuracy and entropy of the policy are exact (computed from the table, no sampling noise).
@@ -511,8 +511,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": asdict(cfg), "wall_s": wall, "runs": results}, f, indent=1)
+        print(f"wrote {args.json}")
     if args.plot:
         plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return results
 
 

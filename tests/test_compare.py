@@ -43,10 +43,10 @@ def test_mean_ci_and_separated_pairs():
 
 
 def test_small_comparison_end_to_end_and_resume(tmp_path, monkeypatch):
-    flags = ("--steps 2 --tiny-sft-steps 0 --prompts-per-step 2 --group-size 4 --max-new-tokens 4 "
+    flags = ("--tiny-sft-steps 0 --prompts-per-step 2 --group-size 4 --max-new-tokens 4 "
              f"--eval-size 2 --eval-k 4 --eval-interval 1 --save-interval 1 --cache-dir {tmp_path / 'cache'}")
-    argv = ["--algos", "grpo", "steer", "--seeds", "0", "1", "--jobs", "2", "--out", str(tmp_path),
-            "--train-flags", flags]
+    argv = ["--algos", "grpo", "steer", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path),
+            "--train-flags", flags, "--steps", "2"]
     compare.main(argv)
     root = tmp_path / "default"
     data = json.loads((root / "results.json").read_text())
@@ -86,7 +86,7 @@ def synthetic_lab(tmp_path, monkeypatch, values):
     for name, per_seed in values.items():
         for s, (ent, p) in zip(seeds, per_seed):
             synthetic_run(root / f"{name}-seed{s}", entropy=ent, pass_at=p, seed=s)
-    argv = ["--algos", *values, "--seeds", *map(str, seeds), "--jobs", "1", "--out", str(tmp_path)]
+    argv = ["--algos", *values, "--seeds", str(len(seeds)), "--jobs", "1", "--out", str(tmp_path)]
     return root, argv
 
 
@@ -115,7 +115,9 @@ def test_few_seeds_are_flagged_above_the_table(tmp_path, monkeypatch):
     root, argv = synthetic_lab(tmp_path / "three", monkeypatch, three)
     compare.main(argv)
     text = (root / "table.md").read_text()
-    assert "seeds:" not in text.split("| run |")[0] and text.startswith("| run |")
+    assert "seeds:" not in text.split("| run |")[0]
+    assert text.startswith("3 seeds, 4 steps; start / end: mean over steps 1-2 / 3-4; eval: the held-out sets at "
+                           "step 4\n\n| run |")
 
 
 def test_zero_width_and_single_seed_intervals_separate_nothing(tmp_path, monkeypatch):
@@ -190,9 +192,30 @@ def test_the_clip_table_gives_each_cells_clip_fractions_and_kl_over_steps():
     assert figures["loss/clip_frac_low"] == pytest.approx(0.03) and figures["loss/approx_kl"] == pytest.approx(3e-3)
     summary = compare.summarise({"grpo": [figures, {**figures, "loss/approx_kl": 5e-3}],
                                  "old": [compare.run_figures(synthetic_run_rows(0.5, 0.6))] * 2})
-    text = compare.report(summary, 2)
+    text = compare.report(summary, 2, 4)
     clip = text.split("How often the clip binds")[1].split("\n\n")[1]
     assert clip.splitlines()[0] == "| run | loss/clip_frac_low | loss/clip_frac_high | loss/approx_kl |"
     assert clip.splitlines()[2] == ("| grpo | 3.00e-02 ± 0.00e+00 | 0.00e+00 ± 0.00e+00 | 4.00e-03 ± "
                                     f"{12.706 * math.sqrt(2e-6) / math.sqrt(2):.2e} |")
     assert len(clip.splitlines()) == 3                   # no row for the start model or a run without the metrics
+
+
+def test_seeds_is_a_count_as_in_the_toy_and_steps_reaches_every_run(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(compare.tiny_lab, "warm_start", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "run_cell", lambda run_dir, args, threads: seen.append((run_dir.name, args))
+                        or (synthetic_run(run_dir, steps=int(args[args.index("--steps") + 1])), (run_dir, 0))[1])
+    compare.main(["--algos", "grpo", "--seeds", "3", "--steps", "30", "--jobs", "1", "--out", str(tmp_path)])
+    assert [name for name, _ in seen] == ["grpo-seed0", "grpo-seed1", "grpo-seed2"]
+    assert all(args[-4:] == ["--steps", "30", "--seed", str(s)] for s, (_, args) in enumerate(seen))
+    text = (tmp_path / "default" / "table.md").read_text()
+    assert text.startswith("3 seeds, 30 steps; start / end: mean over steps 1-10 / 21-30")
+    with pytest.raises(SystemExit, match="--seeds must be >= 1, got 0"):
+        compare.main(["--seeds", "0", "--out", str(tmp_path)])
+
+
+def test_short_runs_get_windows_that_do_not_overlap():
+    assert [compare.window(n) for n in (1, 2, 5, 19, 20, 100)] == [1, 1, 2, 9, 10, 10]
+    rows = synthetic_run_rows(entropy=0.5, pass_at=0.6, steps=4)        # entropy 0.51, 0.52, 0.53, 0.54
+    figures = compare.run_figures(rows)
+    assert figures["entropy start"] == pytest.approx(0.515) and figures["entropy end"] == pytest.approx(0.535)

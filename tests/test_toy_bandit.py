@@ -139,9 +139,11 @@ def test_first_order_correlation_of_a_small_sgd_step_is_one():
 
 def test_cli_json_has_documented_fields(tmp_path, capsys):
     path = tmp_path / "toy.json"
-    toy_bandit.main(["--algos", "grpo,opefo-exact", "--seeds", "2", "--steps", "5", "--json", str(path)])
+    toy_bandit.main(["--algos", "grpo,opefo-exact", "--seeds", "2", "--steps", "5", "--json", str(path),
+                     "--plot", str(tmp_path / "toy.png")])
     out = capsys.readouterr().out
     assert "H* = 0.693" in out and "opefo-exact" in out and "mean" in out
+    assert out.splitlines()[-2:] == [f"wrote {path}", f"wrote {tmp_path / 'toy.png'}"]
     data = json.loads(path.read_text())
     assert data["config"]["steps"] == 5 and data["wall_s"] > 0
     assert [(r["algo"], r["seed"]) for r in data["runs"]] == [("grpo", 0), ("grpo", 1), ("opefo-exact", 0),
