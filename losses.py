@@ -22,6 +22,17 @@ Conventions
     the gradient. An empty batch (B = 0) gives a zero loss. float64 inputs are computed in float64.
     num_tokens / num_seqs: the whole batch's valid tokens and rows with a valid token (batch_totals), for
     exact gradient accumulation over micro-batches. Knobs out of range raise a ValueError naming them.
+What a copier gets wrong most
+    Alignment: logp[:, t] scores response token t, so it comes from the logits one position earlier. For
+    input_ids (B, P + T) = prompt (left-padded to P) + response:
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)     # left padding must not move positions
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1:-1]
+        logp = token_logprobs(logits / temperature, input_ids[:, P:])   # the sampling temperature
+    mask: 1 on every generated token up to and including the end-of-sequence token (it was sampled and is
+    trained), 0 after it and on padding.
+    A loss of exactly 0 on a first update is right: at r = 1 every surrogate is -A per token, and the
+    advantages of a group sum to 0: the token mean is 0 at equal lengths, the sequence mean at any. The
+    gradient is not 0.
 
 Where each formula comes from (equation numbers as checked in the arXiv versions named)
     group_advantages   GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1.2 (outcome supervision);
@@ -111,6 +122,8 @@ Usage
     # one optimizer step's metrics from its micro-batches' [(valid tokens, metrics), ...]
     step_metrics = merge_metrics("steer", parts)
 """
+import difflib
+import functools
 import inspect
 import math
 from typing import Callable, NamedTuple, Optional
@@ -1371,21 +1384,47 @@ class Loss(NamedTuple):
         """Knob name -> default (REQUIRED where there is none): the keyword-only parameters of fn, then of
         forwards_to, that are neither batch tensors (BATCH_KEYS) nor whole-batch statistics (STATISTIC_KEYS).
         A preset's own defaults come first (dapo's clip_high 0.28 over grpo_loss's 0.2)."""
-        out = {}
-        for f in (self.fn, self.forwards_to):
-            for name, p in (inspect.signature(f).parameters.items() if f is not None else ()):
-                if p.kind is p.KEYWORD_ONLY and name not in BATCH_KEYS and name not in STATISTIC_KEYS:
-                    out.setdefault(name, p.default)
-        return out
+        return dict(_knobs(self.fn, self.forwards_to))
 
     def __call__(self, **kwargs):
         """fn(**kwargs) without the BATCH_KEYS that fn does not read, so that every loss takes the same
-        call with the whole batch; every other keyword (a knob) is passed on, so a misspelt knob is still a
-        TypeError. A needed tensor that is missing or None is a TypeError naming it and what computes it."""
+        call with the whole batch; every other keyword must be a knob or a statistic: a misspelt knob is a
+        TypeError with the nearest name. A needed tensor that is missing or None is a TypeError naming it
+        and what computes it."""
         for key in self.needs:
             if kwargs.get(key) is None:
                 raise TypeError(f"{self.fn.__name__} needs {key} {_SOURCES[key]}")
+        knobs = dict(_knobs(self.fn, self.forwards_to))
+        for key in kwargs:
+            if key not in BATCH_KEYS and key not in STATISTIC_KEYS and key not in knobs:
+                raise TypeError(f"{self.fn.__name__} takes no knob {key!r}{_nearest(key, knobs)}; its knobs: "
+                                f"{', '.join(knobs) or 'none'}")
         return self.fn(**{k: v for k, v in kwargs.items() if k in self.inputs or k not in BATCH_KEYS})
+
+
+@functools.lru_cache(maxsize=None)
+def _knobs(fn, forwards_to):
+    """Loss.knobs of fn and forwards_to, read off their signatures once (a tuple of (name, default))."""
+    out = {}
+    for f in (fn, forwards_to):
+        for name, p in (inspect.signature(f).parameters.items() if f is not None else ()):
+            if p.kind is p.KEYWORD_ONLY and name not in BATCH_KEYS and name not in STATISTIC_KEYS:
+                out.setdefault(name, p.default)
+    return tuple(out.items())
+
+
+def _nearest(name, choices):
+    """" (did you mean 'x'?)" for the choice nearest to a misspelt name, or ""."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Registry(dict):
+    """LOSSES: a dict whose unknown key is a KeyError naming the nearest method and every method."""
+
+    def __missing__(self, name):
+        raise KeyError(f"no loss {name!r} in LOSSES{_nearest(str(name).lower(), self) or _nearest(name, self)}; "
+                       f"the methods: {', '.join(self)}")
 
 
 def _advantage_zero_rows(advantages, mask, entropy):
@@ -1397,7 +1436,7 @@ def _advantage_zero_rows(advantages, mask, entropy):
 
 _PPO = ("logp", "old_logp", "advantages", "mask")      # what every loss with the ratio r = pi / pi_old needs
 _NORMS = ("num_tokens", "num_seqs", "norm_length")     # agg_loss's normalisers (batch_totals)
-LOSSES = {
+LOSSES = _Registry({
     "grpo": Loss(grpo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
                  zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"}),
     "dapo": Loss(dapo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
@@ -1441,7 +1480,7 @@ LOSSES = {
                         zero_rows=_entropy_adv_zero_rows, reduce={"pg_loss": "sum"}),
     "w_reinforce": Loss(w_reinforce_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
                         zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
-}
+})
 
 
 def _method(name):

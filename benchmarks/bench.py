@@ -161,6 +161,15 @@ def bench_throughput(device, n=None):
           f"{exp_only / fused:.3f}")
 
 
+def loss_runs(entropy, mask):
+    """(LOSSES name, knobs) of every method timed: each entry with its defaults (the knobs it needs given),
+    then the variants whose cost differs (the exact first-order forms, forking with a fixed threshold)."""
+    needed = {"adaptive_entropy": {"alpha": 0.005}, "clip_cov": {"generator": torch.Generator().manual_seed(0)}}
+    return [(name, needed.get(name, {})) for name in losses.LOSSES if name != "grpo"] + [
+        ("steer", {"omega": "exact"}), ("opefo", {"flow": "exact"}),
+        ("forking", {"entropy_threshold": float(losses.forking_threshold(entropy, mask))})]
+
+
 def bench_losses(device, B=64, T=4096, repeats=15):
     g = torch.Generator(device=device).manual_seed(0)
     old = -torch.rand(B, T, generator=g, device=device) * 3
@@ -185,12 +194,7 @@ def bench_losses(device, B=64, T=4096, repeats=15):
     same_ppo = {"steer": dict(clip_high=0.28, dual_clip=10.0),
                 "archer": dict(dual_clip=10.0, kl_coef=0.001),
                 "forking": dict(clip_high=0.28)}
-    runs = (("dapo", {}), ("drgrpo", {}), ("steer", {}), ("steer", {"omega": "exact"}),
-            ("opefo", {}), ("opefo", {"flow": "exact"}), ("archer", {}),
-            ("entropy_bonus", {}), ("adaptive_entropy", {"alpha": 0.005}),
-            ("clip_cov", {"generator": torch.Generator().manual_seed(0)}), ("kl_cov", {}),
-            ("forking", {}), ("forking", {"entropy_threshold": float(losses.forking_threshold(ent, mask))}),
-            ("entropy_adv", {}), ("w_reinforce", {}))
+    runs = loss_runs(ent, mask)
     for name, kw in runs:
         fns = [lambda: step(name, **kw), lambda: step("grpo")]
         if name in same_ppo:

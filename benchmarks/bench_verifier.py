@@ -2,7 +2,7 @@
 
 Measures, each row in a fresh process so that the verifier's memo of parsed answers starts empty (every distinct
 answer string is parsed the first time it is seen, as in training, where a gold then repeats over its group):
-  - is_equivalent(answer, boxed answer of the reference solution)         (the issue's pair)
+  - is_equivalent(answer, boxed answer of the reference solution)         (the pair first reported slow)
   - score(full reference solution, answer)                                (extraction + grading)
   - is_equivalent(answer, rewritten answer)   (\frac{a}{b} -> (a)/(b), \dfrac -> \frac, spaces removed, "=" prefix
                                               kept: an equal answer in another spelling, so the full path runs)

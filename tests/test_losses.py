@@ -1015,3 +1015,40 @@ def test_loss_weights_are_minus_the_gradient_backward_would_leave_on_logp():
     assert torch.equal(w, -logp.grad) and w.abs().sum() > 0
     unused = torch.zeros(2, 3, requires_grad=True)
     assert torch.equal(losses.loss_weights((2 * logp).sum(), unused), torch.zeros(2, 3))   # unused does not reach it
+
+
+def test_the_docstrings_alignment_is_the_one_the_trainer_scores_with():
+    """The three lines losses.py's docstring gives a copier (shift by one, positions under left padding, the
+    sampling temperature) give rollout.response_stats' log-probs on a left-padded batch."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import rollout
+
+    doc = losses.__doc__
+    assert "logits[:, P - 1:-1]" in doc and "position_ids=pos" in doc and "logits / temperature" in doc
+    assert "up to and including the end-of-sequence token" in doc and "A loss of exactly 0 on a first update" in doc
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=17, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    P, T, temperature = 4, 5, 0.7
+    input_ids = torch.randint(1, 17, (3, P + T))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0                                             # row 0: a prompt of 2 tokens
+    mask = torch.ones(3, T)
+    with torch.no_grad():
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1:-1]
+        logp = losses.token_logprobs(logits / temperature, input_ids[:, P:])
+        expected = rollout.response_stats(model, input_ids, attention_mask, P, mask, temperature=temperature)["logp"]
+    torch.testing.assert_close(logp, expected)
+
+
+def test_an_unknown_method_or_a_misspelt_knob_names_the_nearest():
+    with pytest.raises(KeyError, match="no loss 'Steer' in LOSSES \\(did you mean 'steer'\\?\\); the methods: grpo"):
+        LOSSES["Steer"]
+    b = {k: v for k, v in random_batch().items() if k in losses.BATCH_KEYS}
+    with pytest.raises(TypeError, match="steer_loss takes no knob 'lamda_min' \\(did you mean 'lambda_min'\\?\\); "
+                                        "its knobs: lambda_min, "):
+        LOSSES["steer"](**b, lamda_min=0.5)
+    with pytest.raises(TypeError, match="grpo_loss takes no knob 'zzz'; its knobs: clip_low"):
+        LOSSES["grpo"](**b, zzz=1)
