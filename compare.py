@@ -54,34 +54,47 @@ from run_dir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent
 LAB_LR = config.PRESETS["tiny"]["lr"]
-EXTREME = ["--clip-low", "0.99", "--clip-high", "5"]
+EXTREME = ["--clip-low", "0.99", "--clip-high", "5"]                   # STEER's extreme scenario (Table 6)
 REGIME = ["--updates-per-batch", "8", "--lr", f"{LAB_LR / 2:.6g}"]      # clip-regime (module docstring)
+OPEFO_LR = ["--lr", f"{LAB_LR * math.sqrt(2):.6g}"]                    # lr x sqrt(U), U = 2, as OPEFO scales it
+DROP = ["--drop-equal-groups"]       # the normaliser control of the methods that drop all-equal groups
+SEARCH = [(u, lr) for u in (8, 16) for lr in (LAB_LR / 2, LAB_LR, 2 * LAB_LR)]     # steer-search's points
+LAMBDA_MIN = ("1", "0.8", "0.7", "0.6", "0.5", "0.3", "0.1")             # steer-dose: 1 is the pipeline control
+
+
+def _regime(cells):
+    return {name: args + REGIME for name, args in cells.items()}
+
+
 SETTINGS = {
-    "default": {algo: ["--algo", algo] for algo in config.ALGOS},
-    "steer-extreme": {
-        "grpo": ["--algo", "grpo"] + EXTREME,
-        "dapo": ["--algo", "dapo"] + EXTREME,
-        **{f"steer-{form}-{lm}": ["--algo", "steer", "--first-order-form", form, "--lambda-min", lm] + EXTREME
-           for lm in ("0.7", "0.5") for form in losses.FIRST_ORDER_FORMS},
-    },
-    "opefo-lr": {
-        "grpo": ["--algo", "grpo"],
-        "opefo": ["--algo", "opefo", "--lr", f"{LAB_LR * math.sqrt(2):.6g}"],
-        "opefo-exact": ["--algo", "opefo", "--lr", f"{LAB_LR * math.sqrt(2):.6g}", "--first-order-form", "exact"],
-    },
-    "archer": {
-        "grpo": ["--algo", "grpo"],
-        "archer": ["--algo", "archer"],
-        "archer-no-kl": ["--algo", "archer", "--kl-knowledge", "0"],
-        "archer-one-clip": ["--algo", "archer", "--clip-reasoning", "0.2"],
-    },
-    "clip-regime": {name: args + REGIME for name, args in {
-        "grpo": ["--algo", "grpo"], "dapo": ["--algo", "dapo"], "grpo-extreme": ["--algo", "grpo"] + EXTREME,
-        "steer-extreme-paper": ["--algo", "steer"] + EXTREME,
+    "default": {**{algo: ["--algo", algo] for algo in config.ALGOS if algo != "quadrant"},
+                "grpo-drop": ["--algo", "grpo"] + DROP},
+    "clip-regime": _regime({
+        "grpo": ["--algo", "grpo"], "grpo-drop": ["--algo", "grpo"] + DROP, "dapo": ["--algo", "dapo"],
+        "grpo-extreme": ["--algo", "grpo"] + EXTREME, "steer-extreme-paper": ["--algo", "steer"] + EXTREME,
         "steer-extreme-exact": ["--algo", "steer", "--first-order-form", "exact"] + EXTREME,
         "archer": ["--algo", "archer"], "archer-no-kl": ["--algo", "archer", "--kl-knowledge", "0"],
         "archer-one-clip": ["--algo", "archer", "--clip-reasoning", "0.2"],
-        "aspo": ["--algo", "aspo"], "ce-gppo": ["--algo", "ce_gppo"]}.items()},
+        "aspo": ["--algo", "aspo"], "ce-gppo": ["--algo", "ce_gppo"]}),
+    "opefo-onpolicy": {
+        "grpo": ["--algo", "grpo"], "grpo-onpolicy": ["--algo", "grpo", "--updates-per-batch", "1"] + OPEFO_LR,
+        "opefo": ["--algo", "opefo"] + OPEFO_LR, "opefo-exact": ["--algo", "opefo", "--first-order-form", "exact"]
+        + OPEFO_LR},
+    "steer-search": {f"{name}-u{u}-lr{lr:g}": ["--algo", "grpo", "--updates-per-batch", str(u), "--lr", f"{lr:g}"]
+                     + extra for u, lr in SEARCH for name, extra in (("grpo", []), ("grpo-extreme", EXTREME))},
+    "steer-dose": {f"steer-{lm}": ["--algo", "steer", "--lambda-min", lm] for lm in LAMBDA_MIN},
+    "quadrant": {"grpo": ["--algo", "grpo"],
+                 **{f"{q}-x{x}": ["--algo", "quadrant", f"--scale-{q.replace('_', '-')}", x]
+                    for q in losses.QUADRANTS for x in ("2", "0.5")}},
+    "archer-leverage": _regime({
+        "grpo-drop": ["--algo", "grpo"] + DROP, "archer": ["--algo", "archer"],
+        "archer-no-kl": ["--algo", "archer", "--kl-knowledge", "0"],
+        "archer-one-clip": ["--algo", "archer", "--clip-reasoning", "0.2"],
+        "archer-kl-0.01": ["--algo", "archer", "--kl-knowledge", "0.01"],
+        "archer-kl-0.1": ["--algo", "archer", "--kl-knowledge", "0.1"],
+        "archer-clip-knowledge-0.1": ["--algo", "archer", "--clip-knowledge", "0.1"],
+        "forking": ["--algo", "forking"]}),
+    "dapo-generation": {"dapo": ["--algo", "dapo"], "grpo-long": ["--algo", "grpo", "--steps", "220"]},
 }
 # Student t quantile t_{0.975, n-1} for n = 2..10 seeds (a formula fact); 1.96 beyond
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -371,7 +384,8 @@ def main(argv=None):
     seeds = range(args.seeds)
     todo = [(root / f"{n}-seed{s}", cells[n] + extra + ["--seed", str(s)]) for n in names for s in seeds]
     first = config.resolve(config.build_parser().parse_args(todo[0][1]), log=lambda m: None)
-    tiny_lab.warm_start(first["tiny_sft_steps"], first["cache_dir"])      # once, before the parallel jobs
+    start = tiny_lab.warm_start(first["tiny_sft_steps"], first["cache_dir"])      # once, before the parallel jobs
+    warm = tiny_lab.fingerprint(start) if start else None
     from tqdm import tqdm
     failed = []
     threads = 1 if args.jobs > 1 else max(1, os.cpu_count() or 1)
@@ -388,7 +402,7 @@ def main(argv=None):
     text = report(summary, args.seeds, max(r["step"] for r in rows[names[0]][0]))
     written = [root / "table.md", root / "results.json", root / "curves.png"]
     written[0].write_text(text)
-    written[1].write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    written[1].write_text(json.dumps({"warm_start": warm, "summary": summary, "runs": results}, indent=1))
     print(text)
     plot(rows, written[2])
     for path in written:

@@ -72,6 +72,9 @@ KNOB_GROUPS = {
         "lambda_min": (float, "lambda_min", "STEER's smallest token weight"),
         "first_order_form": (losses.FIRST_ORDER_FORMS, {"steer": "omega", "opefo": "flow"},
                              "STEER's Omega / OPEFO's flow form")},
+    "STEER's quadrant interventions (quadrant: GRPO with one weight per quadrant)": {
+        f"scale_{q}": (float, q, f"weight of the {q.replace('_', ' ')} tokens' update (default 1)")
+        for q in losses.QUADRANTS},
     "Archer and ASPO": {
         "archer_quantile": (float, "quantile", "per-response entropy quantile rho"),
         "clip_reasoning": (float, "clip_reasoning", "clip range on high-entropy tokens"),

@@ -574,7 +574,7 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
     PPO loss (clip 0.2 / 0.28, dual clip 10), then token-mean. No KL, no entropy bonus, no renormalisation.
     With lambda_min = 1 this is exactly grpo_loss with the same clip settings.
     entropy, exact_term (B, T): the behaviour policy's H and S2 (token_entropy); pi_a is the current one.
-    Metrics: grpo_loss's plus weight_mean / weight_min / weight_max / omega_max.
+    Metrics: grpo_loss's plus weight_mean / weight_p05 (5th percentile) / weight_min / weight_max / omega_max.
     """
     _check_tensor("entropy", entropy)
     mask, mf, count, adv, per_token, ratio, logp, (entropy, exact_term) = _ppo_terms(
@@ -587,8 +587,35 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
                     norm_length=norm_length)
     metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics.update(pg_loss=loss.detach(), weight_mean=lam.sum() / count,
+                   weight_p05=lam[mask].quantile(0.05) if mask.any() else lam.new_tensor(1.0),
                    weight_min=_masked_min(lam, mf),
                    weight_max=_max0(lam), omega_max=_max0(omega_est.abs() * mf))
+    return loss, _to_floats(metrics)
+
+
+def quadrant_loss(logp, old_logp, advantages, mask, entropy, *, pos_likely=1.0, pos_unlikely=1.0,
+                  neg_likely=1.0, neg_unlikely=1.0, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                  agg="token-mean", num_tokens=None, num_seqs=None, norm_length=None):
+    """STEER's quadrant interventions (arXiv 2510.10150, its Figures 6, 22 and 23): GRPO's per-token loss
+    scaled by one weight per quadrant, (A > 0 | A < 0) x (likely: pi_old(a) > exp(-H) | unlikely), the split
+    of entropy_flow_quadrants. STEER's analysis predicts entropy rises when the A > 0 updates on unlikely
+    tokens or the A < 0 updates on likely tokens grow, and falls when the other two grow. All weights 1:
+    exactly grpo_loss. Weights >= 0. Metrics: grpo_loss's.
+    """
+    scales = dict(pos_likely=pos_likely, pos_unlikely=pos_unlikely, neg_likely=neg_likely,
+                  neg_unlikely=neg_unlikely)
+    for name, value in scales.items():
+        _check_knob(name, value, value >= 0, ">= 0")
+    _check_tensor("entropy", entropy)
+    mask, mf, count, adv, per_token, ratio, logp, (old, entropy) = _ppo_terms(
+        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, old=old_logp, entropy=entropy)
+    likely = old + entropy > 0                                          # pi_old(a) > exp(-H)
+    weight = torch.where(adv > 0, torch.where(likely, pos_likely, pos_unlikely),
+                         torch.where(likely, neg_likely, neg_unlikely)).to(per_token.dtype)
+    loss = agg_loss(weight * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics["pg_loss"] = loss.detach()
     return loss, _to_floats(metrics)
 
 
@@ -1308,6 +1335,24 @@ def loss_weights(loss, logp):
     return torch.zeros_like(logp) if grad is None else -grad
 
 
+def grpo_weight_change(weights, logp, old_logp, advantages, mask, *, num_tokens=None, num_seqs=None, tol=0.05):
+    """A method's leverage: how far its token weights w = -dLoss/dlogp (B, T) move from GRPO's at the same
+    point (grpo_loss with its defaults, token-mean over the same num_tokens). Returns floats
+        changed  share of valid tokens with |w - w_GRPO| > tol |w_GRPO| (any change where w_GRPO = 0)
+        l1       sum |w - w_GRPO| / sum |w_GRPO| over the valid tokens (0 for GRPO itself)
+    logp (B, T): the current log pi at which w was taken (no gradient needed); the rest as grpo_loss."""
+    lp = logp.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        base = loss_weights(grpo_loss(lp, old_logp, advantages, mask, num_tokens=num_tokens,
+                                      num_seqs=num_seqs)[0], lp).detach()
+    valid = _batch(mask, advantages).valid
+    gap = torch.where(valid, (weights.detach().to(base.dtype) - base).abs(), 0.0)
+    size = torch.where(valid, base.abs(), 0.0)
+    changed = (gap > tol * size) & (gap > 0) & valid
+    count = valid.sum().clamp(min=1)
+    return _to_floats({"changed": changed.sum() / count, "l1": gap.sum() / size.sum().clamp(min=1e-30)})
+
+
 def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, mask):
     """The first-order entropy change of an update, split into STEER's four quadrants (section 2 above).
 
@@ -1449,6 +1494,8 @@ LOSSES = _Registry({
     "steer": Loss(steer_loss, inputs=_PPO + ("entropy", "exact_term") + _NORMS, needs=_PPO + ("entropy",),
                   statistics=steer_statistics, zero_rows=_advantage_zero_rows,
                   reduce={"pg_loss": "sum", "omega_max": "max", "weight_max": "max", "weight_min": "min"}),
+    "quadrant": Loss(quadrant_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO + ("entropy",),
+                     zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
     "opefo": Loss(opefo_loss, inputs=("logp", "advantages", "mask", "entropy", "exact_term") + _NORMS,
                   needs=("logp", "advantages", "mask", "entropy"), statistics=opefo_statistics,
                   zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "weighted_flow": "sum"},

@@ -28,6 +28,7 @@ Import:
 import hashlib
 import json
 import os
+import platform
 import random
 import re
 import shutil
@@ -35,6 +36,13 @@ import time
 from pathlib import Path
 
 import torch
+
+# The lab's arithmetic. ATen's AVX-512 kernels round differently from its AVX2 ones, so one seed gives another
+# warm start and other runs on an AVX-512 CPU (start avg@64 0.246 instead of 0.265). Pinned to AVX2 on x86-64
+# unless ATEN_CPU_CAPABILITY is set: a lab run is then bit-identical on any AVX2 machine, and so are the
+# tables. torch reads the variable when it first picks a kernel, so this works after `import torch`.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 import rollout
 import verifier
@@ -201,6 +209,31 @@ def sample_solution(item, rng):
 
 
 # ------------------------------------------------------------------------------------------- warm start
+def cpu_kernels():
+    """The CPU kernels torch runs on ("AVX2", "AVX512", ...; "none" without a CPU capability query)."""
+    return getattr(torch.backends.cpu, "get_cpu_capability", lambda: "none")()
+
+
+def fingerprint(path):
+    """The identity of a warm start: {"weights": 16 hex digits of the sha256 of its tensors (by name), and
+    "torch", "transformers", "cpu_kernels" that made it}: results made from the same fingerprint can stand side
+    by side. Read from path/fingerprint.json when the build wrote one."""
+    path = Path(path)
+    if (path / "fingerprint.json").is_file():
+        return json.loads((path / "fingerprint.json").read_text())
+    import transformers
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = load_file(str(file))
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].contiguous().numpy().tobytes())
+    return {"weights": digest.hexdigest()[:16], "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_kernels": cpu_kernels()}
+
+
 def warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
     """Path of the warm-started model (model + tokenizer, save_pretrained format), built once and cached.
 
@@ -211,7 +244,7 @@ def warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     key = json.dumps(dict(task="countdown-v1", model=MODEL, data=DATA, sft=SFT, steps=sft_steps,
-                          torch=torch.__version__.split("+")[0]), sort_keys=True)
+                          torch=torch.__version__.split("+")[0], cpu_kernels=cpu_kernels()), sort_keys=True)
     path = Path(cache_root) / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (path / "config.json").exists():
         return path
@@ -257,6 +290,7 @@ def warm_start(sft_steps, cache_root=CACHE_DIR, log=print):
     with quiet_transformers():
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    (tmp / "fingerprint.json").write_text(json.dumps(fingerprint(tmp), indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, path)                                     # atomic; a concurrent builder may have won

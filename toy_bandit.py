@@ -93,6 +93,8 @@ ALGOS = {
     "aspo": ("aspo", {}),
     "ce-gppo": ("ce_gppo", {}),
     "gppo": ("gppo", {}),
+    # STEER's quadrant interventions: one quadrant's update doubled or halved (not in the default set)
+    **{f"{q.replace('_', '-')}-x{s:g}": ("quadrant", {q: s}) for q in losses.QUADRANTS for s in (2.0, 0.5)},
     # the interventions STEER and OPEFO compare against (losses.py docstrings give papers and defaults)
     "entropy-bonus": ("entropy_bonus", {}),
     "adaptive-entropy": ("adaptive_entropy", {}),

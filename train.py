@@ -236,7 +236,7 @@ def optimizer_step(model, optimizer, mb, cfg, stats_fn, kwargs):
     per_row = [k for k, v in stats.items() if torch.is_tensor(v)]        # (rows, R): sliced per micro-batch
     mb.update({k: stats.pop(k) for k in per_row})
     before = stats_fn(mb, with_entropy=True) if cfg["measure_entropy_change"] else None
-    weights = torch.zeros_like(mb["mask"])
+    weights, current = torch.zeros_like(mb["mask"]), mb["old_logp"].clone()   # w and log pi per token
     live = (~zero_advantage_rows(mb, cfg)).nonzero().flatten().tolist()
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -257,6 +257,7 @@ def optimizer_step(model, optimizer, mb, cfg, stats_fn, kwargs):
         loss.backward()
         if logp.grad is not None:
             weights[sub] = -logp.grad.detach()          # w = -dLoss/dlogp per token
+        current[sub] = logp.detach()
         loss_sum += float(loss.detach())
         parts.append((int(mu["mask"].sum()), metrics))
     if not live:                        # every row skipped: the exactly zero gradient a pass would have given
@@ -269,7 +270,10 @@ def optimizer_step(model, optimizer, mb, cfg, stats_fn, kwargs):
         return result
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    result.update(grad_norm=float(norm), metrics=dict(losses.merge_metrics(algo, parts), loss=loss_sum),
+    change = losses.grpo_weight_change(weights, current, mb["old_logp"], mb["advantages"], mb["mask"],
+                                       num_tokens=stats["num_tokens"], num_seqs=stats["num_seqs"])
+    result.update(grad_norm=float(norm), metrics=dict(losses.merge_metrics(algo, parts), loss=loss_sum,
+                                                      **{f"grpo_weight_{k}": v for k, v in change.items()}),
                   flow=losses.entropy_flow_quadrants(mb["old_logp"], mb["entropy"], mb["exact_term"],
                                                      mb["advantages"], weights, mb["mask"]))
     if before is not None:              # the realised change of this step against the first-order forms

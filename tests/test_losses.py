@@ -402,7 +402,7 @@ def test_extreme_log_ratios_do_not_overflow(name):
 
 def test_registry_accepts_the_full_batch_and_rejects_typos():
     b = random_batch()
-    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "opefo", "archer", "aspo", "ce_gppo", "gppo",
+    assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "quadrant", "opefo", "archer", "aspo", "ce_gppo", "gppo",
                            "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "forking", "entropy_adv",
                            "w_reinforce"}
     with pytest.raises(TypeError):
@@ -756,7 +756,7 @@ def test_uses_reference_probes_whether_a_loss_reads_ref_logp():
 # ----------------------------------------------------------------------------------- registry (losses.Loss)
 CLIPS = ("clip_low", "clip_high", "dual_clip")
 RATIO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entropy", "clip_cov", "forking",
-              "entropy_adv", "w_reinforce", "ce_gppo", "gppo"}   # the losses built on ppo_clip_loss's ratio clip
+              "entropy_adv", "w_reinforce", "ce_gppo", "gppo", "quadrant"}   # built on ppo_clip_loss's ratio clip
 
 
 def parameters(entry):
@@ -1052,3 +1052,43 @@ def test_an_unknown_method_or_a_misspelt_knob_names_the_nearest():
         LOSSES["steer"](**b, lamda_min=0.5)
     with pytest.raises(TypeError, match="grpo_loss takes no knob 'zzz'; its knobs: clip_low"):
         LOSSES["grpo"](**b, zzz=1)
+
+
+# ------------------------------------------------------------------------------------------ STEER's quadrants
+def test_quadrant_loss_scales_one_quadrants_gradient_and_is_grpo_at_ones():
+    b = {k: v for k, v in random_batch(dtype=torch.float64).items() if k in losses.BATCH_KEYS}
+    likely = b["old_logp"] + b["entropy"] > 0
+    adv = b["advantages"][:, None].expand_as(likely)
+
+    def grad(name, **kw):
+        logp = b["logp"].clone().requires_grad_(True)
+        loss, _ = LOSSES[name](**dict(b, logp=logp), **kw)
+        loss.backward()
+        return loss.detach(), logp.grad
+    base_value, base = grad("grpo")
+    value, ones = grad("quadrant")
+    assert value == base_value and torch.equal(ones, base)
+    for q, sel in {"pos_likely": (adv > 0) & likely, "pos_unlikely": (adv > 0) & ~likely,
+                   "neg_likely": (adv < 0) & likely, "neg_unlikely": (adv < 0) & ~likely}.items():
+        _, g = grad("quadrant", **{q: 2.5})
+        torch.testing.assert_close(g, torch.where(sel, 2.5 * base, base))
+    with pytest.raises(ValueError, match="neg_likely=-1 must be >= 0"):
+        LOSSES["quadrant"](**b, neg_likely=-1)
+
+
+def test_grpo_weight_change_is_zero_for_grpo_and_the_reweighted_share_otherwise():
+    b = {k: v for k, v in random_batch(dtype=torch.float64).items() if k in losses.BATCH_KEYS}
+    totals = losses.batch_totals(b["mask"])
+
+    def weights(name, **kw):
+        logp = b["logp"].clone().requires_grad_(True)
+        return losses.loss_weights(LOSSES[name](**dict(b, logp=logp), **totals, **kw)[0], logp)
+    args = (b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    assert losses.grpo_weight_change(weights("grpo"), *args, **totals) == {"changed": 0.0, "l1": 0.0}
+    w = weights("quadrant", pos_likely=3.0)
+    valid = b["mask"].bool()
+    sel = valid & (b["advantages"][:, None] > 0) & (b["old_logp"] + b["entropy"] > 0) & (w != 0)
+    base = weights("grpo")
+    change = losses.grpo_weight_change(w, *args, **totals)
+    assert change["changed"] == pytest.approx(float(sel.sum() / valid.sum()))
+    assert change["l1"] == pytest.approx(float(2 * base[sel].abs().sum() / base[valid].abs().sum()))
