@@ -73,6 +73,21 @@ def t_ppf(q, df):
 
 
 # ------------------------------------------------------------------------------------------ paired analysis
+def mean_ci(values):
+    """(mean, half-width of the 95% Student t interval) of the values that are numbers (None and nan left
+    out); half-width nan for one value, exactly 0.0 when every value is the same."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return m, math.nan
+    if min(vals) == max(vals):
+        return vals[0], 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return m, t_ppf(1 - ALPHA / 2, len(vals) - 1) * sd / math.sqrt(len(vals))
+
+
 class Paired(NamedTuple):
     """A seed-matched comparison: n pairs, the mean difference with its 95% interval, the paired t-test's
     two-sided p-value (nan with fewer than 2 pairs or no spread), sd of the differences."""
@@ -119,3 +134,217 @@ def detectable(sd, n, family_size, power=POWER):
         return math.nan
     a = ALPHA / max(1, family_size)
     return (t_ppf(1 - a / 2, n - 1) + t_ppf(power, n - 1)) * sd / math.sqrt(n)
+
+
+# ------------------------------------------------------------------------------------------ the claims
+class Test(NamedTuple):
+    """One seed-matched comparison of a claim: treatment's `metric` against control's `control_metric`
+    (default: the same metric; control "start": the same cell's value at step 0 / the start policy; None:
+    against 0), with the sign of treatment - control that the claim predicts."""
+    treatment: str
+    control: Optional[str]
+    metric: str
+    sign: int
+    control_metric: Optional[str] = None
+
+
+class Claim(NamedTuple):
+    """A paper's claim as the ledger tests it, declared before the runs (see the module docstring).
+    where: "toy" or a compare.py setting; leverage: (metric, threshold) that says whether the mechanism acts in
+    a treatment (below it: not testable here), or None; forms: the treatments are the forms of one method
+    (paper / exact scores), so a split verdict reads "depends on the form"."""
+    key: str
+    paper: str
+    text: str
+    where: str
+    tests: tuple
+    leverage: Optional[tuple] = None
+    forms: bool = False
+    premise: tuple = ()         # Tests the claim presupposes (GRPO destabilises without a clip): else untestable
+
+
+def _tests(treatments, control, metrics, sign=1):
+    """Test for every treatment x metric; metrics: {metric: predicted sign}, times `sign` (a treatment that
+    turns the mechanism down predicts the opposite)."""
+    return tuple(Test(t, control, m, s * sign) for t in treatments for m, s in metrics.items())
+
+
+ENTROPY = {"entropy end": 1, "entropy/fork end": 1}             # the lab's collapse figures (more = less collapse)
+ACCURACY = {"eval/avg@64": 1, "eval/pass@64": 1}                # pass@1 and pass@k on held-out problems
+LEVER = ("loss/grpo_weight_l1", 0.05)          # the mechanism moves at least 5% of GRPO's token weight
+TOY_LEVER = ("leverage_l1", 0.05)
+TOY_H = {"entropy_over_h_star": 1}
+# STEER's analysis: entropy rises when A > 0 updates on unlikely tokens, or A < 0 on likely tokens, grow
+QUADRANT_SIGN = {"pos_likely": -1, "pos_unlikely": 1, "neg_likely": 1, "neg_unlikely": -1}
+
+
+def _quadrant_claims(where, cell, control, metrics, lever):
+    return [Claim(f"steer-quadrant-{q}", "STEER", f"growing the A {'>' if q.startswith('pos') else '<'} 0 update "
+                  f"on {q.split('_')[1]} tokens {'raises' if s > 0 else 'lowers'} entropy, shrinking it does "
+                  f"the opposite", where, _tests([cell(q, "2")], control, metrics, s)
+                  + _tests([cell(q, "0.5")], control, metrics, -s), lever)
+            for q, s in QUADRANT_SIGN.items()]
+
+
+CLAIMS = (
+    # ---------------------------------------------------------------- the toy (toy_bandit.py --seeds 10)
+    Claim("opefo-flow", "OPEFO", "under GRPO the entropy-decreasing flow dominates", "toy",
+          (Test("grpo", None, "flow total", -1),)),
+    Claim("steer-stable", "STEER", "entropy stays stable where GRPO collapses", "toy",
+          _tests(["steer", "steer-exact"], "grpo", {**TOY_H, "pass@16 variants": 1}), TOY_LEVER, forms=True),
+    Claim("opefo-balance", "OPEFO", "balancing the flow prevents collapse (against on-policy GRPO)", "toy",
+          _tests(["opefo", "opefo-exact"], "grpo-onpolicy", {**TOY_H, "accuracy": 1}), TOY_LEVER, forms=True),
+    Claim("archer-grpo", "Archer", "dual-token constraints keep entropy and beat GRPO", "toy",
+          _tests(["archer"], "grpo", {**TOY_H, "pass@16 variants": 1}), TOY_LEVER),
+    Claim("aspo-grpo", "ASPO", "flipping positive tokens' ratio mitigates collapse", "toy",
+          _tests(["aspo"], "grpo", TOY_H), TOY_LEVER),
+    Claim("ce-gppo-grpo", "CE-GPPO", "gradient-preserving clipping controls entropy", "toy",
+          _tests(["ce-gppo"], "grpo", TOY_H), TOY_LEVER),
+    Claim("dapo-grpo", "DAPO", "clip-higher keeps entropy up", "toy", _tests(["dapo"], "grpo", TOY_H), TOY_LEVER),
+    *_quadrant_claims("toy", lambda q, x: f"{q.replace('_', '-')}-x{x}", "grpo", TOY_H, TOY_LEVER),
+    Claim("yue-narrowing", "Yue et al.", "RLVR narrows pass@k at large k", "toy",
+          (Test("grpo", "start", "pass@256 variants", -1), Test("grpo", "start", "distinct", -1),
+           Test("grpo", "start", "pass@1 variants", 1))),
+    # ---------------------------------------------------------------- the lab (compare.py, settings)
+    Claim("opefo-flow", "OPEFO", "under GRPO the entropy-decreasing flow dominates", "default",
+          (Test("grpo", None, "flow/total_exact", -1),)),
+    Claim("steer-stable", "STEER", "entropy stays stable where GRPO collapses", "default",
+          _tests(["steer"], "grpo", ENTROPY), LEVER),
+    Claim("steer-dose", "STEER", "a smaller lambda_min keeps more entropy (its Figure 12)", "steer-dose",
+          _tests([f"steer-{lm}" for lm in ("0.8", "0.7", "0.6", "0.5", "0.3", "0.1")], "steer-1",
+                 {**ENTROPY, "eval/distinct": 1}), LEVER),
+    *_quadrant_claims("quadrant", lambda q, x: f"{q}-x{x}", "grpo", ENTROPY, LEVER),
+    Claim("opefo-balance", "OPEFO", "balancing the flow prevents collapse (against on-policy GRPO at its lr)",
+          "opefo-onpolicy", _tests(["opefo", "opefo-exact"], "grpo-onpolicy", {**ENTROPY, "eval/avg@64": 1}),
+          LEVER, forms=True),
+    Claim("archer-grpo", "Archer", "dual-token constraints beat GRPO on pass@1 and pass@k", "archer-leverage",
+          _tests(["archer", "archer-kl-0.01", "archer-kl-0.1", "archer-clip-knowledge-0.1"], "grpo-drop",
+                 ACCURACY), LEVER),
+    Claim("archer-masking", "Archer", "dual-token constraints beat masking the low-entropy tokens", "archer-leverage",
+          _tests(["archer"], "forking", ACCURACY), LEVER),
+    Claim("aspo-grpo", "ASPO", "flipping positive tokens' ratio mitigates collapse and beats GRPO", "clip-regime",
+          _tests(["aspo"], "grpo-drop", {"entropy end": 1, "eval/avg@64": 1}), LEVER),
+    Claim("ce-gppo-grpo", "CE-GPPO", "gradient-preserving clipping controls entropy and beats GRPO", "clip-regime",
+          _tests(["ce-gppo"], "grpo-drop", {"entropy end": 1, "eval/avg@64": 1}), LEVER),
+    Claim("steer-extreme", "STEER", "stable without a clip (eps_low 0.99, eps_high 5) where GRPO is not",
+          "clip-regime", _tests(["steer-extreme-paper", "steer-extreme-exact"], "grpo-extreme",
+                                {"eval/avg@64": 1, "entropy end": 1}), LEVER, forms=True,
+          premise=(Test("grpo-extreme", "grpo", "eval/avg@64", -1),)),
+    Claim("dapo-grpo", "DAPO", "clip-higher and dynamic sampling keep entropy up", "default",
+          _tests(["dapo"], "grpo", {"entropy end": 1, "eval/avg@64": 1})),
+    Claim("dapo-generation", "DAPO", "DAPO beats GRPO at equal generated groups", "dapo-generation",
+          _tests(["dapo"], "grpo-long", {"eval/avg@64": 1})),
+    Claim("yue-narrowing", "Yue et al.", "RLVR narrows pass@k at large k", "default",
+          (Test("grpo", "start", "eval/pass@64", -1), Test("grpo", "start", "eval_unique/pass@64", -1),
+           Test("grpo", "start", "eval/distinct", -1), Test("grpo", "start", "eval/avg@64", 1))),
+)
+
+
+def claims_for(where):
+    """The claims decided in `where` ("toy" or a compare.py setting)."""
+    return [c for c in CLAIMS if c.where == where]
+
+
+# ------------------------------------------------------------------------------------------ deciding
+class Row(NamedTuple):
+    """One decided Test: its paired comparison, Holm-adjusted p, detectable difference, the treatment's
+    leverage (mean over seeds; None when the claim declares none) and the row's verdict."""
+    test: Test
+    paired: Paired
+    p_holm: float
+    detectable: float
+    leverage: Optional[float]
+    verdict: str
+
+
+def _series(values, cell, metric):
+    """{seed: value} of values[cell][metric] ({} when absent)."""
+    return dict(values.get(cell, {}).get(metric, {}))
+
+
+def _compare(test, values):
+    treated = _series(values, test.treatment, test.metric)
+    if test.control is None:
+        return paired(treated, {s: 0.0 for s in treated})
+    if test.control == "start":
+        return paired(treated, _series(values, test.treatment, f"{test.metric} start"))
+    return paired(treated, _series(values, test.control, test.control_metric or test.metric))
+
+
+def decide_tests(tests, values, leverage=None):
+    """Rows for `tests` over values {cell: {metric: {seed: value}}}: Holm over the tests given."""
+    results = [_compare(t, values) for t in tests]
+    adjusted = holm([r.p for r in results])
+    rows = []
+    for t, r, p in zip(tests, results, adjusted):
+        lever = None
+        if leverage:
+            seeds = _series(values, t.treatment, leverage[0])
+            lever = sum(seeds.values()) / len(seeds) if seeds else math.nan
+        mde = detectable(r.sd, r.n, len(tests))
+        if lever is not None and not lever >= leverage[1]:
+            verdict = f"not testable here ({leverage[0]} {lever:.3g} < {leverage[1]:g})"
+        elif p < ALPHA and math.copysign(1, r.mean) == t.sign:
+            verdict = "reproduced"
+        elif p < ALPHA:
+            verdict = "not reproduced (the opposite)"
+        else:
+            verdict = f"not reproduced (no effect larger than {mde:.2g})"
+        rows.append(Row(t, r, p, mde, lever, verdict))
+    return rows
+
+
+def row_dict(row):
+    """A Row as a flat dict (results.json)."""
+    return {**row.test._asdict(), **{k: v for k, v in row.paired._asdict().items()}, "p_holm": row.p_holm,
+            "detectable": row.detectable, "leverage": row.leverage, "verdict": row.verdict}
+
+
+def _overall(rows):
+    live = [r for r in rows if not r.verdict.startswith("not testable")]
+    if not live:
+        return rows[0].verdict if rows else "not testable here (no runs)"
+    if any(r.verdict == "reproduced" for r in live) and not any("opposite" in r.verdict for r in live):
+        return "reproduced"
+    return "not reproduced"
+
+
+def decide(claim, values):
+    """(rows, verdict) of a claim on values {cell: {metric: {seed: value}}} (see the module docstring)."""
+    if claim.premise:
+        base = decide_tests(claim.premise, values)
+        if _overall(base) != "reproduced":
+            why = "; ".join(f"{r.test.treatment} - {r.test.control} on {r.test.metric} {_interval(r.paired)}"
+                            for r in base)
+            rows = decide_tests(claim.tests, values, claim.leverage)
+            return rows, f"not testable here (its premise does not hold: {why})"
+    rows = decide_tests(claim.tests, values, claim.leverage)
+    if claim.forms:
+        by_form = {t: _overall([r for r in rows if r.test.treatment == t])
+                   for t in dict.fromkeys(r.test.treatment for r in rows)}
+        if len(set(by_form.values())) > 1:
+            return rows, "depends on the form (" + ", ".join(f"{t}: {v}" for t, v in by_form.items()) + ")"
+    return rows, _overall(rows)
+
+
+def _interval(r, spec=".3g"):
+    if r.n < 2:
+        return "(fewer than 2 seed pairs)"
+    return f"{r.mean:+{spec}} [{r.lo:+{spec}}, {r.hi:+{spec}}]"
+
+
+def report(claim, values, spec=".3g"):
+    """A claim's decision as Markdown: a heading line, one table row per test, the verdict."""
+    rows, verdict = decide(claim, values)
+    n = max((r.paired.n for r in rows), default=0)
+    lines = [f"**{claim.paper}: {claim.text}** (`{claim.key}`, {claim.where}; paired over {n} seeds, "
+             f"Holm over {len(rows)} tests)", "",
+             "| treatment | control | metric | difference [95% CI] | p (Holm) | detectable | leverage | row |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        t = r.test
+        control = "0" if t.control is None else t.control
+        lever = "-" if r.leverage is None else f"{r.leverage:.3g}"
+        lines.append(f"| {t.treatment} | {control} | {t.metric} ({'+' if t.sign > 0 else '-'}) | "
+                     f"{_interval(r.paired, spec)} | {r.p_holm:.2g} | {r.detectable:.2g} | {lever} | {r.verdict} |")
+    return "\n".join(lines + ["", f"Verdict: **{verdict}**", ""])

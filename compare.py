@@ -46,11 +46,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import claims
 import config
 import losses
 import plots
 import tiny_lab
-from run_dir import read_jsonl
+from claims import mean_ci, t_ppf
+from run_dir import json_safe, read_jsonl
 
 ROOT = Path(__file__).resolve().parent
 LAB_LR = config.PRESETS["tiny"]["lr"]
@@ -96,10 +98,6 @@ SETTINGS = {
         "forking": ["--algo", "forking"]}),
     "dapo-generation": {"dapo": ["--algo", "dapo"], "grpo-long": ["--algo", "grpo", "--steps", "220"]},
 }
-# Student t quantile t_{0.975, n-1} for n = 2..10 seeds (a formula fact); 1.96 beyond
-T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
-
-
 def read_rows(run_dir):
     """The metrics rows of a run (a partial trailing line, from a run killed mid-write, is ignored)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -133,21 +131,6 @@ def run_cell(run_dir, args, threads):
 
 
 # ------------------------------------------------------------------------------------------- figures
-def mean_ci(values):
-    """(mean, half-width of the 95% confidence interval over seeds); half-width nan for one value, exactly 0.0
-    when every value is the same (not the 1e-17 that summing 0.1 three times leaves)."""
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    m = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return m, float("nan")
-    if min(vals) == max(vals):
-        return vals[0], 0.0
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return m, T975.get(len(vals), 1.96) * sd / math.sqrt(len(vals))
-
-
 def window_mean(rows, key, first, last):
     """Mean of `key` over the training rows with first <= step <= last (rows without it ignored)."""
     vals = [r[key] for r in rows if first <= r["step"] <= last and r.get(key) is not None]
@@ -178,7 +161,7 @@ def run_figures(rows):
             out[k] = v
             out[f"{k} start"] = start_eval.get(k)
     for k in {k for r in rows for k in r if k.startswith("dH/") or (k.startswith("flow/") and k.endswith("_exact"))
-              or k in CLIP_COLUMNS}:
+              or k in CLIP_COLUMNS or k in LEVERAGE_COLUMNS}:
         out[k] = window_mean(rows, k, 1, steps)
     return out
 
@@ -219,6 +202,9 @@ def table(summary, columns=TABLE_COLUMNS, spec=".3f"):
 
 
 CLIP_COLUMNS = ("loss/clip_frac_low", "loss/clip_frac_high", "loss/approx_kl")
+LEVERAGE_COLUMNS = ("loss/grpo_weight_changed", "loss/grpo_weight_l1", "loss/weight_mean", "loss/weight_p05",
+                    "loss/lambda_star", "loss/cov_frac", "loss/forking_frac", "loss/reasoning_frac", "loss/kl",
+                    "loss/kl_knowledge", "groups_sampled")
 FLOW_COLUMNS = tuple(f"flow/{q}_exact" for q in losses.QUADRANTS + ("zero_adv", "total"))
 ESTIMATOR_COLUMNS = tuple(f"dH/{stat}_{form}{sub}" for sub in ("", "_uncertain") for form in losses.FIRST_ORDER_FORMS
                           for stat in ("pearson", "spearman", "sign_agree"))
@@ -231,57 +217,35 @@ SUB_TABLES = (     # (heading, columns, number format): written below the main t
      "(A < 0 and r < 1 - eps_low; A > 0 and r > 1 + eps_high), and the approximate KL(pi_old || pi) = mean of "
      "(r - 1) - log r over the tokens (losses._ppo_metrics); the mean over the optimizer steps of each RL step, "
      "then over the RL steps", CLIP_COLUMNS, ".2e"),
+    ("Leverage: whether each mechanism acts here, mean over the optimizer steps and RL steps. grpo_weight_changed "
+     "/ grpo_weight_l1: the share of tokens whose weight w = -dLoss/dlogp differs from GRPO's at the same point by "
+     "over 5%, and sum |w - w_GRPO| / sum |w_GRPO| (losses.grpo_weight_change); STEER's weight mean and 5th "
+     "percentile, OPEFO's lambda*, Clip-Cov's and forking's shares of tokens, Archer's share of reasoning tokens "
+     "and its mean KL on knowledge tokens, groups sampled per RL step (DAPO's refills)", LEVERAGE_COLUMNS, ".3g"),
     ("Exact first-order entropy flow per quadrant (losses.entropy_flow_quadrants: sum over the step's tokens of "
      "-w [pi_a (log pi_a + H) - S2], per unit step size), mean over steps", FLOW_COLUMNS, ".3f"),
 )
-SEPARATION_KEYS = ("entropy end", "eval/avg@64", "eval/pass@64")     # collapse, pass@1, pass@k
-
-
-def separated_pairs(summary, keys=SEPARATION_KEYS):
-    """Pairs of cells whose 95% intervals do not overlap on one of `keys`: [(key, a, b), ...].
-
-    Only intervals of positive width count: a cell whose interval on `key` is nan (fewer than 2 seeds with
-    a value: no interval) or zero (every seed gave the same value) is not compared on that key with anyone
-    (not_compared lists them). A zero-width interval says nothing about the seed-to-seed spread; it comes
-    from a discrete figure landing on the same value, e.g. Archer's pass@64 of 0.625 (40 of 64 problems) on
-    all three seeds of the archer setting, which the plain test "separated" from GRPO's 0.719 ± 0.067.
-    Intervals from 2 seeds do count (t = 12.7 makes them wide; the table's note says so)."""
-    out, names = [], [n for n in summary if n != "start model"]
-    for key in keys:
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                (ma, ca), (mb, cb) = summary[a].get(key, (math.nan,) * 2), summary[b].get(key, (math.nan,) * 2)
-                if not any(math.isnan(x) for x in (ma, ca, mb, cb)) and ca > 0 and cb > 0 and abs(ma - mb) > ca + cb:
-                    out.append((key, a, b))
-    return out
-
-
-def not_compared(summary, keys=SEPARATION_KEYS):
-    """The cells separated_pairs leaves out: {"zero": [(key, cell), ...] (every seed the same value),
-    "none": [(key, cell), ...] (a mean but no interval: fewer than 2 seeds with a value)}."""
-    out = {"zero": [], "none": []}
-    for key in keys:
-        for name, s in summary.items():
-            m, ci = s.get(key, (math.nan,) * 2)
-            if name != "start model" and not math.isnan(m) and (math.isnan(ci) or ci == 0):
-                out["none" if math.isnan(ci) else "zero"].append((key, name))
-    return out
-
-
 def seeds_note(n_seeds):
     """The warning above the table when fewer than 3 seeds were run ("" from 3 on)."""
     if n_seeds == 1:
-        return ("1 seed: no confidence intervals (one value per cell, nothing can be separated); "
-                "use 3 or more seeds to separate methods")
+        return "1 seed: no confidence intervals and no paired tests; use 5 or more seeds to decide a claim"
     if n_seeds == 2:
-        return (f"2 seeds: the 95% intervals use t = {T975[2]:.1f} and are wide; "
-                "use 3 or more seeds to separate methods")
+        return (f"2 seeds: the 95% intervals use t = {t_ppf(0.975, 1):.1f} and are wide; use 5 or more seeds to "
+                "decide a claim")
     return ""
 
 
-def report(summary, n_seeds, steps):
+def seed_values(results):
+    """{cell: {figure: {seed: value}}} from {cell: [run figures, seed 0, 1, ...]} (the claims' input)."""
+    return {cell: {k: {s: run.get(k) for s, run in enumerate(runs)} for k in dict.fromkeys(k for r in runs for k in r)}
+            for cell, runs in results.items()}
+
+
+def report(summary, n_seeds, steps, setting="default", results=None):
     """The text of table.md: the few-seeds note (seeds_note), the windows of "start" and "end", the main
-    table, the SUB_TABLES that were measured, the separated pairs and the cells not compared."""
+    table (mean ± 95% CI over seeds), the SUB_TABLES that were measured, then each claim decided in this
+    setting (claims.report: paired differences against its control, Holm-adjusted, the detectable
+    difference and the leverage)."""
     note, w = seeds_note(n_seeds), window(steps)
     text = (f"**{note}**\n\n" if note else "") + (
         f"{n_seeds} seeds, {steps} steps; start / end: mean over steps 1-{w} / {steps - w + 1}-{steps}; eval: "
@@ -289,16 +253,9 @@ def report(summary, n_seeds, steps):
     for heading, columns, spec in SUB_TABLES:
         if any(c in s for s in summary.values() for c in columns):
             text += f"\n\n{heading}:\n\n" + table(summary, columns, spec)
-    text += "\n\nPairs separated by more than their 95% intervals: "
-    if n_seeds < 2:
-        return text + "none (1 seed: no intervals to compare)\n"
-    pairs = separated_pairs(summary)
-    text += "; ".join(f"{a} vs {b} on {k}" for k, a, b in pairs) if pairs else "none"
-    left = not_compared(summary)
-    for kind, why in (("zero", "every seed gave the same value, a zero-width interval"),
-                      ("none", "fewer than 2 seeds with a value, no interval")):
-        if left[kind]:
-            text += f"\nNot compared ({why}): " + "; ".join(f"{name} on {key}" for key, name in left[kind])
+    decided = claims.claims_for(setting) if results and n_seeds > 1 else []
+    for claim in decided:
+        text += "\n\n" + claims.report(claim, seed_values(results))
     return text + "\n"
 
 
@@ -352,6 +309,34 @@ def curves_figure(results_rows):
     return fig
 
 
+def strip_figure(results, metrics):
+    """Each seed's value per cell (a strip plot), one panel per primary metric: a dot per seed (spread
+    sideways by seed number, so seed s sits at the same offset in every cell), a bar at the mean."""
+    plt = plots.pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
+    cells = list(results)
+    for ax, metric in zip(axes[0], metrics):
+        for x, cell in enumerate(cells):
+            runs = results[cell]
+            points = [(s, run[metric]) for s, run in enumerate(runs) if run.get(metric) is not None]
+            offsets = [x + 0.3 * (s / max(1, len(runs) - 1) - 0.5) for s, _ in points]
+            ax.scatter(offsets, [v for _, v in points], s=12, color=f"C{x % 10}")
+            if points:
+                ax.hlines(sum(v for _, v in points) / len(points), x - 0.25, x + 0.25, color="k", linewidth=1)
+        ax.set_xticks(range(len(cells)), cells, rotation=60, ha="right", fontsize=7)
+        ax.set_title(metric, fontsize=9)
+    fig.suptitle("each seed's value per cell (dots; the same seed at the same offset), mean (bar)")
+    fig.tight_layout()
+    return fig
+
+
+def primary_metrics(setting):
+    """The primary metrics of the claims decided in `setting`, in order; the collapse and accuracy figures
+    where none is declared."""
+    found = [t.metric for c in claims.claims_for(setting) for t in c.tests]
+    return list(dict.fromkeys(found or ["entropy end", "entropy/fork end", "eval/avg@64", "eval/pass@64"]))
+
+
 def plot(results_rows, path):
     """Write curves.png (curves_figure)."""
     fig = curves_figure(results_rows)
@@ -399,12 +384,20 @@ def main(argv=None):
     rows = {n: [read_rows(root / f"{n}-seed{s}") for s in seeds] for n in names}
     results = {n: [run_figures(r) for r in runs] for n, runs in rows.items()}
     summary = summarise(results)
-    text = report(summary, args.seeds, max(r["step"] for r in rows[names[0]][0]))
-    written = [root / "table.md", root / "results.json", root / "curves.png"]
+    text = report(summary, args.seeds, max(r["step"] for r in rows[names[0]][0]), args.setting, results)
+    written = [root / "table.md", root / "results.json", root / "curves.png", root / "strips.png"]
     written[0].write_text(text)
-    written[1].write_text(json.dumps({"warm_start": warm, "summary": summary, "runs": results}, indent=1))
+    decided = {}
+    for claim in claims.claims_for(args.setting) if args.seeds > 1 else []:
+        rows_, verdict = claims.decide(claim, seed_values(results))
+        decided[claim.key] = {"verdict": verdict, "tests": [claims.row_dict(r) for r in rows_]}
+    written[1].write_text(json.dumps(json_safe({"warm_start": warm, "seeds": args.seeds, "summary": summary,
+                                                "runs": results, "claims": decided}), indent=1))
     print(text)
     plot(rows, written[2])
+    fig = strip_figure(results, primary_metrics(args.setting))
+    fig.savefig(written[3], dpi=100)
+    plots.pyplot().close(fig)
     for path in written:
         print(f"wrote {path}")
 

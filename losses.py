@@ -1339,7 +1339,9 @@ def grpo_weight_change(weights, logp, old_logp, advantages, mask, *, num_tokens=
     """A method's leverage: how far its token weights w = -dLoss/dlogp (B, T) move from GRPO's at the same
     point (grpo_loss with its defaults, token-mean over the same num_tokens). Returns floats
         changed  share of valid tokens with |w - w_GRPO| > tol |w_GRPO| (any change where w_GRPO = 0)
-        l1       sum |w - w_GRPO| / sum |w_GRPO| over the valid tokens (0 for GRPO itself)
+        l1       gap / size (0 for GRPO itself), where over the valid tokens
+        gap      sum |w - w_GRPO|      and      size  sum |w_GRPO|
+    (sum gap and size over several steps for their ratio where a step's GRPO weights can all be 0).
     logp (B, T): the current log pi at which w was taken (no gradient needed); the rest as grpo_loss."""
     lp = logp.detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -1350,7 +1352,8 @@ def grpo_weight_change(weights, logp, old_logp, advantages, mask, *, num_tokens=
     size = torch.where(valid, base.abs(), 0.0)
     changed = (gap > tol * size) & (gap > 0) & valid
     count = valid.sum().clamp(min=1)
-    return _to_floats({"changed": changed.sum() / count, "l1": gap.sum() / size.sum().clamp(min=1e-30)})
+    return _to_floats({"changed": changed.sum() / count, "l1": gap.sum() / size.sum().clamp(min=1e-30),
+                       "gap": gap.sum(), "size": size.sum()})
 
 
 def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, mask):

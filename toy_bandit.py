@@ -73,14 +73,17 @@ from typing import Optional
 
 import torch
 
+import claims
 import entropy_math
 import losses
 import plots
 from evaluation import pass_at_k
+from run_dir import json_safe
 
 # name shown to the reader -> (key of losses.LOSSES, extra keyword arguments for that loss)
 ALGOS = {
     "grpo": ("grpo", {}),
+    "grpo-onpolicy": ("grpo", {}),      # OPEFO's own control: strictly on-policy GRPO at OPEFO's lr (ON_POLICY)
     "dapo": ("dapo", {}),
     "steer": ("steer", {}),
     "steer-code": ("steer", {"omega": "code"}),
@@ -104,12 +107,13 @@ ALGOS = {
     "entropy-adv": ("entropy_adv", {}),
     "w-reinforce": ("w_reinforce", {}),
 }
+ON_POLICY = {"grpo-onpolicy"}     # cells run as OPEFO is: one update per batch at lr x sqrt(updates)
 INTERVENTIONS = ("entropy-bonus", "adaptive-entropy", "clip-cov", "kl-cov", "forking", "entropy-adv", "w-reinforce")
-DEFAULT_ALGOS = ("grpo", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
+DEFAULT_ALGOS = ("grpo", "grpo-onpolicy", "dapo", "steer", "steer-exact", "opefo", "opefo-exact", "archer")
 CLIP_KNOBS = ("clip_low", "clip_high", "dual_clip")    # each reaches the losses whose knobs include it
 # method knob -> the flag that sets it, for every loss whose knobs include it (STEER; Archer and ASPO)
 METHOD_KNOBS = {"lambda_min": "lambda_min", "quantile": "archer_quantile", "kl_knowledge": "archer_kl"}
-PASS_K = (1, 4, 16)
+PASS_K = (1, 4, 16, 64, 256)           # those up to --eval-samples; 16 at least
 HELP = {
     "T": "response length (positions; even ones are forks)",
     "K": "vocabulary size (forks have K // 2 correct tokens)",
@@ -232,9 +236,10 @@ def run(algo, seed, cfg):
     knobs.update({name: getattr(cfg, name) for name in CLIP_KNOBS
                   if name in method.knobs and getattr(cfg, name) is not None})   # only where the loss has it
     knobs.update({knob: getattr(cfg, flag) for knob, flag in METHOD_KNOBS.items() if knob in method.knobs})
-    n_updates = 1 if method.on_policy else cfg.updates
+    on_policy = method.on_policy or algo in ON_POLICY
+    n_updates = 1 if on_policy else cfg.updates
     lr = cfg.lr
-    if method.on_policy:
+    if on_policy:
         lr *= math.sqrt(cfg.updates) if cfg.opefo_lr_scale is None else cfg.opefo_lr_scale
 
     gen = torch.Generator().manual_seed(seed)        # all randomness of the run comes from here
@@ -257,7 +262,7 @@ def run(algo, seed, cfg):
     ref_logits = init_logits.expand(n, T, K)      # frozen reference = initial policy (Archer's KL)
     tables = [init_logits]                        # the policy after every rollout step
     before, after, weights = [], [], []           # every optimizer step: tables around it, summed weights
-    clipfrac = []
+    clipfrac, leverage = [], []                   # every optimizer step: clipped share, grpo_weight_change
     flows = []                                    # every optimizer step: losses.entropy_flow_quadrants
 
     for _ in range(cfg.steps):
@@ -285,6 +290,8 @@ def run(algo, seed, cfg):
             flows.append(losses.entropy_flow_quadrants(old_logp, entropy, exact_term, advantages,
                                                        -logp.grad, mask))
             clipfrac.append(metrics.get("clip_frac_low", 0.0) + metrics.get("clip_frac_high", 0.0))
+            leverage.append(losses.grpo_weight_change(-logp.grad, logp, old_logp, advantages, mask,
+                                                      num_tokens=n * T))
             # w = -d loss / d logp: the step ascends sum_i w_i log pi(a_i); summed per (position, token)
             w = torch.zeros(T * K).scatter_add_(0, (slot + tokens).reshape(-1), -logp.grad.reshape(-1))
             before.append(logits.detach().clone())
@@ -298,13 +305,9 @@ def run(algo, seed, cfg):
     accuracy_curve = exact_accuracy(tables, correct).tolist()
     r_exact, r_paper = first_order_correlations(torch.stack(before), torch.stack(after),
                                                 torch.stack(weights), lr)
-    final = logits.detach()
-    samples = sample_responses(final, cfg.eval_samples, gen)
-    ok_train = is_correct(samples, correct)
-    ok_variants = is_correct(samples, variant_correct)          # (V, n)
-    c_train = int(ok_train.sum())
-    c_variants = ok_variants.sum(-1).tolist()
-    width, n_forks = K // 2, (T + 1) // 2
+    evaluated = evaluate_policy(logits.detach(), correct, variant_correct, cfg, gen)
+    start = evaluate_policy(init_logits, correct, variant_correct, cfg, torch.Generator().manual_seed(seed + 10**6))
+    start.update(accuracy=accuracy_curve[0], entropy_over_h_star=entropy_curve[0] / h_star)
     reached = [i for i, a in enumerate(accuracy_curve) if a >= 0.9]
     return {
         "algo": algo, "seed": seed,
@@ -313,14 +316,15 @@ def run(algo, seed, cfg):
         "h_star": h_star,
         "entropy_over_h_star": entropy_curve[-1] / h_star,
         "steps_to_90": reached[0] if reached else None,
-        "pass_at_k_variants": {str(k): sum(pass_at_k(cfg.eval_samples, c, k) for c in c_variants) / len(c_variants)
-                               for k in PASS_K},
-        "pass_at_k_train": {str(k): pass_at_k(cfg.eval_samples, c_train, k) for k in PASS_K},
-        "distinct_correct": int(torch.unique(samples[ok_train], dim=0).shape[0]) if c_train else 0,
-        "possible_correct": width ** n_forks,
+        **evaluated,
+        "possible_correct": (cfg.K // 2) ** ((cfg.T + 1) // 2),
+        "start": start,                             # the policy before training (its own sampling generator)
         "r_first_order_exact": r_exact,
         "r_first_order_paper": r_paper,
         "clipfrac": sum(clipfrac) / max(len(clipfrac), 1),
+        "leverage_changed": sum(c["changed"] for c in leverage) / max(len(leverage), 1),
+        # over the run: sum |w - w_GRPO| / sum |w_GRPO| (late updates can have every GRPO weight 0: A = 0)
+        "leverage_l1": sum(c["gap"] for c in leverage) / max(sum(c["size"] for c in leverage), 1e-30),
         # exact first-order change of the mean entropy per optimizer step (lr * sum / T), per quadrant,
         # averaged over the run's steps (the SGD prediction; with Adam only the direction holds)
         "flow": {q: lr * sum(f[f"{q}_exact"] for f in flows) / len(flows) / T
@@ -331,6 +335,19 @@ def run(algo, seed, cfg):
 
 
 SPARK = "▁▂▃▄▅▆▇█"
+
+
+def evaluate_policy(logits, correct, variant_correct, cfg, generator):
+    """pass@k (PASS_K up to cfg.eval_samples, unbiased) on the training task and on the held-out variants, and
+    the distinct correct answers, from cfg.eval_samples samples of the (T, K) policy drawn with `generator`."""
+    ks = [k for k in PASS_K if k <= cfg.eval_samples]
+    samples = sample_responses(logits, cfg.eval_samples, generator)
+    ok_train = is_correct(samples, correct)
+    c_train, c_variants = int(ok_train.sum()), is_correct(samples, variant_correct).sum(-1).tolist()
+    return {"pass_at_k_variants": {str(k): sum(pass_at_k(cfg.eval_samples, c, k) for c in c_variants) /
+                                   len(c_variants) for k in ks},
+            "pass_at_k_train": {str(k): pass_at_k(cfg.eval_samples, c_train, k) for k in ks},
+            "distinct_correct": int(torch.unique(samples[ok_train], dim=0).shape[0]) if c_train else 0}
 
 
 def sparkline(values, lo, hi, width=40):
@@ -385,37 +402,83 @@ def clip_note(algos, cfg):
     return "; ".join(parts)
 
 
+def figures(run):
+    """The claims' figures of one toy run (claims.CLAIMS with where="toy"), and the start policy's as
+    "<figure> start"."""
+    def of(r):
+        return {"accuracy": r["accuracy"], "entropy_over_h_star": r["entropy_over_h_star"],
+                "distinct": r["distinct_correct"], **{f"pass@{k} variants": v for k, v in r["pass_at_k_variants"].items()}}
+    return {**of(run), "flow total": run["flow"]["total"], "leverage_l1": run["leverage_l1"],
+            **{f"{k} start": v for k, v in of(run["start"]).items()}}
+
+
+def seed_values(results):
+    """{algo: {figure: {seed: value}}} of the runs (claims.decide's input)."""
+    out = {}
+    for r in results:
+        for key, value in figures(r).items():
+            out.setdefault(r["algo"], {}).setdefault(key, {})[r["seed"]] = value
+    return out
+
+
+def toy_claims(results):
+    """The toy's claims whose cells are all in `results`: [(claim, rows, verdict)]."""
+    values, algos = seed_values(results), {r["algo"] for r in results}
+    return [(c, *claims.decide(c, values)) for c in claims.claims_for("toy")
+            if all(t.treatment in algos and t.control in algos | {None, "start"} for t in c.tests)]
+
+
 def format_report(results, cfg, wall_s):
-    """Summary table (per algorithm and seed, plus the mean over seeds) and per-step sparklines."""
+    """Summary table (per algorithm and seed, the start policy, the mean over seeds), each algorithm's mean ±
+    95% interval and seed-matched difference against GRPO, the flows, the toy's claims, per-step sparklines."""
     h_star = results[0]["h_star"]
     wa = max(12, max(len(r["algo"]) for r in results) + 1)
-    head = (f"{'algo':<{wa}}{'seed':>5}{'acc':>7}{'H':>7}{'H/H*':>7}{'90%@':>6}{'pass@1':>8}{'pass@4':>8}"
-            f"{'pass@16':>8}{'distinct':>9}{'r_exact':>9}{'r_paper':>9}")
+    head = (f"{'algo':<{wa}}{'seed':>5}{'acc':>7}{'H/H*':>7}{'90%@':>6}{'pass@1':>8}{'pass@16':>8}{'pass@256':>9}"
+            f"{'distinct':>9}{'lever':>7}{'r_exact':>9}{'r_paper':>9}")
     lines = [f"toy bandit: T={cfg.T} positions, K={cfg.K} tokens, {(cfg.T + 1) // 2} forks with {cfg.K // 2} correct "
              f"tokens, H* = {h_star:.3f}; {cfg.groups} groups x G={cfg.G} per batch, {cfg.steps} steps, "
-             f"{cfg.updates} updates/batch (opefo 1), {cfg.optimizer} lr={cfg.lr:g}",
+             f"{cfg.updates} updates/batch (opefo, grpo-onpolicy 1), {cfg.optimizer} lr={cfg.lr:g}",
              *filter(None, [clip_note([r["algo"] for r in results], cfg)]),
              "acc, H: exact, final policy. 90%@: first step with acc >= 0.9. pass@k: unbiased, 256 samples, "
              "held-out variants. distinct: distinct correct answers in those samples "
-             f"(of {results[0]['possible_correct']}). r_*: Pearson r, first-order vs realised per-position dH.",
+             f"(of {results[0]['possible_correct']}). lever: sum |w - w_GRPO| / sum |w_GRPO| (the mechanism's "
+             "leverage). r_*: Pearson r, first-order vs realised per-position dH. start: the policy before training.",
              "", head, "-" * len(head)]
 
     def row(name, seed, rs):
         mean = lambda key: sum(r[key] for r in rs) / len(rs)   # noqa: E731
         mk = lambda key, k: sum(r[key][k] for r in rs) / len(rs)   # noqa: E731
-        steps = [r["steps_to_90"] for r in rs]
+        steps = [r.get("steps_to_90") for r in rs]
         s90 = None if any(s is None for s in steps) else sum(steps) / len(steps)
-        return (f"{name:<{wa}}{seed:>5}{mean('accuracy'):>7.3f}{mean('entropy'):>7.3f}{mean('entropy_over_h_star'):>7.2f}"
-                f"{_fmt(s90, '.0f'):>6}{mk('pass_at_k_variants', '1'):>8.3f}{mk('pass_at_k_variants', '4'):>8.3f}"
-                f"{mk('pass_at_k_variants', '16'):>8.3f}{mean('distinct_correct'):>9.1f}"
-                f"{_fmt(mean('r_first_order_exact'), '.3f'):>9}{_fmt(mean('r_first_order_paper'), '.3f'):>9}")
+        opt = lambda key: _fmt(mean(key) if key in rs[0] else None, ".3f")   # noqa: E731
+        return (f"{name:<{wa}}{seed:>5}{mean('accuracy'):>7.3f}{mean('entropy_over_h_star'):>7.2f}"
+                f"{_fmt(s90, '.0f'):>6}{mk('pass_at_k_variants', '1'):>8.3f}{mk('pass_at_k_variants', '16'):>8.3f}"
+                f"{_fmt(mk('pass_at_k_variants', '256') if '256' in rs[0]['pass_at_k_variants'] else None, '.3f'):>9}"
+                f"{mean('distinct_correct'):>9.1f}"
+                f"{_fmt(mean('leverage_l1') if 'leverage_l1' in rs[0] else None, '.2f'):>7}"
+                f"{opt('r_first_order_exact'):>9}{opt('r_first_order_paper'):>9}")
 
     algos = list(dict.fromkeys(r["algo"] for r in results))
+    starts = [r["start"] for r in results if r["algo"] == algos[0]]
+    lines += [row("start", str(r["seed"]), [st]) for r, st in zip(results, starts)]
     for algo in algos:
         rs = [r for r in results if r["algo"] == algo]
         lines += [row(algo, str(r["seed"]), [r]) for r in rs]
         if len(rs) > 1:
             lines.append(row(algo, "mean", rs))
+    values = seed_values(results)
+    if len(starts) > 1:
+        shown = ("entropy_over_h_star", "pass@16 variants", "distinct")
+        lines += ["", f"mean ± 95% interval over {len(starts)} seeds; d: the seed-matched difference against grpo "
+                  "[95% interval]", f"{'algo':<{wa}}" + "".join(f"{k:>40}" for k in shown)]
+        for algo in algos:
+            cells = []
+            for key in shown:
+                m, ci = claims.mean_ci(list(values[algo][key].values()))
+                d = claims.paired(values[algo][key], values.get("grpo", {}).get(key, {}))
+                diff = f"  d {d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]" if algo != "grpo" and d.n > 1 else ""
+                cells.append(f"{m:.2f} ± {ci:.2f}{diff}")
+            lines.append(f"{algo:<{wa}}" + "".join(f"{c:>40}" for c in cells))
     lines += ["", "first-order entropy flow per quadrant (exact form, the change of the mean entropy per update,",
               "x 1e-3 nats, mean over the run and seeds): A>0 / A<0 on likely (pi > exp(-H)) / unlikely tokens",
               f"{'algo':<{wa}}" + "".join(f"{q:>14}" for q in losses.QUADRANTS) + f"{'net':>10}"]
@@ -424,6 +487,9 @@ def format_report(results, cfg, wall_s):
         flow = {q: 1e3 * sum(r["flow"][q] for r in rs) / len(rs) for q in losses.QUADRANTS + ("total",)}
         lines.append(f"{algo:<{wa}}" + "".join(f"{flow[q]:>14.2f}" for q in losses.QUADRANTS)
                      + f"{flow['total']:>10.2f}")
+    if len(starts) > 1:
+        for claim, _, _ in toy_claims(results):
+            lines += ["", claims.report(claim, values).rstrip()]
     curves = {a: [[sum(v) / len(v) for v in zip(*(r[key] for r in results if r["algo"] == a))]
                   for key in ("entropy_curve", "accuracy_curve")] for a in algos}
     h_hi = max(max(c[0]) for c in curves.values())
@@ -493,8 +559,8 @@ def parse_args(argv=None):
         p.error("--seeds, --steps, --updates and --groups must be >= 1 and --G >= 2")
     if args.T < 1 or args.K < 2:
         p.error(f"--T must be >= 1 and --K >= 2, got T={args.T}, K={args.K}")
-    if args.eval_samples < max(PASS_K) or args.variants < 1 or args.lr <= 0:
-        p.error(f"--eval-samples must be >= {max(PASS_K)}, --variants >= 1 and --lr > 0; got "
+    if args.eval_samples < 16 or args.variants < 1 or args.lr <= 0:
+        p.error(f"--eval-samples must be >= 16, --variants >= 1 and --lr > 0; got "
                 f"{args.eval_samples}, {args.variants}, {args.lr}")
     cfg = Config(**{k: getattr(args, k) for k in asdict(defaults)})
     return algos, args.seeds, cfg, args
@@ -512,7 +578,10 @@ def main(argv=None):
     print(format_report(results, cfg, wall))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": asdict(cfg), "wall_s": wall, "runs": results}, f, indent=1)
+            decided = {c.key: {"verdict": v, "tests": [claims.row_dict(r) for r in rows]}
+                       for c, rows, v in toy_claims(results)} if n_seeds > 1 else {}
+            json.dump(json_safe({"config": asdict(cfg), "wall_s": wall, "runs": results, "claims": decided}), f,
+                      indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         plot(results, args.plot)

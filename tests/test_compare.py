@@ -34,14 +34,6 @@ def test_run_cell_skips_finished_resumes_unfinished_restarts_the_rest(tmp_path, 
     assert not (tmp_path / "fresh" / "metrics.jsonl").exists()   # never checkpointed: started again
 
 
-def test_mean_ci_and_separated_pairs():
-    m, ci = compare.mean_ci([1.0, 2.0, 3.0])
-    assert m == 2.0 and ci == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert math.isnan(compare.mean_ci([5.0])[1]) and math.isnan(compare.mean_ci([None])[0])
-    summary = {"a": {"entropy end": (1.0, 0.1)}, "b": {"entropy end": (1.5, 0.2)}, "c": {"entropy end": (1.2, 0.2)}}
-    assert compare.separated_pairs(summary, keys=("entropy end",)) == [("entropy end", "a", "b")]
-
-
 def test_small_comparison_end_to_end_and_resume(tmp_path, monkeypatch):
     flags = ("--tiny-sft-steps 0 --prompts-per-step 2 --group-size 4 --max-new-tokens 4 "
              f"--eval-size 2 --eval-k 4 --eval-interval 1 --save-interval 1 --cache-dir {tmp_path / 'cache'}")
@@ -95,8 +87,9 @@ def test_main_prints_the_path_of_each_written_file(tmp_path, monkeypatch, capsys
                                                        "steer": [(0.7, 0.6), (0.8, 0.7), (0.75, 0.65)]})
     compare.main(argv)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-3:] == [f"wrote {root / name}" for name in ("table.md", "results.json", "curves.png")]
-    assert all((root / name).stat().st_size > 0 for name in ("table.md", "results.json", "curves.png"))
+    names = ("table.md", "results.json", "curves.png", "strips.png")
+    assert lines[-4:] == [f"wrote {root / name}" for name in names]
+    assert all((root / name).stat().st_size > 0 for name in names)
 
 
 def test_few_seeds_are_flagged_above_the_table(tmp_path, monkeypatch):
@@ -104,13 +97,13 @@ def test_few_seeds_are_flagged_above_the_table(tmp_path, monkeypatch):
     root, argv = synthetic_lab(tmp_path / "two", monkeypatch, two)
     compare.main(argv)
     text = (root / "table.md").read_text()
-    note = "2 seeds: the 95% intervals use t = 12.7 and are wide; use 3 or more seeds to separate methods"
+    note = "2 seeds: the 95% intervals use t = 12.7 and are wide; use 5 or more seeds to decide a claim"
     assert note in text and text.index(note) < text.index("| run |")
     root, argv = synthetic_lab(tmp_path / "one", monkeypatch, {"grpo": [(0.5, 0.6)], "steer": [(0.9, 0.7)]})
     compare.main(argv)
     text = (root / "table.md").read_text()
-    assert "1 seed: no confidence intervals" in text and text.index("1 seed:") < text.index("| run |")
-    assert "Pairs separated by more than their 95% intervals: none (1 seed: no intervals to compare)" in text
+    assert "1 seed: no confidence intervals and no paired tests" in text
+    assert text.index("1 seed:") < text.index("| run |") and "Verdict" not in text
     three = {k: v + [v[0]] for k, v in two.items()}
     root, argv = synthetic_lab(tmp_path / "three", monkeypatch, three)
     compare.main(argv)
@@ -120,29 +113,21 @@ def test_few_seeds_are_flagged_above_the_table(tmp_path, monkeypatch):
                            "step 4\n\n| run |")
 
 
-def test_zero_width_and_single_seed_intervals_separate_nothing(tmp_path, monkeypatch):
-    assert compare.mean_ci([0.625] * 3) == (0.625, 0.0)
-    assert compare.mean_ci([0.1] * 3) == (0.1, 0.0)        # equal values: exactly zero, not 1e-17
-    summary = {"archer": {"eval/pass@64": (0.625, 0.0)}, "grpo": {"eval/pass@64": (0.719, 0.067)},
-               "no-kl": {"eval/pass@64": (0.698, 0.059)}, "one": {"eval/pass@64": (0.9, float("nan"))},
-               "far": {"eval/pass@64": (0.2, 0.01)}}
-    assert compare.separated_pairs(summary, keys=("eval/pass@64",)) == [
-        ("eval/pass@64", "grpo", "far"), ("eval/pass@64", "no-kl", "far")]
-    # the Archer artefact end to end: three equal pass@64 values, zero width, no separation claimed, and said why
-    root, argv = synthetic_lab(tmp_path, monkeypatch, {"grpo": [(0.5, 0.70), (0.6, 0.72), (0.7, 0.74)],
-                                                       "archer": [(0.5, 0.625), (0.55, 0.625), (0.6, 0.625)]})
+def test_claims_of_the_setting_are_decided_on_seed_matched_differences(tmp_path, monkeypatch):
+    """Three synthetic seeds: STEER's entropy is GRPO's + 0.1 + a seed-shared offset: unpaired intervals would
+    overlap, the paired difference does not; the table and results.json carry the claim's rows."""
+    per_seed = [0.3, 0.5, 0.7]                                   # a large seed effect shared by both cells
+    root, argv = synthetic_lab(tmp_path, monkeypatch, {
+        "grpo": [(e, 0.6) for e in per_seed], "steer": [(e + 0.1 + 0.001 * i, 0.6) for i, e in enumerate(per_seed)]})
     compare.main(argv)
     text = (root / "table.md").read_text()
-    assert "| 0.625 ± 0.000 |" in text
-    assert "Pairs separated by more than their 95% intervals: none\n" in text
-    assert ("Not compared (every seed gave the same value, a zero-width interval): archer on eval/avg@64; "
-            "archer on eval/pass@64") in text
-
-
-def test_pass_at_1_is_tested_for_separation_too():
-    summary = {"grpo": {"eval/avg@64": (0.359, 0.045), "eval/pass@64": (0.68, 0.03)},
-               "dapo": {"eval/avg@64": (0.435, 0.020), "eval/pass@64": (0.68, 0.03)}}
-    assert compare.separated_pairs(summary) == [("eval/avg@64", "grpo", "dapo")]
+    assert "**STEER: entropy stays stable where GRPO collapses** (`steer-stable`, default; paired over 3 seeds" in text
+    row = next(line for line in text.splitlines() if line.startswith("| steer | grpo | entropy end (+)"))
+    assert "+0.101 [" in row and "not testable here (loss/grpo_weight_l1 nan < 0.05)" in row   # no leverage logged
+    decided = json.loads((root / "results.json").read_text())["claims"]["steer-stable"]
+    entropy = next(t for t in decided["tests"] if t["metric"] == "entropy end")
+    assert entropy["n"] == 3 and entropy["mean"] == pytest.approx(0.101) and entropy["p_holm"] < 0.05
+    assert compare.mean_ci([0.625] * 3) == (0.625, 0.0) and compare.mean_ci([0.1] * 3) == (0.1, 0.0)
 
 
 def test_curves_figure_names_the_seed_count_and_shades_the_spread():

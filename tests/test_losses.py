@@ -1084,7 +1084,8 @@ def test_grpo_weight_change_is_zero_for_grpo_and_the_reweighted_share_otherwise(
         logp = b["logp"].clone().requires_grad_(True)
         return losses.loss_weights(LOSSES[name](**dict(b, logp=logp), **totals, **kw)[0], logp)
     args = (b["logp"], b["old_logp"], b["advantages"], b["mask"])
-    assert losses.grpo_weight_change(weights("grpo"), *args, **totals) == {"changed": 0.0, "l1": 0.0}
+    same = losses.grpo_weight_change(weights("grpo"), *args, **totals)
+    assert (same["changed"], same["l1"], same["gap"]) == (0.0, 0.0, 0.0) and same["size"] > 0
     w = weights("quadrant", pos_likely=3.0)
     valid = b["mask"].bool()
     sel = valid & (b["advantages"][:, None] > 0) & (b["old_logp"] + b["entropy"] > 0) & (w != 0)
@@ -1092,3 +1093,4 @@ def test_grpo_weight_change_is_zero_for_grpo_and_the_reweighted_share_otherwise(
     change = losses.grpo_weight_change(w, *args, **totals)
     assert change["changed"] == pytest.approx(float(sel.sum() / valid.sum()))
     assert change["l1"] == pytest.approx(float(2 * base[sel].abs().sum() / base[valid].abs().sum()))
+    assert change["l1"] == pytest.approx(change["gap"] / change["size"])

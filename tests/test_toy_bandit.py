@@ -151,12 +151,20 @@ def test_cli_json_has_documented_fields(tmp_path, capsys):
     fields = {"algo", "seed", "accuracy", "entropy", "h_star", "entropy_over_h_star", "steps_to_90",
               "pass_at_k_variants", "pass_at_k_train", "distinct_correct", "possible_correct",
               "r_first_order_exact", "r_first_order_paper", "clipfrac", "flow", "entropy_curve",
-                  "accuracy_curve"}
+              "accuracy_curve", "start", "leverage_changed", "leverage_l1"}
+    ks = ["1", "4", "16", "64", "256"]
     for r in data["runs"]:
         assert set(r) == fields
-        assert set(r["pass_at_k_variants"]) == {"1", "4", "16"} == set(r["pass_at_k_train"])
+        assert list(r["pass_at_k_variants"]) == ks == list(r["pass_at_k_train"])
         assert len(r["entropy_curve"]) == len(r["accuracy_curve"]) == 6
-        assert 0 <= r["pass_at_k_variants"]["1"] <= r["pass_at_k_variants"]["4"] <= r["pass_at_k_variants"]["16"] <= 1
+        assert 0 <= min(r["pass_at_k_variants"].values()) and sorted(r["pass_at_k_variants"].values()) == [
+            r["pass_at_k_variants"][k] for k in ks] and r["pass_at_k_variants"]["256"] <= 1
+        assert set(r["start"]) == {"pass_at_k_variants", "pass_at_k_train", "distinct_correct", "accuracy",
+                                   "entropy_over_h_star"}
+    start = [r["start"] for r in data["runs"]]
+    assert start[0] == start[2] and start[1] == start[3] and start[0] != start[1]   # the seed's start policy
+    assert data["runs"][0]["leverage_l1"] == 0.0 and data["runs"][2]["leverage_l1"] > 0.05
+    assert data["claims"]["opefo-flow"]["verdict"] in ("reproduced", "not reproduced")
 
 
 def test_bad_flags_are_named(capsys):
@@ -251,7 +259,7 @@ def test_header_names_the_clip_flags_and_the_methods_they_reach(capsys):
     assert "clip_low 0.99, clip_high 5 " in line and "dual_clip" in line     # the one not given: defaults
     reach, _, rest = line.partition(" reach ")
     reached, _, not_reached = rest.partition("; not ")
-    assert reached.split(", ") == ["grpo", "dapo", "steer", "steer-exact"]
+    assert reached.split(", ") == ["grpo", "grpo-onpolicy", "dapo", "steer", "steer-exact"]
     for name in ("opefo", "opefo-exact", "archer"):
         assert f" {name} (" in " " + not_reached or f" {name}," in " " + not_reached
     assert "no ratio clip" in not_reached and "only --dual-clip" in not_reached
