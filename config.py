@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import losses
 import rollout
 import tiny_lab
@@ -381,30 +382,12 @@ def check_environment(cfg):
         raise SystemExit(f"--model {model}: no such folder (a local model is a folder written by save_pretrained; "
                          "a Hub model is named organisation/name)")
     if cfg.get("reward"):
-        reward_function(cfg["reward"])
+        data.reward_function(cfg["reward"])
     if cfg.get("report_to") == "tensorboard":
         try:
             from torch.utils import tensorboard  # noqa: F401  (it imports the tensorboard package)
         except ImportError:
             raise SystemExit("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
-
-
-def reward_function(spec):
-    """The function named by --reward MODULE:FUNCTION, imported from the working directory or the Python path."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise SystemExit(f"--reward {spec}: expected MODULE:FUNCTION, e.g. my_rewards:length_penalty")
-    if str(Path.cwd()) not in sys.path:            # as `python -m`: the working directory's modules first
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        fn = getattr(importlib.import_module(module), name, None)
-    except Exception as e:              # not found, or the module itself fails to import
-        raise SystemExit(f"--reward {spec}: cannot import {module} ({type(e).__name__}: {one_line(e, 160)})") from None
-    if not callable(fn):
-        raise SystemExit(f"--reward {spec}: {module} has no function {name}")
-    return fn
 
 
 def check_ranges(cfg):

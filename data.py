@@ -10,13 +10,13 @@ the file, the row and the field. The tiny lab (tiny_lab.py) brings its own probl
     model, tok = load_model("path/to/model", device=torch.device("cpu"))
 """
 import contextlib
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-import config
-import evaluation
 import rollout
 import tiny_lab
 import verifier
@@ -204,10 +204,10 @@ def load_model(name_or_path, *, device, gradient_checkpointing=False, trainable=
 def load_problems(cfg, log):
     """The run's problems: {"train_items", "eval_sets" {prefix: (items, score_fn)}, "score", "fork_mask"}, and
     cfg["start_model"] set. The user's files are read first, so a bad row stops the run before the lab's warm
-    start. Rewards: the math verifier (evaluation.verify), or --reward's function (custom_reward). The tiny
+    start. Rewards: the math verifier (verify), or --reward's function (custom_reward). The tiny
     lab brings its own model, reward (tiny_lab.score), fork marks and held-out sets "test" (logged as eval/)
     and "unique" (eval_unique/); a user's --dataset / --eval-dataset replace them."""
-    score = custom_reward(config.reward_function(cfg["reward"])) if cfg.get("reward") else evaluation.verify
+    score = custom_reward(reward_function(cfg["reward"])) if cfg.get("reward") else verify
     fork_mask, eval_sets = None, {}
     train_items = _load(cfg["dataset"], cfg["dataset_split"], cfg) if cfg.get("dataset") else None
     if cfg.get("eval_dataset"):
@@ -226,6 +226,27 @@ def load_problems(cfg, log):
         eval_sets = {name: (items[:cfg["eval_size"]], fn) for name, (items, fn) in eval_sets.items()}
     cfg["start_model"] = start_model
     return {"train_items": train_items, "eval_sets": eval_sets, "score": score, "fork_mask": fork_mask}
+
+
+def reward_function(spec):
+    """The function named by --reward MODULE:FUNCTION, imported from the working directory or the Python path."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise SystemExit(f"--reward {spec}: expected MODULE:FUNCTION, e.g. my_rewards:length_penalty")
+    if str(Path.cwd()) not in sys.path:            # as `python -m`: the working directory's modules first
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except Exception as e:              # not found, or the module itself fails to import
+        raise SystemExit(f"--reward {spec}: cannot import {module} ({type(e).__name__}: {one_line(e, 160)})") from None
+    if not callable(fn):
+        raise SystemExit(f"--reward {spec}: {module} has no function {name}")
+    return fn
+
+
+def verify(completion, item):
+    """The math reward of a completion for a dataset item: verifier.score against the item's gold answer."""
+    return verifier.score(completion, item["answer"])
 
 
 def custom_reward(fn):

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 import rollout
-import verifier
 
 
 def pass_at_k(n, c, k):
@@ -51,18 +50,13 @@ def pass_ks(k):
     return ks if ks[-1] == k else ks + [k]
 
 
-def verify(completion, item):
-    """Reward of a completion for a dataset item: verifier.score against the item's gold answer."""
-    return verifier.score(completion, item["answer"])
-
-
 def _graded(completion, score, truncated):
     """One completion with its verdict: the fields of a sample record."""
     return {"completion": completion, "answer": score.answer, "correct": score.correct, "truncated": bool(truncated)}
 
 
 def evaluate(model, tok, items, *, k, temperature, top_p, max_new_tokens, chunk, system_prompt, autocast,
-             score_fn=verify, prefix="eval", keep=0, on_problem=None):
+             score_fn, prefix="eval", keep=0, on_problem=None):
     """Held-out figures under `prefix`/: avg@k and unbiased pass@j (j = 1, 2, 4, .. and k) from k samples at
     `temperature`; "distinct", the mean number of distinct correct completions per problem among the k
     (whitespace-collapsed text: a diversity measure that falls when a policy narrows onto one solution);
@@ -251,7 +245,7 @@ def load_data(args):
                                 answer_format=args.answer_format, flag="--data")
     except data.DataError as e:
         raise SystemExit(f"--data {e}") from None
-    return items, verify, path
+    return items, data.verify, path
 
 
 def fit_context(model, args):
@@ -340,7 +334,6 @@ def main(argv=None):
 if __name__ == "__main__":
     import sys
 
-    import evaluation      # the importable module, not a second copy under __main__ (data.py imports it)
     from run_dir import cli
 
-    sys.exit(cli(evaluation.main, "evaluation.py"))
+    sys.exit(cli(main, "evaluation.py"))

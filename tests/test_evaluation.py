@@ -211,7 +211,7 @@ def test_on_problem_records_match_kept_samples(model_dir, monkeypatch):
     model, tok = data.load_model(str(model_dir), device=torch.device("cpu"), trainable=False)
     items = [{"problem": row["problem"], "answer": row["answer"]} for row in SYNTH]
     kwargs = dict(k=3, temperature=1.0, top_p=1.0, max_new_tokens=5, chunk=3, system_prompt=None,
-                  autocast=contextlib.nullcontext, prefix="eval_x", keep=2)
+                  autocast=contextlib.nullcontext, prefix="eval_x", keep=2, score_fn=data.verify)
     records = []
     torch.manual_seed(7)
     figures, kept = evaluation.evaluate(model, tok, items, on_problem=records.append, **kwargs)
