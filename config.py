@@ -67,12 +67,10 @@ KNOB_GROUPS = {
         "agg": (losses.AGG_MODES, "agg", "loss aggregation mode (seq-mean-token-sum-norm divides by "
                                          "--max-new-tokens, Dr. GRPO's constant)")},
     "GRPO, DAPO, Dr. GRPO": {
-        "kl_coef": (float, {a: "kl_coef" for a in ("grpo", "dapo", "drgrpo")},
-                    "k3 KL coefficient to the frozen start model")},
+        "kl_coef": (float, "kl_coef", "k3 KL coefficient to the frozen start model")},
     "STEER and OPEFO": {
         "lambda_min": (float, "lambda_min", "STEER's smallest token weight"),
-        "first_order_form": (losses.FIRST_ORDER_FORMS, {"steer": "omega", "opefo": "flow"},
-                             "STEER's Omega / OPEFO's flow form")},
+        "first_order_form": (losses.FIRST_ORDER_FORMS, "form", "STEER's Omega / OPEFO's flow form")},
     "STEER's quadrant interventions (quadrant: GRPO with one weight per quadrant)": {
         f"scale_{q}": (float, q, f"weight of the {q.replace('_', ' ')} tokens' update (default 1)")
         for q in losses.QUADRANTS},
@@ -82,17 +80,16 @@ KNOB_GROUPS = {
         "clip_knowledge": (float, "clip_knowledge", "clip range on low-entropy tokens"),
         "kl_knowledge": (float, "kl_knowledge", "KL coefficient on low-entropy tokens")},
     "CE-GPPO and GPPO": {
-        "gppo_beta_low": (float, {"ce_gppo": "beta_low", "gppo": "beta_low"},
-                          "beta_1, the gradient kept on tokens clipped below (A < 0) (default 0.5; GPPO 1)"),
-        "gppo_beta_high": (float, {"ce_gppo": "beta_high", "gppo": "beta_high"},
-                           "beta_2, the gradient kept on tokens clipped above (A > 0) (default 1)")},
+        "gppo_beta_low": (float, "beta_low", "beta_1, the gradient kept on tokens clipped below (A < 0) "
+                                             "(default 0.5; GPPO 1)"),
+        "gppo_beta_high": (float, "beta_high", "beta_2, the gradient kept on tokens clipped above (A > 0) "
+                                               "(default 1)")},
     "entropy bonus and adaptive entropy (Skywork-OR1)": {
-        "entropy_coef": (float, {"entropy_bonus": "alpha", "adaptive_entropy": "coef"},
-                         "entropy_bonus's alpha (default 0.001); adaptive_entropy's starting coefficient "
-                         "(default 0.005)"),
-        "target_entropy": (float, {"adaptive_entropy": "target"}, "target mean token entropy (default 0.2)"),
-        "entropy_coef_delta": (float, {"adaptive_entropy": "delta"}, "coefficient step per RL step (default 0.001)"),
-        "entropy_coef_max": (float, {"adaptive_entropy": "coef_max"}, "largest coefficient (default 0.5)")},
+        "entropy_coef": (float, "coef", "entropy_bonus's coefficient (default 0.001); adaptive_entropy's "
+                                        "starting coefficient (default 0.005)"),
+        "target_entropy": (float, "target", "adaptive: target mean token entropy (default 0.2)"),
+        "entropy_coef_delta": (float, "delta", "adaptive: coefficient step per RL step (default 0.001)"),
+        "entropy_coef_max": (float, "coef_max", "adaptive: largest coefficient (default 0.5)")},
     "Clip-Cov and KL-Cov": {
         "clip_cov_ratio": (float, "clip_cov_ratio", "Clip-Cov's fraction of tokens whose gradient is removed "
                                                     "(default 2e-4)"),
@@ -100,12 +97,12 @@ KNOB_GROUPS = {
         "clip_cov_ub": (float, "cov_ub", "Clip-Cov's upper covariance bound (default 5)"),
         "kl_cov_ratio": (float, "kl_cov_ratio", "KL-Cov's fraction (not percent) of top-covariance tokens "
                                                 "(default 2e-3)"),
-        "kl_cov_coef": (float, {"kl_cov": "kl_coef"}, "KL-Cov's coefficient of |log pi - log pi_old| (default 1)")},
+        "kl_cov_coef": (float, "kl_cov_coef", "KL-Cov's coefficient of |log pi - log pi_old| (default 1)")},
     "forking tokens, entropy-based advantage, W-REINFORCE": {
         "top_frac": (float, "top_frac", "forking: share of highest-entropy tokens that get the gradient (default "
                                         "0.2)"),
-        "entropy_adv_alpha": (float, {"entropy_adv": "alpha"}, "alpha in A + min(alpha H, |A| / kappa) (default 0.4)"),
-        "entropy_adv_kappa": (float, {"entropy_adv": "kappa"}, "kappa in A + min(alpha H, |A| / kappa) (default 2)"),
+        "entropy_adv_alpha": (float, "alpha", "alpha in A + min(alpha H, |A| / kappa) (default 0.4)"),
+        "entropy_adv_kappa": (float, "kappa", "kappa in A + min(alpha H, |A| / kappa) (default 2)"),
         "positive_weight": (float, "positive_weight", "W-REINFORCE's weight on positive samples (default 0.1)")},
 }
 KNOB_FLAGS = {flag: spec for group in KNOB_GROUPS.values() for flag, spec in group.items()}
@@ -405,40 +402,34 @@ def check_ranges(cfg):
 def knob_kwargs(cfg):
     """(loss keywords, adaptive-entropy controller keywords) of the method flags the user set (KNOB_FLAGS);
     an error naming a flag the chosen method does not take."""
-    algo = cfg["algo"]
-    method = losses.LOSSES[algo]
+    method = losses.LOSSES[cfg["algo"]]
     loss_kw, control_kw = {}, {}
-    for key, (_, target, _) in KNOB_FLAGS.items():
+    for key, (_, name, _) in KNOB_FLAGS.items():
         if cfg.get(key) is None:
             continue
-        name = target.get(algo) if isinstance(target, dict) else target
         if method.adaptive and name in CONTROL_KEYS:
             control_kw[name] = cfg[key]
         elif name in method.knobs:
             loss_kw[name] = cfg[key]
         else:
-            raise SystemExit(f"{flag(key)} does not apply to --algo {algo}")
+            raise SystemExit(f"{flag(key)} does not apply to --algo {cfg['algo']}")
     return loss_kw, control_kw
 
 
 def check_knobs(cfg):
     """The method flags, checked before the run: a flag the algorithm does not take, or a value out of range
-    (the loss's own check, on a one-token batch), is one SystemExit line naming the flag."""
+    (the loss's own check, on a one-token batch: losses.KnobError names the knob), is one SystemExit line
+    naming the flag."""
     algo = cfg["algo"]
     kwargs, control = knob_kwargs(cfg)
-    flag_of = {}
-    for key, (_, target, _) in KNOB_FLAGS.items():
-        name = target.get(algo) if isinstance(target, dict) else target
-        if cfg.get(key) is not None:
-            flag_of[name] = key
+    flag_of = {name: key for key, (_, name, _) in KNOB_FLAGS.items() if cfg.get(key) is not None}
     one = torch.zeros(1, 1)
     try:
         if losses.LOSSES[algo].adaptive:
-            kwargs["alpha"] = losses.entropy_control_init(**control)["coef"]
+            kwargs["coef"] = losses.entropy_control_init(**control)["coef"]
         if "generator" in losses.LOSSES[algo].knobs:
             kwargs["generator"] = torch.Generator()                 # leaves the global RNG alone
         losses.LOSSES[algo](logp=one, old_logp=one, advantages=torch.zeros(1), mask=torch.ones(1, 1), entropy=one,
                             exact_term=one, ref_logp=one, current_entropy=one, **kwargs)
-    except ValueError as e:
-        key = flag_of.get(str(e).split("=", 1)[0])
-        raise SystemExit(f"{flag(key)}: {e}" if key else str(e)) from None
+    except losses.KnobError as e:
+        raise SystemExit(f"{flag(flag_of[e.knob])}: {e}" if e.knob in flag_of else str(e)) from None

@@ -1,28 +1,14 @@
-"""Policy losses for RL with verifiable rewards: GRPO, DAPO, Dr. GRPO, STEER, OPEFO, Archer, the clip successors
-ASPO, CE-GPPO and GPPO, and the entropy interventions they are compared with (entropy bonus, adaptive entropy,
-Clip-Cov, KL-Cov, forking tokens, entropy-based advantage, W-REINFORCE).
+"""Every policy loss of the three papers and their neighbours, in one drop-in file (torch and the standard
+library only): GRPO, DAPO, Dr. GRPO; STEER (and its quadrant interventions), OPEFO, Archer; the successors
+that act through the clip, ASPO, CE-GPPO, GPPO; the entropy interventions they are compared with. Sections
+follow the papers; each loss gives its equation, source and defaults. Where the authors' code differs, and
+the tests that show it: docs/losses.md.
 
-One drop-in file. It imports only torch and the standard library, works on any device and dtype, and
-every function states its tensor shapes and the equation it implements. Copy it into your own trainer.
-It reads in the papers' order: checks and helpers; group advantages, aggregation, KL; GRPO, DAPO (with its
-overlong penalty), Dr. GRPO; the first-order entropy term; STEER; OPEFO; Archer; ASPO, CE-GPPO and GPPO (the
-losses that act through the PPO clip after it); the interventions; the four-quadrant diagnostic; the registry
-(LOSSES, batch_statistics, merge_metrics, uses_reference); and an appendix with the chunked log-probability
-and entropy kernels (token_logprobs, token_stats, ...).
-
-Conventions
-    B responses, T response positions, V vocabulary.
-    logp, old_logp, ref_logp : (B, T) log-probabilities of the sampled tokens under the current policy
-                               pi_theta, the behaviour policy pi_old and a frozen reference.
-    mask                     : (B, T), 1 (or True) on valid response tokens, 0 on padding.
-    advantages               : (B,) one per response (broadcast over its tokens) or (B, T).
-    entropy, exact_term      : (B, T) from `token_entropy` on the behaviour policy (no gradient).
-    Every loss returns (loss, metrics): a scalar to minimise and a dict of plain floats.
-    Masked positions may hold anything (NaN, inf, garbage): they contribute exactly zero to the value and
-    the gradient. An empty batch (B = 0) gives a zero loss. float64 inputs are computed in float64.
-    num_tokens / num_seqs: the whole batch's valid tokens and rows with a valid token (batch_totals), for
-    exact gradient accumulation over micro-batches. Knobs out of range raise a ValueError naming them.
-What a copier gets wrong most
+Conventions. B responses, T response positions. logp, old_logp, ref_logp (B, T): log pi of the sampled
+tokens under the current policy (with gradient), the behaviour policy and a frozen reference; mask (B, T):
+1 on valid tokens; advantages (B,) or (B, T); entropy, exact_term (B, T): the behaviour policy's H and
+S2 = sum_b pi_b^2 (log pi_b + H) (logprobs.py, or the three lines in its docstring). Every loss returns
+(loss, metrics as plain floats); masked positions may hold anything; an empty batch gives a zero loss.
     Alignment: logp[:, t] scores response token t, so it comes from the logits one position earlier. For
     input_ids (B, P + T) = prompt (left-padded to P) + response:
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)     # left padding must not move positions
@@ -34,93 +20,20 @@ What a copier gets wrong most
     advantages of a group sum to 0: the token mean is 0 at equal lengths, the sequence mean at any. The
     gradient is not 0.
 
-Where each formula comes from (equation numbers as checked in the arXiv versions named)
-    group_advantages   GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1.2 (outcome supervision);
-                       Dr. GRPO arXiv 2503.20783 sec. 3.1-3.2 (no std division)
-    ppo_clip_loss      GRPO eq. 3; clip-higher eps_low/eps_high: DAPO arXiv 2503.14476 eq. 10 (sec. 3.1);
-                       dual clip as in verl (cap the loss of A < 0 tokens at c |A|)
-    agg_loss           seq-mean-token-mean: GRPO eq. 3; token-mean: DAPO eq. 12 (sec. 3.3);
-                       constant normaliser: Dr. GRPO sec. 3.2
-    kl_penalty         k3: GRPO eq. 4
-    overlong_penalty   DAPO sec. 3.4 (eq. 13): the soft overlong punishment, added to the reward
-    token_entropy      H(s) = -sum_b pi_b log pi_b and S2(s) = sum_b pi_b^2 (log pi_b + H) (entropy_math.py);
-                       token_stats: log pi(a), H and S2 in one pass
-    steer_loss         STEER arXiv 2510.10150: the token-level entropy-change estimate Omega and the
-                       exponential reweighting lambda = lambda_min ** (|Omega| / max |Omega|)
-    opefo_loss         OPEFO arXiv 2605.11491: entropy flow f, balance lambda* = (N - P) / (N + P),
-                       strictly on-policy REINFORCE
-                       (STEER and OPEFO are cited by the names of their quantities and their method
-                       sections: their equation numbers could not be checked against the arXiv text)
-    archer_loss        Archer arXiv 2507.15778 v2 sec. 4.1: eqs. 2-5 (per-response entropy quantile,
-                       token-conditioned clip range and KL coefficient, joint objective)
-    aspo_loss          ASPO arXiv 2510.06062 (Archer's successor): Archer's token split; the flipped ratio
-                       1 / r for A > 0 with PPO's clip mask kept; the soft dual clip at c on both sides;
-                       checked against the public code (wizard-III/Archer2.0, compute_policy_loss_archer)
-    ce_gppo_loss       CE-GPPO arXiv 2509.20712: gradient-preserving clipping, beta_1 (1 - eps_l) A and
-                       beta_2 (1 + eps_h) A on the clipped tokens; verl's dual clip (public code
-                       Kwai-Klear/CE-GPPO, compute_gppo_loss_general_beta)
-    gppo_loss          GPPO arXiv 2508.07629 (Klear-Reasoner): CE-GPPO with beta_1 = beta_2 = 1
-                       (ASPO, CE-GPPO and GPPO are cited by their methods and public code: their equation
-                       numbers could not be checked against the arXiv text)
-  The interventions STEER and OPEFO compare against (same contract, in LOSSES):
-    entropy_bonus_loss     loss - alpha H with H's gradient (token_logprobs_entropy); alpha 0.001 (verl)
-    adaptive_entropy_loss  Skywork-OR1 arXiv 2505.22312: the bonus with alpha from entropy_control_step
-    clip_cov_loss          Cui et al. arXiv 2505.22617, Clip-Cov: no gradient for a random 2e-4 of Cov in (1, 5)
-    kl_cov_loss            Cui et al., KL-Cov: + |log pi - log pi_old| on the top 2e-3 (a fraction) by Cov
-    forking_loss           Wang et al. arXiv 2506.01939: gradient only on the batch's top 20% entropy tokens
-    entropy_adv_loss       Cheng et al. arXiv 2506.14758: A' = A + min(0.4 H, |A| / 2)
-    w_reinforce_loss       Zhu et al. arXiv 2506.01347: positive-sample terms weighted 0.1
-    entropy_flow_quadrants the exact first-order entropy change per quadrant (A sign x pi_a > exp(-H))
-    loss_weights           w = -dLoss/dlogp per token, the weights the quadrants are split with
+Use. LOSSES maps a name to its Loss: call it with the batch tensors as keywords (those it does not read are
+dropped; a missing one it needs is named) and knobs (a misspelt one is named with the nearest).
+batch_statistics, once per mini-batch, makes any micro-batch's loss its exact share of the mini-batch's:
 
-The first-order entropy change that STEER and OPEFO estimate (entropy_math.py derives and tests it): a
-gradient step of size eta on w * log pi(a|s) changes the entropy at s of a tabular softmax by
-    exact        dH = -eta w [pi_a (log pi_a + H) - S2] + O(eta^2),   S2 = sum_b pi_b^2 (log pi_b + H)
-The papers score each token without the factor pi_a that the chain rule dH/dz_a = -pi_a (log pi_a + H)
-puts in front, and with an approximate logit step:
-    paper score  (1 - pi_a)^2 (log pi_a + H)     (STEER v1, OPEFO)
-    code score   (1 - pi_a)   (log pi_a + H)     (released STEER code)
-`first_order_term` returns one of these three factors g, so that each token's estimate is -w g.
-
-Usage
-    LOSSES maps each method's name to a Loss. Calling an entry, LOSSES[name](**batch, **knobs), takes
-    keywords only:
-      batch tensors  any of BATCH_KEYS: logp, old_logp, advantages, mask, entropy, exact_term, ref_logp,
-                     current_entropy, num_tokens, num_seqs, norm_length. Those not in entry.inputs are
-                     dropped; those in entry.needs are required; the rest of entry.inputs are optional (absent
-                     or None: the loss does without them). Every entry needs logp, advantages and mask; all but
-                     opefo need old_logp; steer, opefo, archer, aspo, forking and entropy_adv need entropy;
-                     entropy_bonus and adaptive_entropy need current_entropy (the current policy's entropy
-                     WITH gradient, token_logprobs_entropy(logits, tokens)[1]), which no other entry reads.
-                     A needed tensor that is absent or None is a one-line TypeError naming it and what
-                     computes it: "entropy_bonus_loss needs current_entropy (B, T) with gradient:
-                     token_logprobs_entropy(logits, tokens)[1]". An optional tensor that a knob turns on is
-                     a ValueError when missing: ref_logp for a KL term (grpo/dapo/drgrpo kl_coef > 0; archer
-                     and aspo by default; uses_reference tells), exact_term for steer's omega="exact" and opefo's
-                     flow="exact".
-      knobs          every other keyword goes to the loss function: a misspelt knob is a TypeError. Knobs
-                     without a default (REQUIRED in entry.knobs) must be given: adaptive_entropy's alpha
-                     (this step's, from entropy_control_step). batch_statistics(name, ...) output goes to
-                     the same entry.
-    So the whole batch (every BATCH_KEYS tensor, current_entropy included) runs every entry (adaptive_entropy
-    given its alpha); without current_entropy every entry but entropy_bonus and adaptive_entropy runs, to the
-    same value as with it (tests/test_losses.py loops over every entry).
-    The entry's fields say what a trainer needs besides: inputs and needs (above), knobs (name ->
-    default), statistics (its whole-batch statistic, used by batch_statistics), zero_rows (rows a trainer
-    may leave out), reduce (how merge_metrics combines its metrics over micro-batches), std_normalize,
-    on_policy, adaptive, data_defaults (the paper's data-side settings) and forwards_to.
-    from losses import LOSSES, batch_statistics, group_advantages, merge_metrics, token_logprobs, token_stats
-    adv = group_advantages(rewards, group_size=8, std_normalize=LOSSES["steer"].std_normalize)   # (B,)
-    old_logp, entropy, s2 = token_stats(old_logits, response_ids)        # (B, T) each, one pass, no grad
-    logp = token_logprobs(logits, response_ids)                          # (B, T), with gradient
-    loss, metrics = LOSSES["steer"](logp=logp, old_logp=old_logp, advantages=adv, mask=mask,
-                                    entropy=entropy, exact_term=s2)
-    loss.backward()
-    # micro-batches: the whole mini-batch's statistics once, then every micro-batch's call with them
+    from losses import LOSSES, batch_statistics, group_advantages
+    adv = group_advantages(rewards, group_size=8)                          # (B,)
     stats = batch_statistics("steer", mask=mask, advantages=adv, old_logp=old_logp, entropy=entropy,
-                             exact_term=s2)                               # num_tokens, num_seqs, omega_max
-    # one optimizer step's metrics from its micro-batches' [(valid tokens, metrics), ...]
-    step_metrics = merge_metrics("steer", parts)
+                             exact_term=s2)                                # num_tokens, num_seqs, M
+    loss, metrics = LOSSES["steer"](logp=logp, old_logp=old_logp, advantages=adv, mask=mask,
+                                    entropy=entropy, exact_term=s2, lambda_min=0.7, **stats)
+    loss.backward()
+
+To copy one method alone: its function, the helpers it calls (the first section, agg_loss, ppo_clip_loss)
+and, where its Loss entry names one, its statistics function.
 """
 import difflib
 import functools
@@ -133,7 +46,6 @@ import torch
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LOG_RATIO_LIMIT = 20.0      # clamp on log(pi / pi_old) and on the KL log-ratio before exp (verl's value)
 K3_LIMIT = 10.0             # clamp on the k3 estimate (verl's value)
-CHUNK_BYTES = 8 * 2**20     # float32 bytes per work buffer in token_logprobs / token_entropy (cache-sized)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -154,10 +66,18 @@ def _check_tokens(name, x, ref, like="mask"):
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(ref.shape)} (B, T) like {like}")
 
 
+class KnobError(ValueError):
+    """A knob outside its range (or with an unknown value): `knob` names it, so a trainer can name its flag."""
+
+    def __init__(self, knob, message):
+        super().__init__(message)
+        self.knob = knob
+
+
 def _check_knob(name, value, ok, rule):
-    """A knob outside its range: one ValueError naming it, e.g. "lambda_min=0 must be in (0, 1]"."""
+    """A knob outside its range: one KnobError naming it, e.g. "lambda_min=0 must be in (0, 1]"."""
     if not ok:
-        raise ValueError(f"{name}={value!r} must be {rule}")
+        raise KnobError(name, f"{name}={value!r} must be {rule}")
 
 
 def _check_clip(clip_low, clip_high, dual_clip, no_low_clip=False):
@@ -192,7 +112,7 @@ def _acc_dtype(dtype):
 class _Batch(NamedTuple):
     """A loss's batch tensors, checked and cleaned by _batch."""
     valid: torch.Tensor          # (B, T) bool: the valid tokens
-    mf: torch.Tensor             # (B, T) float: valid as 0 / 1 in the computation's dtype
+    mask: torch.Tensor           # (B, T) float: valid as 0 / 1 in the computation's dtype
     count: torch.Tensor          # 0-d: the number of valid tokens, at least 1
     adv: torch.Tensor            # (B, 1) or (B, T): the advantages, 0 where no token is valid
     tensors: list                # the cleaned (B, T) tensors (or None), in the order given
@@ -236,16 +156,16 @@ def _max0(x):
     return x.amax() if x.numel() else x.new_zeros(())
 
 
-def _masked_mean(x, mf, count):
-    """Mean of x (finite) over the float mask mf: sum(x mf) / count."""
-    return (x * mf).sum() / count
+def _masked_mean(x, mask, count):
+    """Mean of x (finite) over the float mask: sum(x mask) / count."""
+    return (x * mask).sum() / count
 
 
-def _masked_min(x, mf):
-    """Min of x (finite, |x| < 1e29) over the float mask mf; 0 when the mask is empty."""
+def _masked_min(x, mask):
+    """Min of x (finite, |x| < 1e29) over the float mask; 0 when the mask is empty."""
     if x.numel() == 0:
         return x.new_zeros(())
-    low = (x + (1.0 - mf) * 1e30).min()
+    low = (x + (1.0 - mask) * 1e30).min()
     return torch.where(low > 1e29, 0.0, low)
 
 
@@ -360,7 +280,7 @@ def ppo_clip_loss(logp, old_logp, advantages, *, clip_low=0.2, clip_high=0.2, du
     return loss, ratio
 
 
-def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
+def _ppo_metrics(adv, count, ratio, lo, hi, entropy=None):
     """Clip fractions, ratio mean, approximate KL(pi_old || pi) = E[r - 1 - log r] (k3) and mean entropy,
     over the valid tokens; lo, hi: the lower and upper ratio bounds (floats or (B, T)).
 
@@ -382,7 +302,7 @@ def _ppo_metrics(adv, mf, count, ratio, lo, hi, entropy=None):
 class _PPOTerms(NamedTuple):
     """The common start of the PPO-clip losses (_ppo_terms)."""
     valid: torch.Tensor          # (B, T) bool, as _Batch
-    mf: torch.Tensor             # (B, T) float mask
+    mask: torch.Tensor           # (B, T) float mask
     count: torch.Tensor          # 0-d: valid tokens, at least 1
     adv: torch.Tensor            # (B, 1) or (B, T) advantages
     per_token: torch.Tensor      # (B, T) clipped surrogate loss, ppo_clip_loss
@@ -402,7 +322,7 @@ def _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
     logp, old_logp, *rest = b.tensors
     per_token, ratio = ppo_clip_loss(logp, old_logp, b.adv, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip)
-    return _PPOTerms(b.valid, b.mf, b.count, b.adv, per_token, ratio, logp, rest)
+    return _PPOTerms(b.valid, b.mask, b.count, b.adv, per_token, ratio, logp, rest)
 
 
 def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
@@ -416,29 +336,34 @@ def grpo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, 
     `entropy` (B, T), if given, only feeds the "entropy" metric.
     Metrics: clip_frac_low, clip_frac_high, approx_kl (to pi_old), ratio_mean, pg_loss, [kl], [entropy].
     """
-    mask, mf, count, adv, per_token, ratio, logp, (entropy, ref_logp) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy, ref_logp=ref_logp)
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+                   ref_logp=ref_logp)
+    entropy, ref_logp = t.rest
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    pg = agg_loss(per_token, mask, agg, **agg_kw)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    pg = agg_loss(t.per_token, t.valid, agg, **agg_kw)                               # eq. 3
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics["pg_loss"] = pg.detach()
     loss = pg
     if kl_coef:
         if ref_logp is None:
-            raise ValueError(f"kl_coef={kl_coef} needs ref_logp (B, T) from a frozen reference model")
-        kl = agg_loss(kl_penalty(logp, ref_logp, kl_kind), mask, agg, **agg_kw)
+            raise KnobError("kl_coef", f"kl_coef={kl_coef} needs ref_logp (B, T) from a frozen reference model")
+        kl = agg_loss(kl_penalty(t.logp, ref_logp, kl_kind), t.valid, agg, **agg_kw)   # eq. 4
         loss = loss + kl_coef * kl
         metrics["kl"] = kl.detach()
     return loss, _to_floats(metrics)
 
 
-def dapo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.28, agg="token-mean", **kw):
+def dapo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.28, agg="token-mean",
+              dual_clip=None, ref_logp=None, kl_coef=0.0, kl_kind="k3", entropy=None, num_tokens=None,
+              num_seqs=None, norm_length=None):
     """DAPO (arXiv 2503.14476 eq. 8): GRPO with clip-higher (0.2 / 0.28, eq. 10), token-mean (eq. 12), no KL.
 
     Dynamic sampling (eq. 11) acts on the data and lives in the trainer; the soft overlong penalty (eq. 13)
     is overlong_penalty below, added to the reward.
     """
-    return grpo_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, agg=agg, **kw)
+    return grpo_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high, agg=agg,
+                     dual_clip=dual_clip, ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy=entropy,
+                     num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
 
 
 def overlong_penalty(lengths, max_len, cache):
@@ -460,13 +385,17 @@ def default_overlong_cache(max_new_tokens):
     return max(1, round(max_new_tokens * 4096 / 20480))
 
 
-def drgrpo_loss(logp, old_logp, advantages, mask, *, agg="seq-mean-token-sum-norm", **kw):
+def drgrpo_loss(logp, old_logp, advantages, mask, *, agg="seq-mean-token-sum-norm", clip_low=0.2,
+                clip_high=0.2, dual_clip=None, ref_logp=None, kl_coef=0.0, kl_kind="k3", entropy=None,
+                num_tokens=None, num_seqs=None, norm_length=None):
     """Dr. GRPO (arXiv 2503.20783 sec. 3.2): token sums divided by a constant (num_seqs * norm_length).
 
     Pair it with group_advantages(..., std_normalize=False). Set norm_length to the generation budget
     (max new tokens) so that the normaliser does not depend on the batch.
     """
-    return grpo_loss(logp, old_logp, advantages, mask, agg=agg, **kw)
+    return grpo_loss(logp, old_logp, advantages, mask, agg=agg, clip_low=clip_low, clip_high=clip_high,
+                     dual_clip=dual_clip, ref_logp=ref_logp, kl_coef=kl_coef, kl_kind=kl_kind, entropy=entropy,
+                     num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
 
 
 # ------------------------------------------------------------------ first-order entropy change per token
@@ -486,7 +415,7 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
                 is r A g; = entropy_math.dh_sampled_logit / (eta w pi_a))
     The paper and code scores omit the factor pi_a, so they weigh unlikely tokens more than their
     realised entropy change does; "exact" is in the units of the realised change.
-    pi_a = exp(logp) clamped to [1e-8, 1 - 1e-8]; H and S2 from token_entropy. Non-finite entries -> 0.
+    pi_a = exp(logp) clamped to [1e-8, 1 - 1e-8]; H and S2 from logprobs.token_stats. Non-finite -> 0.
     """
     logp = logp.detach().to(_acc_dtype(logp.dtype)).clamp(math.log(1e-8), math.log1p(-1e-8))
     pi = torch.exp(logp)                                          # in [1e-8, 1 - 1e-8]
@@ -497,10 +426,11 @@ def first_order_term(logp, entropy, exact_term=None, form="paper"):
         g = (1 - pi) * surprise
     elif form == "exact":
         if exact_term is None:
-            raise ValueError("form='exact' needs exact_term (B, T): token_entropy(logits, exact_term=True)[1]")
+            raise KnobError("form", "form='exact' needs exact_term (B, T): logprobs.token_stats(logits, "
+                                    "tokens)[2]")
         g = pi * surprise - exact_term.to(logp.dtype)
     else:
-        raise ValueError(f"unknown first-order form {form!r}; choose one of {FIRST_ORDER_FORMS}")
+        raise KnobError("form", f"unknown first-order form {form!r}; choose one of {FIRST_ORDER_FORMS}")
     return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -512,7 +442,7 @@ def _steer_omega(logp, adv, entropy, exact_term, form, ratio=None):
     behaviour policy that batch_statistics sees).
     """
     weight = -adv if ratio is None else ratio.detach() * -adv
-    return weight * first_order_term(logp, entropy, exact_term, form)     # STEER's Omega (method; eq. no. unverified)
+    return weight * first_order_term(logp, entropy, exact_term, form)     # Omega = -r A g
 
 
 def _steer_magnitude(omega, valid, mode):
@@ -522,7 +452,7 @@ def _steer_magnitude(omega, valid, mode):
         return torch.where(valid, omega.abs(), 0.0)
     if mode == "asymmetric":
         return torch.where(valid, (-omega).clamp(min=0), 0.0)
-    raise ValueError(f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
+    raise KnobError("mode", f"unknown STEER mode {mode!r}; choose symmetric or asymmetric")
 
 
 def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp", mode="symmetric",
@@ -544,52 +474,52 @@ def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp",
     _check_knob("lambda_min", lambda_min, 0 < lambda_min <= 1, "in (0, 1]")
     _check_knob("lambda_max", lambda_max, lambda_max >= lambda_min, f">= lambda_min={lambda_min}")
     valid = mask.bool()
-    mf = valid.to(omega.dtype)
     m = _steer_magnitude(omega.detach(), valid, mode)
-    big = _max0(m) if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
+    M = _max0(m) if omega_max is None else torch.as_tensor(omega_max, device=m.device, dtype=m.dtype)
     if mapping == "exp":
-        scale = math.log(lambda_min) / big.clamp(min=scale_floor)
-        lam = torch.exp(m * scale).clamp(min=lambda_min)   # lambda_min ** (m / M): STEER's lambda (eq. no. unverified)
+        # lambda = lambda_min ** (m / M), evaluated as exp(m (log lambda_min / M)): the form the tables were
+        # computed in (torch's pow rounds 1 ulp apart on some tokens)
+        lam = torch.exp(m * (math.log(lambda_min) / M.clamp(min=scale_floor))).clamp(min=lambda_min)
     elif mapping == "linear":
         small = torch.where(valid, m, math.inf).amin() if valid.any() else m.new_zeros(())
-        frac = ((m - small) / (big - small).clamp(min=1e-12)).clamp(0, 1)
-        frac = torch.where(big > small, frac, 0.5)                   # all equal: the midpoint (official code)
+        frac = ((m - small) / (M - small).clamp(min=1e-12)).clamp(0, 1)
+        frac = torch.where(M > small, frac, 0.5)                     # all equal: the midpoint (official code)
         lam = lambda_max - (lambda_max - lambda_min) * frac
     else:
-        raise ValueError(f"unknown STEER mapping {mapping!r}; choose exp or linear")
+        raise KnobError("mapping", f"unknown STEER mapping {mapping!r}; choose exp or linear")
     if mode == "asymmetric":
         lam = torch.where(omega < 0, lam, 1.0)
-    return lam * mf
+    return lam * valid.to(omega.dtype)
 
 
 def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, lambda_min=0.7,
-               lambda_max=1.2, mapping="exp", mode="symmetric", omega="paper", omega_max=None,
+               lambda_max=1.2, mapping="exp", mode="symmetric", form="paper", omega_max=None,
                clip_low=0.2, clip_high=0.28, dual_clip=10.0, agg="token-mean", num_tokens=None,
                num_seqs=None, norm_length=None):
     """STEER (arXiv 2510.10150): PPO-clip loss reweighted token by token to keep entropy change moderate.
 
-    Omega_{i,t} = -r A g_{i,t}, with g = first_order_term(logp, entropy, exact_term, form=omega): the
+    Omega_{i,t} = -r A g_{i,t}, with g = first_order_term(logp, entropy, exact_term, form): the
     estimated entropy change of each token's update (eta and I_clip dropped, r = pi/pi_old as in the
     released code). lambda = steer_weights(Omega) in [lambda_min, 1], detached, multiplies the per-token
     PPO loss (clip 0.2 / 0.28, dual clip 10), then token-mean. No KL, no entropy bonus, no renormalisation.
     With lambda_min = 1 this is exactly grpo_loss with the same clip settings.
-    entropy, exact_term (B, T): the behaviour policy's H and S2 (token_entropy); pi_a is the current one.
+    entropy, exact_term (B, T): the behaviour policy's H and S2; pi_a is the current one.
     Metrics: grpo_loss's plus weight_mean / weight_p05 (5th percentile) / weight_min / weight_max / omega_max.
     """
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, per_token, ratio, logp, (entropy, exact_term) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
-        exact_term=exact_term)
-    omega_est = _steer_omega(logp, adv, entropy, exact_term, omega, ratio)
-    lam = steer_weights(omega_est, mf, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+                   exact_term=exact_term)
+    entropy, exact_term = t.rest
+    omega = _steer_omega(t.logp, t.adv, entropy, exact_term, form, t.ratio)
+    lam = steer_weights(omega, t.mask, lambda_min=lambda_min, lambda_max=lambda_max, mapping=mapping,
                         mode=mode, omega_max=omega_max)
-    loss = agg_loss(lam * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+    loss = agg_loss(lam * t.per_token, t.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    metrics.update(pg_loss=loss.detach(), weight_mean=lam.sum() / count,
-                   weight_p05=lam[mask].quantile(0.05) if mask.any() else lam.new_tensor(1.0),
-                   weight_min=_masked_min(lam, mf),
-                   weight_max=_max0(lam), omega_max=_max0(omega_est.abs() * mf))
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), weight_mean=lam.sum() / t.count,
+                   weight_p05=lam[t.valid].quantile(0.05) if t.valid.any() else lam.new_tensor(1.0),
+                   weight_min=_masked_min(lam, t.mask),
+                   weight_max=_max0(lam), omega_max=_max0(omega.abs() * t.mask))
     return loss, _to_floats(metrics)
 
 
@@ -607,33 +537,35 @@ def quadrant_loss(logp, old_logp, advantages, mask, entropy, *, pos_likely=1.0, 
     for name, value in scales.items():
         _check_knob(name, value, value >= 0, ">= 0")
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, per_token, ratio, logp, (old, entropy) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, old=old_logp, entropy=entropy)
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, old=old_logp,
+                   entropy=entropy)
+    old, entropy = t.rest
     likely = old + entropy > 0                                          # pi_old(a) > exp(-H)
-    weight = torch.where(adv > 0, torch.where(likely, pos_likely, pos_unlikely),
-                         torch.where(likely, neg_likely, neg_unlikely)).to(per_token.dtype)
-    loss = agg_loss(weight * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+    weight = torch.where(t.adv > 0, torch.where(likely, pos_likely, pos_unlikely),
+                         torch.where(likely, neg_likely, neg_unlikely)).to(t.per_token.dtype)
+    loss = agg_loss(weight * t.per_token, t.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics["pg_loss"] = loss.detach()
     return loss, _to_floats(metrics)
 
 
-def steer_statistics(*, mask, advantages, old_logp, entropy, exact_term, omega, mode, **_):
+def steer_statistics(*, mask, advantages, old_logp, entropy, exact_term, form, mode, **_):
     """STEER's whole-batch statistic for micro-batches: {"omega_max": M}, the max of the score m over the
     batch's valid tokens (a float), with Omega at r = 1 from the behaviour policy's old_logp (pi = pi_old).
 
-    Called by batch_statistics with the batch tensors and steer_loss's knobs (omega, mode; the other
+    Called by batch_statistics with the batch tensors and steer_loss's knobs (form, mode; the other
     tensors and knobs are not read); steer_loss(omega_max=M) then scales every micro-batch by the same M.
     """
     _check_tensors(advantages=advantages, old_logp=old_logp, entropy=entropy)
-    valid, _, _, adv, (lp, h, s2) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
-                                           exact_term=exact_term)
-    return {"omega_max": float(_max0(_steer_magnitude(_steer_omega(lp, adv, h, s2, omega), valid, mode)))}
+    b = _batch(mask, advantages, old_logp=old_logp, entropy=entropy, exact_term=exact_term)
+    old_logp, entropy, exact_term = b.tensors
+    omega = _steer_omega(old_logp, b.adv, entropy, exact_term, form)                  # at r = 1
+    return {"omega_max": float(_max0(_steer_magnitude(omega, b.valid, mode)))}
 
 
 # ----------------------------------------------------------------------------------------------- OPEFO
-def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper"):
+def entropy_flow(logp, advantages, mask, entropy, exact_term=None, form="paper"):
     """OPEFO's entropy flow f_{i,t} (B, T), no gradient: each token's first-order entropy contribution.
 
     paper: f = -A (1 - pi)^2 (log pi + H);  exact: f = -A [pi (log pi + H) - S2]  (see first_order_term).
@@ -643,12 +575,12 @@ def entropy_flow(logp, advantages, mask, entropy, exact_term=None, flow="paper")
     _check_tensor("entropy", entropy)
     b = _batch(mask, advantages, logp=logp, entropy=entropy, exact_term=exact_term)
     logp, entropy, exact_term = b.tensors
-    return _flow(logp, b.adv, b.mf, entropy, exact_term, flow)
+    return _flow(logp, b.adv, b.mask, entropy, exact_term, form)
 
 
-def _flow(logp, adv, mf, entropy, exact_term, flow):
-    """entropy_flow on cleaned inputs (_batch), mf the float mask."""
-    return (-adv * first_order_term(logp, entropy, exact_term, flow)) * mf    # OPEFO's f (method; eq. no. unverified)
+def _flow(logp, adv, mask, entropy, exact_term, form):
+    """entropy_flow on cleaned inputs (_batch), mask the float mask."""
+    return (-adv * first_order_term(logp, entropy, exact_term, form)) * mask    # f = -A g
 
 
 def opefo_balance(f):
@@ -664,11 +596,11 @@ def opefo_balance(f):
 
 def _lambda_star(pos, neg):
     """lambda* = (N - P) / (N + P), 0 when both are 0."""
-    total = pos + neg                                       # OPEFO's lambda* (method; equation number unverified)
+    total = pos + neg                                       # lambda* = (N - P) / (N + P)
     return torch.where(total > 0, (neg - pos) / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
 
 
-def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper", flow_totals=None,
+def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, form="paper", flow_totals=None,
                agg="token-mean", num_tokens=None, num_seqs=None, norm_length=None):
     """OPEFO (arXiv 2605.11491): on-policy policy gradient with the entropy flow balanced to zero.
 
@@ -682,31 +614,31 @@ def opefo_loss(logp, advantages, mask, entropy, *, exact_term=None, flow="paper"
     """
     _check_tensor("logp", logp)
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, (logp, entropy, exact_term) = _batch(mask, advantages, logp=logp, entropy=entropy,
-                                                               exact_term=exact_term)
-    f = _flow(logp, adv, mf, entropy, exact_term, flow)
+    b = _batch(mask, advantages, logp=logp, entropy=entropy, exact_term=exact_term)
+    logp, entropy, exact_term = b.tensors
+    f = _flow(logp, b.adv, b.mask, entropy, exact_term, form)
     if flow_totals is None:
         lam, pos, neg = opefo_balance(f)
     else:
         pos, neg = (torch.as_tensor(v, dtype=f.dtype, device=f.device) for v in flow_totals)
         lam = _lambda_star(pos, neg)
     w = 1.0 + lam * torch.sign(f)                                   # 1 + lambda* on S+, 1 - lambda* on S-
-    loss = agg_loss(-(w * adv) * logp, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+    loss = agg_loss(-(w * b.adv) * logp, b.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
     metrics = {"pg_loss": loss.detach(), "lambda_star": lam, "flow_pos": pos, "flow_neg": neg,
-               "frac_pos": (f > 0).sum() / count, "weighted_flow": (w * f).sum(),
-               "entropy": _masked_mean(entropy, mf, count)}
+               "frac_pos": (f > 0).sum() / b.count, "weighted_flow": (w * f).sum(),
+               "entropy": _masked_mean(entropy, b.mask, b.count)}
     return loss, _to_floats(metrics)
 
 
-def opefo_statistics(*, mask, advantages, old_logp, entropy, exact_term, flow, **_):
+def opefo_statistics(*, mask, advantages, old_logp, entropy, exact_term, form, **_):
     """OPEFO's whole-batch statistic for micro-batches: {"flow_totals": (P, N)} as floats, the entropy flow
     totals (opefo_balance) of the whole batch, from the behaviour policy's old_logp (pi = pi_old).
 
-    Called by batch_statistics with the batch tensors and opefo_loss's knobs (flow; the others are not read).
+    Called by batch_statistics with the batch tensors and opefo_loss's knobs (form; the others are not read).
     """
     _check_tensors(advantages=advantages, old_logp=old_logp, entropy=entropy)
-    _, pos, neg = opefo_balance(entropy_flow(old_logp, advantages, mask, entropy, exact_term, flow))
+    _, pos, neg = opefo_balance(entropy_flow(old_logp, advantages, mask, entropy, exact_term, form))
     return {"flow_totals": (float(pos), float(neg))}
 
 
@@ -742,18 +674,9 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     eps(e)  = omega clip_reasoning + (1 - omega) clip_knowledge   (0.5 / 0.2, both sides)   (eq. 3)
     beta(e) = omega kl_reasoning   + (1 - omega) kl_knowledge     (0 / 0.001)               (eq. 4)
     loss = agg( PPO-clip with range eps(e) and dual clip 10  +  beta(e) KL_k3(pi || pi_ref) )   (eq. 5)
-    The KL sits inside the same token aggregation as the policy term, as in eq. 5, so micro-batching with
-    num_tokens stays exact. (The official code instead averages the KL over the knowledge tokens only, an
-    effective coefficient about 1 / rho_k = 1.25 times larger, and marks reasoning tokens with a strict >.)
-    Two more differences from the official code, both chosen here:
-    - the reasoning/knowledge split comes from the `entropy` argument, the behaviour policy's entropy
-      (fixed for the whole rollout batch); the official code takes it from the current policy's entropy,
-      recomputed at every micro-batch of each of its 3 PPO epochs, so the split drifts as pi moves;
-    - token-mean by default; the official code runs one response per micro-batch, so its token mean is
-      per response, seq-mean-token-mean in effect (agg="seq-mean-token-mean" reproduces that).
-    entropy (B, T): the behaviour policy's token entropy; ref_logp (B, T): the frozen base model's.
-    quantile in [0, 1]; clip_reasoning, clip_knowledge in [0, 1); dual_clip > 1 or None. The per-token
-    clip range and KL coefficient are built in the inputs' precision (float64 stays float64).
+    The KL sits inside the token aggregation, as eq. 5 writes it (micro-batching stays exact); the token
+    types come from the behaviour policy's `entropy`. Where the official code differs: docs/losses.md.
+    quantile in [0, 1]; clip_reasoning, clip_knowledge in [0, 1); dual_clip > 1 or None.
     Metrics: grpo_loss's plus reasoning_frac and kl_knowledge / kl_reasoning (unweighted KL means per type).
     """
     _check_knob("quantile", quantile, 0 <= quantile <= 1, "in [0, 1]")
@@ -761,42 +684,44 @@ def archer_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, qua
     _check_knob("clip_knowledge", clip_knowledge, 0 <= clip_knowledge < 1, "in [0, 1)")
     _check_dual_clip(dual_clip)
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, (logp, old_logp, entropy, ref_logp) = _batch(
-        mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
-    rf = _reasoning_tokens(entropy, mask, mf, quantile)                             # omega, eq. 2
-    eps = clip_knowledge + (clip_reasoning - clip_knowledge) * rf                   # eq. 3
-    per_token, ratio = ppo_clip_loss(logp, old_logp, adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
+    logp, old_logp, entropy, ref_logp = b.tensors
+    reasoning = _reasoning_tokens(entropy, b.valid, b.mask, quantile)               # omega, eq. 2
+    eps = clip_knowledge + (clip_reasoning - clip_knowledge) * reasoning            # eq. 3
+    per_token, ratio = ppo_clip_loss(logp, old_logp, b.adv, clip_low=eps, clip_high=eps, dual_clip=dual_clip)
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - eps, 1 + eps, entropy)
-    metrics["reasoning_frac"] = rf.sum() / count
-    metrics["pg_loss"] = agg_loss(per_token.detach(), mask, agg, **agg_kw)
-    per_token = _token_type_kl(per_token, logp, ref_logp, rf, mf, kl_knowledge, kl_reasoning, kl_kind,
-                               metrics, "Archer")
-    loss = agg_loss(per_token, mask, agg, **agg_kw)                                  # eq. 5
+    metrics = _ppo_metrics(b.adv, b.count, ratio, 1 - eps, 1 + eps, entropy)
+    metrics["reasoning_frac"] = reasoning.sum() / b.count
+    metrics["pg_loss"] = agg_loss(per_token.detach(), b.valid, agg, **agg_kw)
+    per_token = _token_type_kl(per_token, logp, ref_logp, reasoning, b.mask, kl_knowledge, kl_reasoning,
+                               kl_kind, metrics, "Archer")
+    loss = agg_loss(per_token, b.valid, agg, **agg_kw)                               # eq. 5
     return loss, _to_floats(metrics)
 
 
-def _reasoning_tokens(entropy, mask, mf, quantile):
-    """Archer's token types on cleaned inputs (_batch): omega (B, T) in mf's dtype, 1 on the reasoning tokens
-    H_{i,t} >= tau_i = Quantile_rho of row i's valid entropies (Archer eq. 2), 0 on knowledge tokens and padding."""
-    tau = response_quantile(entropy, mask, quantile)                                 # (B,)  eq. 2
-    return (entropy >= tau[:, None].to(entropy.dtype)).to(mf.dtype) * mf
+def _reasoning_tokens(entropy, valid, mask, quantile):
+    """Archer's token types on cleaned inputs (_batch): omega (B, T) in the float mask's dtype, 1 on the
+    reasoning tokens H_{i,t} >= tau_i = Quantile_rho of row i's valid entropies (Archer eq. 2), 0 on
+    knowledge tokens and padding."""
+    tau = response_quantile(entropy, valid, quantile)                                # (B,)  eq. 2
+    return (entropy >= tau[:, None].to(entropy.dtype)).to(mask.dtype) * mask
 
 
-def _token_type_kl(per_token, logp, ref_logp, rf, mf, kl_knowledge, kl_reasoning, kl_kind, metrics, who):
+def _token_type_kl(per_token, logp, ref_logp, reasoning, mask, kl_knowledge, kl_reasoning, kl_kind, metrics,
+                   who):
     """per_token + beta(e) KL_kind(pi || pi_ref) with beta(e) = omega kl_reasoning + (1 - omega) kl_knowledge
     (Archer eq. 4), inside the same token aggregation (eq. 5); adds the metrics kl_knowledge / kl_reasoning
     (unweighted KL means per token type). Both coefficients 0: per_token unchanged, ref_logp not read."""
     if not (kl_knowledge or kl_reasoning):
         return per_token
     if ref_logp is None:
-        raise ValueError(f"{who}'s KL terms need ref_logp (B, T) from the frozen base model "
-                         "(or set kl_knowledge=0 and kl_reasoning=0)")
+        raise KnobError("kl_knowledge", f"{who}'s KL terms need ref_logp (B, T) from the frozen base model "
+                                        "(or set kl_knowledge=0 and kl_reasoning=0)")
     kl = kl_penalty(logp, ref_logp, kl_kind)
-    beta = kl_knowledge + (kl_reasoning - kl_knowledge) * rf                        # eq. 4
-    kf = mf - rf                                                                     # knowledge tokens
-    metrics.update(kl_knowledge=_masked_mean(kl.detach(), kf, kf.sum().clamp(min=1)),
-                   kl_reasoning=_masked_mean(kl.detach(), rf, rf.sum().clamp(min=1)))
+    beta = kl_knowledge + (kl_reasoning - kl_knowledge) * reasoning                 # eq. 4
+    knowledge = mask - reasoning
+    metrics.update(kl_knowledge=_masked_mean(kl.detach(), knowledge, knowledge.sum().clamp(min=1)),
+                   kl_reasoning=_masked_mean(kl.detach(), reasoning, reasoning.sum().clamp(min=1)))
     return per_token + beta * kl
 
 
@@ -811,65 +736,23 @@ def _with_gradient(value, weight, logp):
 def aspo_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, quantile=0.8, clip_reasoning=0.4,
               clip_knowledge=0.2, dual_clip=3.0, kl_knowledge=0.001, kl_reasoning=0.0, kl_kind="k3",
               agg="token-mean", num_tokens=None, num_seqs=None, norm_length=None):
-    """ASPO (arXiv 2510.06062, "When Importance Sampling Misallocates Credit"; Archer's successor by the same
-    group, public code wizard-III/Archer2.0): Archer's dual-token split, the importance ratio of positive-
-    advantage tokens flipped, and a soft dual clip on both sides.
+    """ASPO (arXiv 2510.06062; Archer's successor, public code wizard-III/Archer2.0): Archer's token split,
+    the importance ratio of positive-advantage tokens flipped, a soft dual clip c on both sides.
 
-    tau_i = Quantile_rho({H_{i,t}}_t) over each response's valid tokens, rho = 0.8       (Archer eq. 2)
-    omega = 1[H_{i,t} >= tau_i]: reasoning tokens; the rest are knowledge tokens.
-    eps   = omega clip_reasoning + (1 - omega) clip_knowledge    (0.4 / 0.2, both sides, the public code)
-    r = pi / pi_old (log-ratio clamped to +-20, no gradient through it), c = dual_clip = 3, and each token's
-    importance weight w (no gradient): the flipped clipped ratio for A > 0, PPO's clipped ratio for A < 0,
-    both capped at c (the soft dual clip):
-        A > 0:  w = min(1 / min(r, 1 + eps), c)          A <= 0:  w = min(max(r, 1 - eps), c)
-    Per token, the value -A w and the gradient -A w grad log pi where PPO's clip leaves the token open, 0
-    where it clips (A > 0, r > 1 + eps; A < 0, r < 1 - eps: GRPO's hard clip mask kept):
+    omega, eps as Archer (eq. 2-3; eps 0.4 / 0.2 as the public code), r = pi / pi_old (no gradient through
+    it), per-token weight w = min(1 / min(r, 1 + eps), c) for A > 0, min(max(r, 1 - eps), c) for A <= 0:
         A > 0, 1/c <= r <= 1 + eps:  value -A / r          gradient -(A / r) grad log pi   (flipped IS)
         A > 0, r < 1/c:              value -A c            gradient -A c grad log pi       (soft dual clip)
         A > 0, r > 1 + eps:          value -A / (1 + eps)  gradient 0                      (PPO clip)
         A < 0, 1 - eps <= r <= c:    value -A r            gradient -A r grad log pi       (PPO)
         A < 0, r > c:                value -A c            gradient -A c grad log pi       (soft dual clip)
         A < 0, r < 1 - eps:          value -A (1 - eps)    gradient 0                      (PPO clip)
-        A = 0:                       value 0               gradient 0
-    (objective = -loss: an A > 0 token's update is A / r times grad log pi, larger for tokens the update has
-    made less likely: the flip.) At r = 1 (the first update) the gradient is GRPO's, -A grad log pi.
-    loss = agg( that  +  beta(e) KL_k3(pi || pi_ref) ),  beta(e) = omega kl_reasoning + (1 - omega) kl_knowledge
-    (0 / 0.001), inside the same token aggregation as in Archer eq. 5 (micro-batching with num_tokens exact).
-    verl's own dual clip (grpo_loss's dual_clip) caps the value of A < 0 tokens and zeroes their gradient;
-    ASPO's soft one keeps a gradient of c |A| on both sides. dual_clip=None: no cap (w = 1/r or r).
-
-    Defaults: the public code, which trained the released Archer2.0 checkpoint: eps 0.4 on reasoning and 0.2
-    on knowledge tokens (its actor passes these literals, and c = 3 on both sides, whatever the script's clip
-    flags say), KL k3 0.001 on knowledge tokens (as Archer), token-mean, rho 0.8. clip_reasoning=0.4 is the
-    default because it is what the released code runs and what makes ASPO Archer's successor. The paper's
-    appendix states eps = 0.2 for all tokens (not re-checked against the arXiv text here): clip_reasoning=0.2
-    gives it (the split then only places the KL; add kl_knowledge=0 for ASPO without any token types).
-    Differences from the authors' code (compute_policy_loss_archer and its caller in verl/workers/actor/
-    dp_actor.py), each chosen here:
-    - the token types come from `entropy`, the behaviour policy's (fixed for the rollout batch), with
-      H >= tau for reasoning tokens; the code recomputes them from the current policy's entropy at every
-      micro-batch of each of its 3 PPO epochs and marks reasoning tokens with a strict H > tau (as Archer);
-    - a soft-dual-clipped token's value here is the capped -A c (continuous with its neighbours); the code's
-      is -A c log pi, the same gradient with a value that moves with log pi (only pg_loss differs);
-    - the KL sits inside the token aggregation (Archer eq. 5); the code averages it over the knowledge tokens
-      only (an effective coefficient about 1 / rho_k = 1.25 times larger) in the branch it takes when the
-      actor config's use_token_entropy_separate is true. Neither the released script nor the default config
-      sets that key (the script sets only high_entropy_kl_loss_scale_coef = 0), and the code reads it as an
-      attribute: read as false, the code's KL is 0.001 on every token (kl_reasoning=0.001 here);
-    - token-mean over num_tokens by default; the code's policy loss is a token mean per micro-batch of one
-      response (the script's micro batch size 1): seq-mean-token-mean in effect (agg="seq-mean-token-mean");
-    - the clip ranges, c and rho are knobs here; the code hard-codes 0.2 / 0.4 and c = 3 in the actor call;
-    - padding holding NaN or inf contributes exactly 0 (the code multiplies by the mask).
-    Given the same token types, every token's gradient is the code's to float precision, past the +-20 clamp
-    too (tests/test_clip_successors.py compares against the authors' function when it is available).
-    The recipe also drops groups whose rewards are all 0 or all 1 (trainer.rejection_sample, no refill):
-    LOSSES["aspo"].data_defaults. Its DAPO overlong buffer of 16 tokens (of 32k) is not set here.
-    entropy (B, T): the behaviour policy's token entropy; ref_logp (B, T): the frozen base model's.
-    quantile in [0, 1]; clip_reasoning, clip_knowledge in [0, 1); dual_clip > 1 or None; kl_knowledge,
-    kl_reasoning >= 0. The per-token clip range, weights and KL coefficient keep the inputs' precision.
-    Metrics: grpo_loss's (clip_frac_low / clip_frac_high: the PPO-clipped shares, A < 0 below 1 - eps and
-    A > 0 above 1 + eps), pg_loss, reasoning_frac, dual_clip_frac_pos / dual_clip_frac_neg (shares of valid
-    tokens where the soft dual clip binds: A > 0 with r < 1/c, A < 0 with r > c), [kl_knowledge, kl_reasoning].
+    loss = agg( that + beta(e) KL_k3(pi || pi_ref) ) with Archer's beta(e) (0 / 0.001). At r = 1 the
+    gradient is GRPO's. clip_reasoning=0.2 gives the paper's eps 0.2 for all tokens; dual_clip=None no cap.
+    The recipe drops all-equal groups (LOSSES["aspo"].data_defaults). Where the public code differs (token
+    types, KL normaliser, clipped values): docs/losses.md; gradients agree to float precision.
+    quantile in [0, 1]; clip_reasoning, clip_knowledge in [0, 1); dual_clip > 1 or None; KLs >= 0.
+    Metrics: grpo_loss's, pg_loss, reasoning_frac, dual_clip_frac_pos / _neg, [kl_knowledge, kl_reasoning].
     """
     _check_knob("quantile", quantile, 0 <= quantile <= 1, "in [0, 1]")
     _check_knob("clip_reasoning", clip_reasoning, 0 <= clip_reasoning < 1, "in [0, 1)")
@@ -878,124 +761,113 @@ def aspo_loss(logp, old_logp, advantages, mask, entropy, ref_logp=None, *, quant
     _check_knob("kl_reasoning", kl_reasoning, kl_reasoning >= 0, ">= 0")
     _check_dual_clip(dual_clip)
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, (logp, old_logp, entropy, ref_logp) = _batch(
-        mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
-    rf = _reasoning_tokens(entropy, mask, mf, quantile)                             # omega (Archer eq. 2)
-    eps = clip_knowledge + (clip_reasoning - clip_knowledge) * rf                   # per token type
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy, ref_logp=ref_logp)
+    logp, old_logp, entropy, ref_logp = b.tensors
+    adv = b.adv
+    reasoning = _reasoning_tokens(entropy, b.valid, b.mask, quantile)               # omega (Archer eq. 2)
+    eps = clip_knowledge + (clip_reasoning - clip_knowledge) * reasoning            # per token type
     ratio = torch.exp((logp.detach() - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     cap = math.inf if dual_clip is None else dual_clip
     pos = adv > 0
     w = torch.where(pos, 1.0 / torch.minimum(ratio, 1.0 + eps), torch.maximum(ratio, 1.0 - eps))  # flipped / PPO
     w = w.clamp(max=cap)                                                             # soft dual clip at c
-    open_ = torch.where(pos, ratio <= 1.0 + eps, ratio >= 1.0 - eps)                # PPO's clip mask kept
-    per_token = _with_gradient(-adv * w, -adv * w * open_, logp)                     # value -A w, grad -A w 1[open]
+    unclipped = torch.where(pos, ratio <= 1.0 + eps, ratio >= 1.0 - eps)            # PPO's clip mask kept
+    per_token = _with_gradient(-adv * w, -adv * w * unclipped, logp)                 # value -A w, grad -A w
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - eps, 1 + eps, entropy)
-    metrics.update(pg_loss=agg_loss(per_token.detach(), mask, agg, **agg_kw), reasoning_frac=rf.sum() / count,
-                   dual_clip_frac_pos=(pos & (ratio * cap < 1.0)).sum() / count,
-                   dual_clip_frac_neg=((adv < 0) & (ratio > cap)).sum() / count)
-    per_token = _token_type_kl(per_token, logp, ref_logp, rf, mf, kl_knowledge, kl_reasoning, kl_kind,
-                               metrics, "ASPO")
-    return agg_loss(per_token, mask, agg, **agg_kw), _to_floats(metrics)
+    metrics = _ppo_metrics(adv, b.count, ratio, 1 - eps, 1 + eps, entropy)
+    metrics.update(pg_loss=agg_loss(per_token.detach(), b.valid, agg, **agg_kw),
+                   reasoning_frac=reasoning.sum() / b.count,
+                   dual_clip_frac_pos=(pos & (ratio * cap < 1.0)).sum() / b.count,
+                   dual_clip_frac_neg=((adv < 0) & (ratio > cap)).sum() / b.count)
+    per_token = _token_type_kl(per_token, logp, ref_logp, reasoning, b.mask, kl_knowledge, kl_reasoning,
+                               kl_kind, metrics, "ASPO")
+    return agg_loss(per_token, b.valid, agg, **agg_kw), _to_floats(metrics)
 
 
 def ce_gppo_loss(logp, old_logp, advantages, mask, *, beta_low=0.5, beta_high=1.0, clip_low=0.2, clip_high=0.2,
                  dual_clip=10.0, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
                  norm_length=None):
     """CE-GPPO (arXiv 2509.20712; public code Kwai-Klear/CE-GPPO, compute_gppo_loss_general_beta): the PPO-clip
-    loss whose clipped tokens keep a bounded gradient (gradient-preserving clipping), beta_1 = beta_low on the
-    lower clip, beta_2 = beta_high on the upper clip.
+    loss whose clipped tokens keep a bounded gradient, beta_1 = beta_low below, beta_2 = beta_high above.
 
     r = pi / pi_old (log-ratio clamped to +-20), eps_l = clip_low, eps_h = clip_high, c = dual_clip; per token:
         A < 0, r < 1 - eps_l:  value -A (1 - eps_l)   gradient -beta_1 (1 - eps_l) A grad log pi   (PPO: 0)
         A > 0, r > 1 + eps_h:  value -A (1 + eps_h)   gradient -beta_2 (1 + eps_h) A grad log pi   (PPO: 0)
         A < 0, r > c:          value -A c             gradient 0          (verl's hard dual clip, c = 10)
         otherwise:             value -A r             gradient -A r grad log pi
-    i.e. grpo_loss's per-token term (same value) plus -beta A (1 -+ eps) (log pi - sg(log pi)) on the two
-    clipped cases; then agg (token-mean). beta_1 = beta_2 = 0 is grpo_loss with the same clip and dual clip
-    to the last bit; beta_1 = beta_2 = 1 is GPPO (arXiv 2508.07629, Klear-Reasoner): LOSSES["gppo"].
-    (objective = -loss: the clipped tokens' update is beta (1 -+ eps) A grad log pi, the size of the
-    gradient at the clip boundary, scaled by beta.)
-    Defaults: the released 1.5B recipe (recipe/dapo/1_5B_perf_run_gppo_v1_beta1_05_beta2_1_ours_math.sh):
-    beta_1 0.5, beta_2 1, eps 0.2 / 0.2, dual clip 10, token-mean, no KL; its 7B recipe uses beta_1 = 0.75.
-    Differences from the authors' code, each chosen here:
-    - a clipped token's value is PPO's clipped value -A (1 -+ eps); the code's is beta times it (the same
-      gradient; only pg_loss differs, and beta = 0 here is exactly grpo_loss);
-    - the log-ratio is clamped to +-20 before exp (as grpo_loss and verl's compute_policy_loss do); the code
-      takes exp unclamped, and its r / sg(r) is NaN where r overflows. Beyond the clamp an unclipped token
-      (A > 0 with r < e^-20) gets no gradient here instead of a weight below 2e-9 |A|;
-    - padding holding NaN or inf contributes exactly 0 (the code multiplies by the mask).
-    The code's one-line compute_gppo_loss (the config's default loss_func "gppo", in both Klear repositories)
-    reads an undefined name `only_higher` (its parameter is only_high), so only loss_func="gppo_general"
-    (this function's) runs as committed; that bug is not ported. Not part of this loss: the recipes' extra
-    positive_loss_coeff = 0.1 times the token-mean NLL of the correct responses (a trainer-side term), and
-    their dynamic sampling (groups with equal accuracy dropped from a 2x oversampled batch, no refill:
-    LOSSES["ce_gppo"].data_defaults drops them; the oversampling is not reproduced).
+    then agg (token-mean). beta_1 = beta_2 = 0 is grpo_loss to the last bit; 1 and 1 is GPPO (gppo_loss).
+    Defaults: the released 1.5B recipe (beta_1 0.5, beta_2 1, eps 0.2 / 0.2, dual clip 10; 7B: beta_1 0.75).
+    The recipe drops all-equal groups (LOSSES["ce_gppo"].data_defaults). Where the public code differs (the
+    clipped tokens' value, the unclamped ratio): docs/losses.md.
     beta_low, beta_high >= 0; clip_low in [0, 1); clip_high >= 0; dual_clip > 1 or None.
-    `entropy` (B, T), if given, only feeds the "entropy" metric.
-    Metrics: grpo_loss's (clip_frac_low / clip_frac_high: the shares of valid tokens in the two clipped cases,
-    whose gradient is scaled by beta_1 / beta_2), pg_loss, dual_clip_frac (A < 0 with r > c).
+    Metrics: grpo_loss's (clip_frac_low / clip_frac_high: the shares of valid tokens in the two clipped cases),
+    pg_loss, dual_clip_frac (A < 0 with r > c).
     """
     _check_knob("beta_low", beta_low, beta_low >= 0, ">= 0")
     _check_knob("beta_high", beta_high, beta_high >= 0, ">= 0")
-    mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
-    r = ratio.detach()
-    low = ((adv < 0) & (r < 1 - clip_low)).to(mf.dtype)                            # PPO's lower clip
-    high = ((adv > 0) & (r > 1 + clip_high)).to(mf.dtype)                          # PPO's upper clip
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
+    (entropy,) = t.rest
+    adv, r = t.adv, t.ratio.detach()
+    low = ((adv < 0) & (r < 1 - clip_low)).to(t.mask.dtype)                        # PPO's lower clip
+    high = ((adv > 0) & (r > 1 + clip_high)).to(t.mask.dtype)                      # PPO's upper clip
     kept = beta_low * (1 - clip_low) * low + beta_high * (1 + clip_high) * high     # beta (1 -+ eps) there
-    per_token = per_token + _with_gradient(torch.zeros_like(per_token), -adv * kept, logp)   # value +0
-    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    per_token = t.per_token + _with_gradient(torch.zeros_like(t.per_token), -adv * kept, t.logp)   # value +0
+    loss = agg_loss(per_token, t.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
     cap = math.inf if dual_clip is None else dual_clip
-    metrics.update(pg_loss=loss.detach(), dual_clip_frac=((adv < 0) & (r > cap)).sum() / count)
+    metrics.update(pg_loss=loss.detach(), dual_clip_frac=((adv < 0) & (r > cap)).sum() / t.count)
     return loss, _to_floats(metrics)
 
 
-def gppo_loss(logp, old_logp, advantages, mask, *, beta_low=1.0, beta_high=1.0, clip_high=0.28, **kw):
+def gppo_loss(logp, old_logp, advantages, mask, *, beta_low=1.0, beta_high=1.0, clip_low=0.2, clip_high=0.28,
+              dual_clip=10.0, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None, norm_length=None):
     """GPPO (arXiv 2508.07629, Klear-Reasoner; public code Kwai-Klear/KlearReasoner): ce_gppo_loss with
     beta_1 = beta_2 = 1, "forward like clip-higher": the clipped tokens' gradient is the one at the clip
     boundary, (1 -+ eps) A grad log pi. Clip 0.2 / 0.28 and dual clip 10 as the released Klear-Reasoner
-    scripts (recipe/dapo/perf_run_dapo_ours_math.sh); every other knob is ce_gppo_loss's.
+    scripts (recipe/dapo/perf_run_dapo_ours_math.sh).
     """
     return ce_gppo_loss(logp, old_logp, advantages, mask, beta_low=beta_low, beta_high=beta_high,
-                        clip_high=clip_high, **kw)
+                        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg, entropy=entropy,
+                        num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
 
 
 # ------------------------------------------------------------ entropy interventions (STEER's baselines)
-def entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, *, alpha=0.001, clip_low=0.2,
+def entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, *, coef=0.001, clip_low=0.2,
                        clip_high=0.2, dual_clip=None, agg="token-mean", entropy=None, num_tokens=None,
                        num_seqs=None, norm_length=None):
-    """Entropy bonus: the PPO-clip loss minus alpha times the current policy's entropy, with its gradient.
+    """Entropy bonus: the PPO-clip loss minus coef times the current policy's entropy, with its gradient.
 
-    loss = agg(PPO-clip)  -  alpha * agg(H),   H = current_entropy (B, T) from token_logprobs_entropy (or
-    policy_entropy) on the current logits, WITH gradient: the bonus acts on every logit, not only through
-    log pi(a). Both terms use the same aggregation, as verl's entropy_coeff does. alpha = 0.001 (verl's
-    former default entropy_coeff); alpha >= 0. PPO settings default to grpo_loss's.
+    loss = agg(PPO-clip)  -  coef * agg(H),   H = current_entropy (B, T) from logprobs.token_logprobs_entropy
+    on the current logits, WITH gradient: the bonus acts on every logit, not only through log pi(a). Both
+    terms use the same aggregation, as verl's entropy_coeff does. coef = 0.001 (verl's former default
+    entropy_coeff); coef >= 0. PPO settings default to grpo_loss's.
     The bonus's gradient does not pass through logp, so w = -dLoss/dlogp (entropy_flow_quadrants) does not
     see it. `entropy` (B, T), if given, feeds the "entropy" metric (behaviour policy).
-    Metrics: grpo_loss's plus entropy_bonus (agg of H over this call, before alpha) and alpha.
+    Metrics: grpo_loss's plus entropy_bonus (agg of H over this call, before coef) and coef.
     """
-    _check_knob("alpha", alpha, alpha >= 0, ">= 0")
+    _check_knob("coef", coef, coef >= 0, ">= 0")
     _check_tensor("current_entropy", current_entropy)
-    mask, mf, count, adv, per_token, ratio, logp, (entropy, current_entropy) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
-        current_entropy=current_entropy)
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy,
+                   current_entropy=current_entropy)
+    entropy, current_entropy = t.rest
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    pg = agg_loss(per_token, mask, agg, **agg_kw)
-    bonus = agg_loss(current_entropy, mask, agg, **agg_kw)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    metrics.update(pg_loss=pg.detach(), entropy_bonus=bonus.detach(), alpha=bonus.new_tensor(alpha))
-    return pg - alpha * bonus, _to_floats(metrics)
+    pg = agg_loss(t.per_token, t.valid, agg, **agg_kw)
+    bonus = agg_loss(current_entropy, t.valid, agg, **agg_kw)
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=pg.detach(), entropy_bonus=bonus.detach(), coef=bonus.new_tensor(coef))
+    return pg - coef * bonus, _to_floats(metrics)
 
 
-def adaptive_entropy_loss(logp, old_logp, advantages, mask, current_entropy, *, alpha, **kw):
-    """Adaptive entropy control (Skywork-OR1, arXiv 2505.22312): entropy_bonus_loss with this step's alpha.
-
-    alpha (required): the coefficient entropy_control_step returned for this step; 0 while the entropy is
-    above the target. Every other knob is entropy_bonus_loss's.
+def adaptive_entropy_loss(logp, old_logp, advantages, mask, current_entropy, *, coef, clip_low=0.2,
+                          clip_high=0.2, dual_clip=None, agg="token-mean", entropy=None, num_tokens=None,
+                          num_seqs=None, norm_length=None):
+    """Adaptive entropy control (Skywork-OR1, arXiv 2505.22312): entropy_bonus_loss with this step's
+    coefficient alpha_k as coef (required): what entropy_control_step returned, 0 while the entropy is above
+    the target.
     """
-    return entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, alpha=alpha, **kw)
+    return entropy_bonus_loss(logp, old_logp, advantages, mask, current_entropy, coef=coef, clip_low=clip_low,
+                              clip_high=clip_high, dual_clip=dual_clip, agg=agg, entropy=entropy,
+                              num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
 
 
 def entropy_control_init(*, target=0.2, coef=0.005, delta=0.001, coef_min=0.0, coef_max=0.5):
@@ -1039,22 +911,22 @@ def token_covariance(logp, advantages, mask, cov_means=None):
     0 on masked positions.
     """
     b = _batch(mask, advantages, logp=logp)
-    return _covariance(b.tensors[0], b.adv, b.mf, b.count, cov_means)
+    return _covariance(b.tensors[0], b.adv, b.mask, b.count, cov_means)
 
 
-def _covariance(logp, adv, mf, count, cov_means):
-    """token_covariance on cleaned (B, T) tensors (masked positions 0), mf the float mask."""
+def _covariance(logp, adv, mask, count, cov_means):
+    """token_covariance on cleaned (B, T) tensors (masked positions 0), mask the float mask."""
     logp = logp.detach()
     if cov_means is None:
-        mean_lp, mean_adv = _cov_means(logp, adv, mf, count)
+        mean_lp, mean_adv = _cov_means(logp, adv, mask, count)
     else:
-        mean_lp, mean_adv = (torch.as_tensor(v, dtype=mf.dtype, device=mf.device) for v in cov_means)
-    return (logp - mean_lp) * (adv - mean_adv) * mf
+        mean_lp, mean_adv = (torch.as_tensor(v, dtype=mask.dtype, device=mask.device) for v in cov_means)
+    return (logp - mean_lp) * (adv - mean_adv) * mask             # Cov_t
 
 
-def _cov_means(logp, adv, mf, count):
-    """Token-weighted means (mean log pi, mean A) over the float mask mf of cleaned tensors: Cov's centring."""
-    return (logp * mf).sum() / count, (adv * mf).sum() / count
+def _cov_means(logp, adv, mask, count):
+    """Token-weighted means (mean log pi, mean A) over the float mask of cleaned tensors: Cov's centring."""
+    return (logp * mask).sum() / count, (adv * mask).sum() / count
 
 
 def clip_cov_select(logp, advantages, mask, *, old_logp=None, clip_cov_ratio=2e-4, cov_lb=1.0, cov_ub=5.0,
@@ -1068,14 +940,15 @@ def clip_cov_select(logp, advantages, mask, *, old_logp=None, clip_cov_ratio=2e-
     CPU (or on the tensors' device) for the random choice; seed it for reproducible runs.
     """
     _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub)
-    valid, mf, count, adv, (lp, old) = _batch(mask, advantages, logp=logp, old_logp=old_logp)
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp)
+    lp, old = b.tensors
     clipped = None
     if old is not None:
         ratio = torch.exp((lp.detach() - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
-        clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high) > -adv * ratio   # verl's clip_by_origin
-    n = int(valid.sum()) if num_tokens is None else int(_positive("num_tokens", num_tokens))
-    return _clip_cov_choice(_covariance(lp, adv, mf, count, cov_means), valid, clipped, n, clip_cov_ratio,
-                            cov_lb, cov_ub, generator)
+        clipped = -b.adv * ratio.clamp(1 - clip_low, 1 + clip_high) > -b.adv * ratio   # verl's clip_by_origin
+    n = int(b.valid.sum()) if num_tokens is None else int(_positive("num_tokens", num_tokens))
+    return _clip_cov_choice(_covariance(lp, b.adv, b.mask, b.count, cov_means), b.valid, clipped, n,
+                            clip_cov_ratio, cov_lb, cov_ub, generator)
 
 
 def _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub):
@@ -1117,18 +990,19 @@ def clip_cov_loss(logp, old_logp, advantages, mask, *, clip_cov_ratio=2e-4, cov_
     Metrics: grpo_loss's plus cov_frac (share of valid tokens whose gradient is removed).
     """
     _check_clip_cov(clip_cov_ratio, cov_lb, cov_ub)
-    mask, mf, count, adv, per_token, ratio, logp, (entropy, cov_selected) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, no_low_clip=True, entropy=entropy,
-        cov_selected=cov_selected)
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, no_low_clip=True,
+                   entropy=entropy, cov_selected=cov_selected)
+    entropy, cov_selected = t.rest
+    adv, r = t.adv, t.ratio.detach()
     if cov_selected is None:
-        clipped = -adv * ratio.detach().clamp(1 - clip_low, 1 + clip_high) > -adv * ratio.detach()
-        cov_selected = _clip_cov_choice(_covariance(logp, adv, mf, count, cov_means), mask, clipped,
-                                        int(mask.sum()), clip_cov_ratio, cov_lb, cov_ub, generator)
-    drop = cov_selected.bool() & mask
-    loss = agg_loss(torch.where(drop, 0.0, per_token), mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                    norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    metrics.update(pg_loss=loss.detach(), cov_frac=drop.sum() / count)
+        clipped = -adv * r.clamp(1 - clip_low, 1 + clip_high) > -adv * r
+        cov_selected = _clip_cov_choice(_covariance(t.logp, adv, t.mask, t.count, cov_means), t.valid, clipped,
+                                        int(t.valid.sum()), clip_cov_ratio, cov_lb, cov_ub, generator)
+    drop = cov_selected.bool() & t.valid
+    loss = agg_loss(torch.where(drop, 0.0, t.per_token), t.valid, agg, num_tokens=num_tokens,
+                    num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), cov_frac=drop.sum() / t.count)
     return loss, _to_floats(metrics)
 
 
@@ -1153,15 +1027,15 @@ def kl_cov_threshold(cov, mask, kl_cov_ratio=2e-3):
     return cov[valid].topk(max(1, int(kl_cov_ratio * n))).values[-1]
 
 
-def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=1.0, cov_means=None,
+def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_cov_coef=1.0, cov_means=None,
                 cov_threshold=None, agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
                 norm_length=None):
     """KL-Cov (Cui et al., arXiv 2505.22617): policy gradient with a KL penalty on the top-k
     covariance tokens.
 
-    per token: -A r  +  kl_coef |log pi - log pi_old|  on the tokens with Cov >= the k-th largest Cov,
+    per token: -A r  +  kl_cov_coef |log pi - log pi_old|  on the tokens with Cov >= the k-th largest Cov,
     k = max(1, int(kl_cov_ratio * n)); -A r elsewhere (r = pi / pi_old, log-ratio clamped to +-20, no
-    clip, as in the paper's objective and both codes). kl_coef = beta = 1.
+    clip, as in the paper's objective and both codes). kl_cov_coef = beta = 1.
     Units: kl_cov_ratio is a FRACTION. Default 2e-3: the authors' released Qwen2.5-7B script passes
     k_percent=0.2, a percent (their code divides by 100), i.e. 0.2% = 2e-3 (0.02 for 32B = 2e-4). verl's
     port names it kl_cov_ratio, a fraction, with default 2e-4, the 32B value: ten times fewer tokens than
@@ -1171,28 +1045,28 @@ def kl_cov_loss(logp, old_logp, advantages, mask, *, kl_cov_ratio=2e-3, kl_coef=
     tied at the cut are all selected, and only tokens with Cov > 0 are (verl's top-k takes k tokens even
     when fewer than k have a positive covariance; such a token does not drive entropy down).
     Metrics: pg_loss (the -A r part), kl_cov (the aggregated |log-ratio| over the chosen tokens, before
-    kl_coef), kl_cov_frac (share of valid tokens penalised), abs_kl (mean |log pi - log pi_old| over all
+    kl_cov_coef), kl_cov_frac (share of valid tokens penalised), abs_kl (mean |log pi - log pi_old| over all
     valid tokens), ratio_mean, [entropy].
     """
-    _check_knob("kl_coef", kl_coef, kl_coef >= 0, ">= 0")
+    _check_knob("kl_cov_coef", kl_cov_coef, kl_cov_coef >= 0, ">= 0")
     _check_tensor("logp", logp)
     _check_tensor("old_logp", old_logp)
-    mask, mf, count, adv, (logp, old_logp, entropy) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
-                                                             entropy=entropy)
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy)
+    logp, old_logp, entropy = b.tensors
     log_ratio = (logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.exp(log_ratio)
-    cov = _covariance(logp, adv, mf, count, cov_means)
-    cut = kl_cov_threshold(cov, mask, kl_cov_ratio) if cov_threshold is None else cov_threshold
-    chosen = (cov >= torch.as_tensor(cut, dtype=cov.dtype, device=cov.device)) & (cov > 0) & mask
+    cov = _covariance(logp, b.adv, b.mask, b.count, cov_means)
+    cut = kl_cov_threshold(cov, b.valid, kl_cov_ratio) if cov_threshold is None else cov_threshold
+    chosen = (cov >= torch.as_tensor(cut, dtype=cov.dtype, device=cov.device)) & (cov > 0) & b.valid
     agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    pg = agg_loss(-adv * ratio, mask, agg, **agg_kw)
-    kl = agg_loss(torch.where(chosen, log_ratio.abs(), 0.0), mask, agg, **agg_kw)
-    metrics = {"pg_loss": pg.detach(), "kl_cov": kl.detach(), "kl_cov_frac": chosen.sum() / count,
-               "abs_kl": _masked_mean(log_ratio.detach().abs(), mf, count),
-               "ratio_mean": _masked_mean(ratio.detach(), mf, count)}
+    pg = agg_loss(-b.adv * ratio, b.valid, agg, **agg_kw)
+    kl = agg_loss(torch.where(chosen, log_ratio.abs(), 0.0), b.valid, agg, **agg_kw)
+    metrics = {"pg_loss": pg.detach(), "kl_cov": kl.detach(), "kl_cov_frac": chosen.sum() / b.count,
+               "abs_kl": _masked_mean(log_ratio.detach().abs(), b.mask, b.count),
+               "ratio_mean": _masked_mean(ratio.detach(), b.mask, b.count)}
     if entropy is not None:
-        metrics["entropy"] = _masked_mean(entropy, mf, count)
-    return pg + kl_coef * kl, _to_floats(metrics)
+        metrics["entropy"] = _masked_mean(entropy, b.mask, b.count)
+    return pg + kl_cov_coef * kl, _to_floats(metrics)
 
 
 def kl_cov_statistics(*, mask, advantages, old_logp, kl_cov_ratio, **_):
@@ -1202,7 +1076,7 @@ def kl_cov_statistics(*, mask, advantages, old_logp, kl_cov_ratio, **_):
     """
     _check_tensors(advantages=advantages, old_logp=old_logp)
     b = _batch(mask, advantages, logp=old_logp)
-    means = tuple(float(x) for x in _cov_means(b.tensors[0], b.adv, b.mf, b.count))
+    means = tuple(float(x) for x in _cov_means(b.tensors[0], b.adv, b.mask, b.count))
     cov = token_covariance(old_logp, advantages, mask, means)
     return {"cov_means": means, "cov_threshold": float(kl_cov_threshold(cov, mask, kl_cov_ratio))}
 
@@ -1245,15 +1119,15 @@ def forking_loss(logp, old_logp, advantages, mask, entropy, *, top_frac=0.2, ent
     Metrics: grpo_loss's plus forking_frac (share of valid tokens kept) and entropy_threshold.
     """
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
-    tau = forking_threshold(entropy, mask, top_frac) if entropy_threshold is None else entropy_threshold
-    keep = (entropy >= torch.as_tensor(tau, dtype=entropy.dtype, device=entropy.device)) & mask
-    loss = agg_loss(torch.where(keep, per_token, 0.0), mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
-                    norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    metrics.update(pg_loss=loss.detach(), forking_frac=keep.sum() / count,
-                   entropy_threshold=torch.nan_to_num(torch.as_tensor(tau, dtype=mf.dtype), posinf=0.0))
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
+    (entropy,) = t.rest
+    tau = forking_threshold(entropy, t.valid, top_frac) if entropy_threshold is None else entropy_threshold
+    keep = (entropy >= torch.as_tensor(tau, dtype=entropy.dtype, device=entropy.device)) & t.valid
+    loss = agg_loss(torch.where(keep, t.per_token, 0.0), t.valid, agg, num_tokens=num_tokens,
+                    num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), forking_frac=keep.sum() / t.count,
+                   entropy_threshold=torch.nan_to_num(torch.as_tensor(tau, dtype=t.mask.dtype), posinf=0.0))
     return loss, _to_floats(metrics)
 
 
@@ -1280,16 +1154,17 @@ def entropy_adv_loss(logp, old_logp, advantages, mask, entropy, *, alpha=0.4, ka
     _check_knob("kappa", kappa, kappa > 0, "> 0")
     _check_clip(clip_low, clip_high, dual_clip)
     _check_tensor("entropy", entropy)
-    mask, mf, count, adv, (logp, old_logp, entropy) = _batch(mask, advantages, logp=logp, old_logp=old_logp,
-                                                             entropy=entropy)
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy)
+    logp, old_logp, entropy = b.tensors
+    adv = b.adv
     bonus_h, cap = alpha * entropy.detach().to(adv.dtype), adv.abs() / kappa
     shaped = adv + torch.minimum(bonus_h, cap)                                     # Cheng et al.'s psi(H)
     per_token, ratio = ppo_clip_loss(logp, old_logp, shaped, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip)
-    loss = agg_loss(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
-    metrics = _ppo_metrics(shaped, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    metrics.update(pg_loss=loss.detach(), adv_bonus=_masked_mean(shaped - adv, mf, count),
-                   adv_bonus_capped=((cap < bonus_h) & mask).sum() / count)
+    loss = agg_loss(per_token, b.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics = _ppo_metrics(shaped, b.count, ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), adv_bonus=_masked_mean(shaped - adv, b.mask, b.count),
+                   adv_bonus_capped=((cap < bonus_h) & b.valid).sum() / b.count)
     return loss, _to_floats(metrics)
 
 
@@ -1312,14 +1187,13 @@ def w_reinforce_loss(logp, old_logp, advantages, mask, *, positive_weight=0.1, c
     Metrics: grpo_loss's plus pos_frac (share of valid tokens with A > 0).
     """
     _check_knob("positive_weight", positive_weight, positive_weight >= 0, ">= 0")
-    mask, mf, count, adv, per_token, ratio, logp, (entropy,) = _ppo_terms(
-        logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
-    weight = torch.where(adv > 0, adv.new_tensor(positive_weight), 1.0)         # lambda L_PSR + L_NSR, in
-                                                                                 # the inputs' dtype
-    loss = agg_loss(weight * per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, entropy=entropy)
+    (entropy,) = t.rest
+    weight = torch.where(t.adv > 0, t.adv.new_tensor(positive_weight), 1.0)     # lambda L_PSR + L_NSR
+    loss = agg_loss(weight * t.per_token, t.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
-    metrics = _ppo_metrics(adv, mf, count, ratio, 1 - clip_low, 1 + clip_high, entropy)
-    metrics.update(pg_loss=loss.detach(), pos_frac=((adv > 0) & mask).sum() / count)
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    metrics.update(pg_loss=loss.detach(), pos_frac=((t.adv > 0) & t.valid).sum() / t.count)
     return loss, _to_floats(metrics)
 
 
@@ -1359,7 +1233,7 @@ def grpo_weight_change(weights, logp, old_logp, advantages, mask, *, num_tokens=
 def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, mask):
     """The first-order entropy change of an update, split into STEER's four quadrants (section 2 above).
 
-    old_logp, entropy, exact_term (B, T): the behaviour policy's log pi_a, H and S2 (token_stats);
+    old_logp, entropy, exact_term (B, T): the behaviour policy's log pi_a, H and S2 (logprobs.token_stats);
     advantages (B,) or (B, T); weights (B, T): w = -dLoss/dlogp per token (logp.grad after backward, sign
     flipped), which carries clipping and every method's reweighting; mask (B, T).
     Quadrants: A > 0 / A < 0  x  likely (pi_a > exp(-H), i.e. log pi_a + H > 0) / unlikely. Tokens with
@@ -1376,15 +1250,16 @@ def entropy_flow_quadrants(old_logp, entropy, exact_term, advantages, weights, m
     _check_tensor("old_logp", old_logp)
     _check_tensor("entropy", entropy)
     _check_tensor("weights", weights)
-    valid, mf, _, adv, (lp, h, s2, w) = _batch(mask, advantages, old_logp=old_logp, entropy=entropy,
-                                               exact_term=exact_term, weights=weights)
+    b = _batch(mask, advantages, old_logp=old_logp, entropy=entropy, exact_term=exact_term, weights=weights)
+    lp, h, s2, w = b.tensors
+    adv, valid, dtype = b.adv, b.valid, b.mask.dtype
     if s2 is None:
-        raise ValueError("entropy_flow_quadrants needs exact_term (B, T) (token_stats' third output)")
-    w = w.detach().to(mf.dtype)
-    paper = first_order_term(lp, h, form="paper").to(mf.dtype)
-    parts = {"exact": -w * first_order_term(lp, h, s2, form="exact").to(mf.dtype), "paper": -w * paper,
-             "flow": -adv * paper, "count": mf}
-    likely = (lp.to(mf.dtype) + h.to(mf.dtype)) > 0
+        raise ValueError("entropy_flow_quadrants needs exact_term (B, T) (logprobs.token_stats' third output)")
+    w = w.detach().to(dtype)
+    paper = first_order_term(lp, h, form="paper").to(dtype)
+    parts = {"exact": -w * first_order_term(lp, h, s2, form="exact").to(dtype), "paper": -w * paper,
+             "flow": -adv * paper, "count": b.mask}
+    likely = (lp.to(dtype) + h.to(dtype)) > 0
     masks = {"pos_likely": (adv > 0) & likely, "pos_unlikely": (adv > 0) & ~likely,
              "neg_likely": (adv < 0) & likely, "neg_unlikely": (adv < 0) & ~likely, "zero_adv": adv == 0,
              "total": torch.ones_like(valid)}
@@ -1400,39 +1275,59 @@ STATISTIC_KEYS = frozenset({"omega_max", "flow_totals", "cov_selected", "cov_mea
                             "entropy_threshold"})       # what the statistic functions return: not knobs
 REQUIRED = inspect.Parameter.empty                       # Loss.knobs' value for a knob without a default
 _SOURCES = {                                             # what a needed tensor is and what computes it
-    "logp": "(B, T) with gradient: token_logprobs(logits, tokens)",
-    "old_logp": "(B, T), the behaviour policy's: token_stats(old_logits, tokens)[0]",
+    "logp": "(B, T) with gradient: logprobs.token_logprobs(logits, tokens)",
+    "old_logp": "(B, T), the behaviour policy's: logprobs.token_stats(old_logits, tokens)[0]",
     "advantages": "(B,) or (B, T): group_advantages(rewards, group_size)",
     "mask": "(B, T): 1 on the valid response tokens",
-    "entropy": "(B, T), the behaviour policy's: token_stats(old_logits, tokens)[1]",
-    "current_entropy": "(B, T) with gradient: token_logprobs_entropy(logits, tokens)[1]",
+    "entropy": "(B, T), the behaviour policy's: logprobs.token_stats(old_logits, tokens)[1]",
+    "current_entropy": "(B, T) with gradient: logprobs.token_logprobs_entropy(logits, tokens)[1]",
 }
 
 
+def _advantage_zero_rows(advantages, mask, entropy):
+    """(B,) bool: the rows whose advantage is exactly 0. In a loss whose every term on a row is the row's
+    advantage times something (clipped surrogates, REINFORCE, reweightings and masks from whole-batch
+    statistics computed before the micro-batches) such a row adds exactly 0 to the value and the gradient."""
+    return advantages == 0
+
+
 class Loss(NamedTuple):
-    """One method of LOSSES: its loss function and what a trainer needs to know to call it."""
+    """One method of LOSSES: its loss function and what a trainer needs to know to call it. What the function's
+    signature says (inputs, needs, knobs) is read from it; the rest is declared here."""
     fn: Callable                            # the loss function, e.g. steer_loss
-    inputs: tuple                           # the BATCH_KEYS that fn reads
-    needs: tuple                            # those of inputs it cannot run without (the others may be None)
     statistics: Optional[Callable] = None   # its whole-batch statistics (steer_statistics, ...), called by
                                             # batch_statistics; None: only batch_totals
-    zero_rows: Optional[Callable] = None    # (advantages (B,), mask, entropy) -> (B,) bool: the rows whose
-                                            # gradient is exactly 0 when no reference KL is on (uses_reference);
-                                            # None: every row can move
-    reduce: dict = {}                       # metric -> "sum" | "max" | "min" over the micro-batches of one
-                                            # optimizer step (merge_metrics); the others: token-weighted mean
+    zero_rows: Optional[Callable] = _advantage_zero_rows   # (advantages (B,), mask, entropy) -> (B,) bool: rows
+                                            # whose gradient is exactly 0 when no reference KL is on; None: any
+    reduce: dict = {}                       # metric -> "sum" | "max" | "min" over one optimizer step's micro-
+                                            # batches (merge_metrics), besides pg_loss's "sum"; else weighted mean
     std_normalize: bool = True              # group_advantages(std_normalize=...)
     on_policy: bool = False                 # exactly one optimizer step per rollout batch
-    adaptive: bool = False                  # alpha from entropy_control_step, once per RL step
+    adaptive: bool = False                  # coef from entropy_control_step, once per RL step
     data_defaults: dict = {}                # the trainer's data-side settings that the method's paper uses
-    forwards_to: Optional[Callable] = None  # for a preset that forwards **kw: the function whose knobs it takes
+
+    @property
+    def inputs(self):
+        """The BATCH_KEYS that fn reads, in its signature's order."""
+        return tuple(name for name, _ in _signature(self.fn) if name in BATCH_KEYS)
+
+    @property
+    def needs(self):
+        """The tensors fn cannot run without: its positional parameters without a default."""
+        return tuple(name for name, p in _signature(self.fn) if p.kind is p.POSITIONAL_OR_KEYWORD
+                     and p.default is p.empty)
 
     @property
     def knobs(self):
-        """Knob name -> default (REQUIRED where there is none): the keyword-only parameters of fn, then of
-        forwards_to, that are neither batch tensors (BATCH_KEYS) nor whole-batch statistics (STATISTIC_KEYS).
-        A preset's own defaults come first (dapo's clip_high 0.28 over grpo_loss's 0.2)."""
-        return dict(_knobs(self.fn, self.forwards_to))
+        """Knob name -> default (REQUIRED where there is none): fn's keyword-only parameters that are neither
+        batch tensors (BATCH_KEYS) nor whole-batch statistics (STATISTIC_KEYS)."""
+        return {name: p.default for name, p in _signature(self.fn) if p.kind is p.KEYWORD_ONLY
+                and name not in BATCH_KEYS and name not in STATISTIC_KEYS}
+
+    @property
+    def reductions(self):
+        """How merge_metrics combines each metric over micro-batches: pg_loss "sum" and the entry's reduce."""
+        return {"pg_loss": "sum", **self.reduce}
 
     def __call__(self, **kwargs):
         """fn(**kwargs) without the BATCH_KEYS that fn does not read, so that every loss takes the same
@@ -1442,23 +1337,19 @@ class Loss(NamedTuple):
         for key in self.needs:
             if kwargs.get(key) is None:
                 raise TypeError(f"{self.fn.__name__} needs {key} {_SOURCES[key]}")
-        knobs = dict(_knobs(self.fn, self.forwards_to))
+        knobs = self.knobs
         for key in kwargs:
             if key not in BATCH_KEYS and key not in STATISTIC_KEYS and key not in knobs:
                 raise TypeError(f"{self.fn.__name__} takes no knob {key!r}{_nearest(key, knobs)}; its knobs: "
                                 f"{', '.join(knobs) or 'none'}")
-        return self.fn(**{k: v for k, v in kwargs.items() if k in self.inputs or k not in BATCH_KEYS})
+        inputs = self.inputs
+        return self.fn(**{k: v for k, v in kwargs.items() if k in inputs or k not in BATCH_KEYS})
 
 
 @functools.lru_cache(maxsize=None)
-def _knobs(fn, forwards_to):
-    """Loss.knobs of fn and forwards_to, read off their signatures once (a tuple of (name, default))."""
-    out = {}
-    for f in (fn, forwards_to):
-        for name, p in (inspect.signature(f).parameters.items() if f is not None else ()):
-            if p.kind is p.KEYWORD_ONLY and name not in BATCH_KEYS and name not in STATISTIC_KEYS:
-                out.setdefault(name, p.default)
-    return tuple(out.items())
+def _signature(fn):
+    """fn's parameters as a tuple of (name, inspect.Parameter), read once."""
+    return tuple(inspect.signature(fn).parameters.items())
 
 
 def _nearest(name, choices):
@@ -1475,61 +1366,28 @@ class _Registry(dict):
                        f"the methods: {', '.join(self)}")
 
 
-def _advantage_zero_rows(advantages, mask, entropy):
-    """(B,) bool: the rows whose advantage is exactly 0. In a loss whose every term on a row is the row's
-    advantage times something (clipped surrogates, REINFORCE, reweightings and masks from whole-batch
-    statistics computed before the micro-batches) such a row adds exactly 0 to the value and the gradient."""
-    return advantages == 0
-
-
-_PPO = ("logp", "old_logp", "advantages", "mask")      # what every loss with the ratio r = pi / pi_old needs
-_NORMS = ("num_tokens", "num_seqs", "norm_length")     # agg_loss's normalisers (batch_totals)
+_DROP = {"drop_equal_groups": True}          # the recipes that drop groups whose rewards are all equal
 LOSSES = _Registry({
-    "grpo": Loss(grpo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
-                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"}),
-    "dapo": Loss(dapo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
-                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"},
-                 data_defaults={"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True},
-                 forwards_to=grpo_loss),
-    "drgrpo": Loss(drgrpo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO,
-                   zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "kl": "sum"}, std_normalize=False,
-                   forwards_to=grpo_loss),
-    "steer": Loss(steer_loss, inputs=_PPO + ("entropy", "exact_term") + _NORMS, needs=_PPO + ("entropy",),
-                  statistics=steer_statistics, zero_rows=_advantage_zero_rows,
-                  reduce={"pg_loss": "sum", "omega_max": "max", "weight_max": "max", "weight_min": "min"}),
-    "quadrant": Loss(quadrant_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO + ("entropy",),
-                     zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
-    "opefo": Loss(opefo_loss, inputs=("logp", "advantages", "mask", "entropy", "exact_term") + _NORMS,
-                  needs=("logp", "advantages", "mask", "entropy"), statistics=opefo_statistics,
-                  zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum", "weighted_flow": "sum"},
-                  on_policy=True),
-    "archer": Loss(archer_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO + ("entropy",),
-                   zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
-                   data_defaults={"drop_equal_groups": True}),
-    "aspo": Loss(aspo_loss, inputs=_PPO + ("entropy", "ref_logp") + _NORMS, needs=_PPO + ("entropy",),
-                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
-                 data_defaults={"drop_equal_groups": True}),
-    "ce_gppo": Loss(ce_gppo_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
-                    zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
-                    data_defaults={"drop_equal_groups": True}),
-    "gppo": Loss(gppo_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
-                 zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"},
-                 data_defaults={"drop_equal_groups": True}, forwards_to=ce_gppo_loss),
-    "entropy_bonus": Loss(entropy_bonus_loss, inputs=_PPO + ("current_entropy", "entropy") + _NORMS,
-                          needs=_PPO + ("current_entropy",), reduce={"pg_loss": "sum", "entropy_bonus": "sum"}),
-    "adaptive_entropy": Loss(adaptive_entropy_loss, inputs=_PPO + ("current_entropy", "entropy") + _NORMS,
-                             needs=_PPO + ("current_entropy",), reduce={"pg_loss": "sum", "entropy_bonus": "sum"},
-                             adaptive=True, forwards_to=entropy_bonus_loss),
-    "clip_cov": Loss(clip_cov_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
-                     statistics=clip_cov_statistics, zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
-    "kl_cov": Loss(kl_cov_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO, statistics=kl_cov_statistics,
-                   reduce={"pg_loss": "sum", "kl_cov": "sum"}),
-    "forking": Loss(forking_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO + ("entropy",),
-                    statistics=forking_statistics, zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
-    "entropy_adv": Loss(entropy_adv_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO + ("entropy",),
-                        zero_rows=_entropy_adv_zero_rows, reduce={"pg_loss": "sum"}),
-    "w_reinforce": Loss(w_reinforce_loss, inputs=_PPO + ("entropy",) + _NORMS, needs=_PPO,
-                        zero_rows=_advantage_zero_rows, reduce={"pg_loss": "sum"}),
+    "grpo": Loss(grpo_loss, reduce={"kl": "sum"}),
+    "dapo": Loss(dapo_loss, reduce={"kl": "sum"},
+                 data_defaults={"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True}),
+    "drgrpo": Loss(drgrpo_loss, reduce={"kl": "sum"}, std_normalize=False),
+    "steer": Loss(steer_loss, statistics=steer_statistics,
+                  reduce={"omega_max": "max", "weight_max": "max", "weight_min": "min"}),
+    "quadrant": Loss(quadrant_loss),
+    "opefo": Loss(opefo_loss, statistics=opefo_statistics, reduce={"weighted_flow": "sum"}, on_policy=True),
+    "archer": Loss(archer_loss, data_defaults=_DROP),
+    "aspo": Loss(aspo_loss, data_defaults=_DROP),
+    "ce_gppo": Loss(ce_gppo_loss, data_defaults=_DROP),
+    "gppo": Loss(gppo_loss, data_defaults=_DROP),
+    "entropy_bonus": Loss(entropy_bonus_loss, zero_rows=None, reduce={"entropy_bonus": "sum"}),
+    "adaptive_entropy": Loss(adaptive_entropy_loss, zero_rows=None, reduce={"entropy_bonus": "sum"},
+                             adaptive=True),
+    "clip_cov": Loss(clip_cov_loss, statistics=clip_cov_statistics),
+    "kl_cov": Loss(kl_cov_loss, statistics=kl_cov_statistics, zero_rows=None, reduce={"kl_cov": "sum"}),
+    "forking": Loss(forking_loss, statistics=forking_statistics),
+    "entropy_adv": Loss(entropy_adv_loss, zero_rows=_entropy_adv_zero_rows),
+    "w_reinforce": Loss(w_reinforce_loss),
 })
 
 
@@ -1573,12 +1431,12 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
 def merge_metrics(name, parts):
     """One optimizer step's metrics from its micro-batches': parts = [(valid tokens, metrics dict), ...].
 
-    Each metric is merged as LOSSES[name].reduce says: "sum" (the partial sums of a global normaliser, such
+    Each metric is merged as LOSSES[name].reductions say: "sum" (the partial sums of a global normaliser, such
     as pg_loss), "max" or "min"; any other metric is the token-weighted mean sum(n v) / sum(n) (the last
     part's value when no part has a valid token). A metric is merged over the parts that have it, keys in
     order of first appearance; no parts: {}.
     """
-    reduce = _method(name).reduce
+    reduce = _method(name).reductions
     merged = {}
     for key in dict.fromkeys(k for _, m in parts for k in m):
         pairs = [(n, m[key]) for n, m in parts if key in m]
@@ -1613,201 +1471,3 @@ def uses_reference(name, **knobs):
             torch.manual_seed(0)
             values.append(method(**batch, ref_logp=ref, **knobs)[0])
     return bool(values[0] != values[1])
-
-
-# -------------------------------------------------- appendix: chunked log-probabilities and entropies
-def _rows_per_chunk(vocab, chunk_size):
-    return chunk_size or max(1, CHUNK_BYTES // (4 * vocab))
-
-
-def _row_chunks(flat, rows, n_buffers):
-    """Yield (start, chunk, buffers) over row chunks of flat (N, V), with float work buffers reused.
-
-    Reusing the buffers keeps the working set small (it stays in cache on a CPU) and avoids a fresh
-    allocation, with its page faults, per chunk.
-    """
-    rows = max(1, min(rows, flat.shape[0]))                   # an empty batch: no chunk at all
-    acc = _acc_dtype(flat.dtype)
-    buffers = [torch.empty(rows, flat.shape[-1], dtype=acc, device=flat.device) for _ in range(n_buffers)]
-    for s in range(0, flat.shape[0], rows):
-        chunk = flat[s:s + rows]
-        yield s, chunk, [b[:chunk.shape[0]] for b in buffers]
-
-
-class _SampledLogProb(torch.autograd.Function):
-    """log pi(a) = z_a - logsumexp(z), with the logsumexp taken over row chunks in float32.
-
-    Only the logits (already alive) and the (N,) logsumexp are saved; the backward recomputes the
-    softmax chunk by chunk: d log pi(a) / dz = e_a - softmax(z).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, tokens, rows):
-        lse = torch.empty(logits.shape[0], dtype=_acc_dtype(logits.dtype), device=logits.device)
-        for s, chunk, (z,) in _row_chunks(logits, rows, 1):
-            z.copy_(chunk)
-            top = z.amax(dim=-1, keepdim=True)
-            lse[s:s + z.shape[0]] = z.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
-        ctx.save_for_backward(logits, tokens, lse)
-        ctx.rows = rows
-        return logits.gather(-1, tokens[:, None]).squeeze(-1).to(lse.dtype) - lse
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits, tokens, lse = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s, chunk, (p,) in _row_chunks(logits, ctx.rows, 1):
-            n = chunk.shape[0]
-            g = grad_out[s:s + n, None].to(p.dtype)
-            p.copy_(chunk).sub_(lse[s:s + n, None]).exp_()                    # softmax(z)
-            p.mul_(-g).scatter_add_(-1, tokens[s:s + n, None], g)              # g (e_a - softmax(z))
-            grad[s:s + n] = p
-        return grad, None, None
-
-
-def token_logprobs(logits, tokens, *, chunk_size=None):
-    """log pi(tokens) from logits, with gradient: gathered logit minus a chunked logsumexp.
-
-    logits: (..., V) any float dtype; tokens: (...) long. Returns (...) float32 (float64 for float64
-    logits). Never builds a full float32 log-softmax: the working set is one float32 chunk of
-    `chunk_size` rows (default: CHUNK_BYTES worth), and the backward writes the logits' gradient chunk
-    by chunk.
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
-                         "expected logits (..., V) and tokens (...)")
-    flat = logits.reshape(-1, logits.shape[-1])
-    rows = _rows_per_chunk(flat.shape[-1], chunk_size)
-    out = _SampledLogProb.apply(flat, tokens.reshape(-1), rows)
-    return out.view(tokens.shape)
-
-
-@torch.no_grad()
-def _entropy_pass(flat, rows, exact_term, tokens=None):
-    """One chunked pass over flat logits (N, V): H (N,), S2 (N,) or None, log pi(tokens) (N,) or None."""
-    ent = torch.empty(flat.shape[0], dtype=_acc_dtype(flat.dtype), device=flat.device)
-    s2 = torch.empty_like(ent) if exact_term else None
-    logp = torch.empty_like(ent) if tokens is not None else None
-    lowest = torch.finfo(ent.dtype).min
-    for s, chunk, (z, e, t) in _row_chunks(flat, rows, 3):
-        n = chunk.shape[0]
-        z.copy_(chunk)
-        z.sub_(z.amax(dim=-1, keepdim=True)).clamp_(min=lowest)            # shift; -inf -> finite
-        torch.exp(z, out=e)                                                 # e = S pi
-        total = e.sum(-1)
-        log_total = total.log()
-        h = log_total - torch.mul(e, z, out=t).sum(-1) / total              # H = log S - E_pi[z]
-        ent[s:s + n] = h
-        if tokens is not None:
-            logp[s:s + n] = z.gather(-1, tokens[s:s + n, None]).squeeze(-1) - log_total   # z_a - log S
-        if exact_term:
-            sum_e2 = e.square_().sum(-1)
-            sum_e2z = torch.mul(e, z, out=t).sum(-1)
-            s2[s:s + n] = (sum_e2z - log_total * sum_e2 + h * sum_e2) / total.square()
-    return ent, s2, logp
-
-
-def token_entropy(logits, *, exact_term=False, chunk_size=None):
-    """Full-vocabulary entropy per position, computed in float32 chunks, without gradient.
-
-    logits: (..., V). Returns H (...) float32 (float64 for float64 logits):
-        H = -sum_b pi_b log pi_b = log S - sum_b e_b z_b / S,  with z = logits - max, e = exp(z), S = sum e.
-    With exact_term=True returns (H, S2) where S2 = sum_b pi_b^2 (log pi_b + H), the extra reduction that
-    the exact first-order entropy change needs (entropy_math.dh_exact), from the same pass:
-        S2 = (sum e^2 z - log S sum e^2) / S^2 + H sum e^2 / S^2.
-    -inf logits (masked vocabulary entries) contribute exactly zero.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])
-    ent, s2, _ = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), exact_term)
-    shape = logits.shape[:-1]
-    return (ent.view(shape), s2.view(shape)) if exact_term else ent.view(shape)
-
-
-def token_stats(logits, tokens, *, chunk_size=None):
-    """log pi(tokens), H and S2 per position in one chunked pass, without gradient: (logp, H, S2), each (...).
-
-    logits: (..., V); tokens: (...) long. The same numbers as token_logprobs (detached) and
-    token_entropy(exact_term=True), for the behaviour policy's statistics, at the cost of one pass.
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
-                         "expected logits (..., V) and tokens (...)")
-    flat = logits.reshape(-1, logits.shape[-1])
-    ent, s2, logp = _entropy_pass(flat, _rows_per_chunk(flat.shape[-1], chunk_size), True, tokens.reshape(-1))
-    return logp.view(tokens.shape), ent.view(tokens.shape), s2.view(tokens.shape)
-
-
-class _LogProbEntropy(torch.autograd.Function):
-    """(log pi(a), H) from logits (N, V), both with gradient, in float32 chunks (float64 for float64 logits).
-
-    Forward: one pass; saves only the logits (already alive), the (N,) logsumexp and the (N,) entropy.
-    Backward: recomputes the softmax chunk by chunk and writes the logits' gradient chunk by chunk,
-        d log pi(a) / dz_b = 1[b = a] - pi_b,        dH / dz_b = -pi_b (log pi_b + H),
-    so no (N, V) float32 tensor is ever held. A gradient that reaches only one output skips the other's term.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, tokens, rows):
-        acc = _acc_dtype(logits.dtype)
-        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-        ent = torch.empty_like(lse)
-        lowest = torch.finfo(acc).min
-        for s, chunk, (z, e) in _row_chunks(logits, rows, 2):
-            n = chunk.shape[0]
-            z.copy_(chunk)
-            top = z.amax(dim=-1, keepdim=True)
-            z.sub_(top).clamp_(min=lowest)                                      # shift; -inf -> finite
-            torch.exp(z, out=e)
-            total = e.sum(-1)
-            log_total = total.log()
-            ent[s:s + n] = log_total - e.mul_(z).sum(-1) / total                 # H = log S - E_pi[z]
-            lse[s:s + n] = log_total + top.squeeze(-1)
-        ctx.save_for_backward(logits, tokens, lse, ent)
-        ctx.rows = rows
-        ctx.set_materialize_grads(False)
-        logp = logits.gather(-1, tokens[:, None]).squeeze(-1).to(acc) - lse
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent):
-        logits, tokens, lse, ent = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        lowest = torch.finfo(lse.dtype).min
-        for s, chunk, (lp, p) in _row_chunks(logits, ctx.rows, 2):
-            n = chunk.shape[0]
-            lp.copy_(chunk).sub_(lse[s:s + n, None]).clamp_(min=lowest)        # log pi_b
-            torch.exp(lp, out=p)                                                # pi_b
-            if g_ent is None:
-                lp.zero_()
-            else:                                                               # -g_H pi_b (log pi_b + H)
-                lp.add_(ent[s:s + n, None]).mul_(p).mul_(-g_ent[s:s + n, None].to(lp.dtype))
-            if g_logp is not None:                                              # + g (e_a - pi)
-                g = g_logp[s:s + n, None].to(lp.dtype)
-                lp.addcmul_(p, g, value=-1.0).scatter_add_(-1, tokens[s:s + n, None], g)
-            grad[s:s + n] = lp
-        return grad, None, None
-
-
-def token_logprobs_entropy(logits, tokens, *, chunk_size=None):
-    """log pi(tokens) and the full-vocabulary entropy H per position, both WITH gradient: (logp, H), each (...).
-
-    logits: (..., V) any float dtype; tokens: (...) long. For the losses that need the current policy's
-    entropy with its gradient (entropy_bonus_loss, adaptive_entropy_loss): one chunked pass forward and
-    one backward for both outputs, so the working set is two float32 chunks of `chunk_size` rows (default
-    CHUNK_BYTES worth) beyond the logits' own gradient. Returns float32 (float64 for float64 logits).
-    """
-    if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and tokens {tuple(tokens.shape)} disagree; "
-                         "expected logits (..., V) and tokens (...)")
-    flat = logits.reshape(-1, logits.shape[-1])
-    logp, ent = _LogProbEntropy.apply(flat, tokens.reshape(-1), _rows_per_chunk(flat.shape[-1], chunk_size))
-    return logp.view(tokens.shape), ent.view(tokens.shape)
-
-
-def policy_entropy(logits, *, chunk_size=None):
-    """The full-vocabulary entropy H (...) of logits (..., V) WITH gradient, chunked as token_logprobs_entropy.
-
-    token_entropy gives the same numbers without gradient (for the behaviour policy).
-    """
-    tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return token_logprobs_entropy(logits, tokens, chunk_size=chunk_size)[1]

@@ -19,7 +19,7 @@ What it does
 
 Memory: logits are never formed for the prompt. The decoder backbone gives the last hidden states
 (N, P+R, D); only the R positions P-1 .. P+R-2 (the ones that predict response tokens) go through the
-lm_head, and the log-softmax / entropy reductions over the vocabulary are the chunked ones of losses.py.
+lm_head, and the log-softmax / entropy reductions over the vocabulary are the chunked ones of logprobs.py.
 
 Use:
     from rollout import format_prompt, generate, response_stats
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-import losses
+import logprobs
 
 DEFAULT_SYSTEM_PROMPT = (
     "Please reason step by step, and put your final answer within \\boxed{}."
@@ -259,7 +259,7 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
     all are 0 where response_mask is 0.
     The backbone runs with position_ids = cumsum(attention_mask) - 1 (clamped at 0), so left padding does
     not move a sample's positions; hidden states at P-1 .. P+R-2 go through the lm_head, the logits are
-    divided by temperature in place (in the model's dtype; losses.py upcasts chunk by chunk), and losses.py
+    divided by temperature in place (in the model's dtype; logprobs.py upcasts chunk by chunk), and logprobs.py
     reduces over the vocabulary in chunks of chunk_size positions (None: its default working set):
     token_stats (one pass for logp, H and S2) without gradient; with it, token_logprobs, or
     token_logprobs_entropy (logp and H, one pass forward and one backward) plus token_entropy for S2.
@@ -302,12 +302,12 @@ def response_stats(model, input_ids, attention_mask, prompt_length, response_mas
                 logits.div_(temperature)      # in place: no second (n, R, V) tensor (linear keeps no output)
             targets = ids[:, prompt_length:]
             if with_entropy and not with_grad:      # behaviour-policy statistics: one pass over the logits
-                lp, ent, ex = losses.token_stats(logits, targets, chunk_size=chunk_size)
+                lp, ent, ex = logprobs.token_stats(logits, targets, chunk_size=chunk_size)
             elif with_entropy:                      # the current policy's H with its gradient (entropy bonus)
-                lp, ent = losses.token_logprobs_entropy(logits, targets, chunk_size=chunk_size)
-                ex = losses.token_entropy(logits.detach(), exact_term=True, chunk_size=chunk_size)[1]
+                lp, ent = logprobs.token_logprobs_entropy(logits, targets, chunk_size=chunk_size)
+                ex = logprobs.token_entropy(logits.detach(), exact_term=True, chunk_size=chunk_size)[1]
             else:
-                lp = losses.token_logprobs(logits, targets, chunk_size=chunk_size)
+                lp = logprobs.token_logprobs(logits, targets, chunk_size=chunk_size)
         logps.append(lp)
         if with_entropy:
             entropies.append(ent)

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -50,6 +51,13 @@ LOGS = ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl")
 LOCK_FILE = ".lock"
 # metrics whose values depend on the machine's speed, not on the run's numbers
 TIMING_KEYS = ("time/", "tokens_per_s", "peak_mem_mb")
+
+
+def peak_mem_mb(device):
+    """Peak memory of the run so far: CUDA's allocator on a GPU, the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
 
 
 def one_line(error, limit):
@@ -241,7 +249,7 @@ def set_rng_state(saved, data_rng, generator=None):
     return list(saved["order"])
 
 
-def save_checkpoint(run_dir, step, model, tok, optimizer, data_rng, order, *, generator=None,
+def save_checkpoint(run_dir, step, *, model, tok, optimizer, data_rng, order, generator=None,
                     entropy_control=None, scheduler=None, with_optimizer=True):
     """checkpoints/step_NNNNNN with model + tokenizer (save_pretrained) and trainer_state.pt, atomically.
 
@@ -406,7 +414,7 @@ def stop_on_ctrl_c(log):
         signal.signal(signal.SIGINT, previous)
 
 
-def restore(run_dir, ckpt, saved, cfg, optimizer, scheduler, data_rng, generator, log):
+def restore(run_dir, ckpt, saved, cfg, *, optimizer, scheduler, data_rng, generator, log):
     """Load a checkpoint's trainer state (resume_checkpoint's `saved`) into the optimizer, the scheduler and
     the RNGs, and cut the logs back to its step. Returns the data order to continue with."""
     if "optimizer" in saved:

@@ -203,6 +203,18 @@ def fork_mask(completions, items, width):
     return out
 
 
+def fork_entropy(fork_mask_fn, ro, items, entropy):
+    """The entropy at the fork tokens, where valid solutions branch (entropy/fork), and elsewhere
+    (entropy/other), of a rollout `ro` (rollout.Rollout) whose (N, R) token entropies are `entropy`;
+    fork_mask_fn is fork_mask (the lab) and items the rollout's prompts' items."""
+    mask = ro.response_mask.bool()
+    forks = fork_mask_fn(ro.completions, [items[int(i)] for i in ro.prompt_index.tolist()],
+                         mask.shape[1]).to(mask.device) & mask
+    rest = mask & ~forks
+    return {"entropy/fork": float(entropy[forks].mean()) if forks.any() else None,
+            "entropy/other": float(entropy[rest].mean()) if rest.any() else None, "fork_tokens": int(forks.sum())}
+
+
 def sample_solution(item, rng):
     """One of the item's correct solutions, drawn uniformly with the random.Random `rng`."""
     return rng.choice(item["solutions"])

@@ -18,8 +18,8 @@ One prompt, a batch of several groups. Every step samples ``groups`` groups of G
 computes group advantages (losses.group_advantages, per group), and takes ``updates`` optimizer steps on the
 same batch (PPO-style epochs on the full batch, so clipping matters). OPEFO is strictly on-policy: one
 update per batch, with the learning rate multiplied by sqrt(updates) as the OPEFO paper does to compensate
-(--opefo-lr-scale). Losses come from losses.LOSSES, log-probs and entropies from losses.token_logprobs /
-losses.token_stats on the (B, T, K) logits; nothing of the methods is re-implemented here. What a method
+(--opefo-lr-scale). Losses come from losses.LOSSES, log-probs and entropies from logprobs.token_logprobs /
+logprobs.token_stats on the (B, T, K) logits; nothing of the methods is re-implemented here. What a method
 needs besides its loss is read off its registry entry (losses.Loss): the clip knobs it takes (knobs), one
 update per batch (on_policy), Dr. GRPO's advantages (std_normalize), the current entropy with gradient
 ("current_entropy" in inputs), the adaptive controller (adaptive) and Clip-Cov's generator (knobs).
@@ -75,6 +75,7 @@ import torch
 
 import claims
 import entropy_math
+import logprobs
 import losses
 import plots
 from evaluation import pass_at_k
@@ -86,10 +87,10 @@ ALGOS = {
     "grpo-onpolicy": ("grpo", {}),      # OPEFO's own control: strictly on-policy GRPO at OPEFO's lr (ON_POLICY)
     "dapo": ("dapo", {}),
     "steer": ("steer", {}),
-    "steer-code": ("steer", {"omega": "code"}),
-    "steer-exact": ("steer", {"omega": "exact"}),
+    "steer-code": ("steer", {"form": "code"}),
+    "steer-exact": ("steer", {"form": "exact"}),
     "opefo": ("opefo", {}),
-    "opefo-exact": ("opefo", {"flow": "exact"}),
+    "opefo-exact": ("opefo", {"form": "exact"}),
     "archer": ("archer", {}),
     "drgrpo": ("drgrpo", {}),
     # the losses that act through the PPO clip after Archer (not in the default set)
@@ -271,17 +272,17 @@ def run(algo, seed, cfg):
         advantages = losses.group_advantages(rewards, cfg.G, std_normalize=method.std_normalize)
         with torch.no_grad():
             old_batch_logits = logits.detach().expand(n, T, K)
-            old_logp, entropy, exact_term = losses.token_stats(old_batch_logits, tokens)   # one pass
-            ref_logp = losses.token_logprobs(ref_logits, tokens)
+            old_logp, entropy, exact_term = logprobs.token_stats(old_batch_logits, tokens)   # one pass
+            ref_logp = logprobs.token_logprobs(ref_logits, tokens)
         if control is not None:                   # adaptive entropy: this step's coefficient from the rollout
-            knobs["alpha"], control = losses.entropy_control_step(control, float(entropy.mean()))
+            knobs["coef"], control = losses.entropy_control_step(control, float(entropy.mean()))
         for _ in range(n_updates):
             opt.zero_grad(set_to_none=True)
             current = {}
             if "current_entropy" in method.inputs:   # the bonus needs H of the current policy, with gradient
-                logp, current["current_entropy"] = losses.token_logprobs_entropy(logits.expand(n, T, K), tokens)
+                logp, current["current_entropy"] = logprobs.token_logprobs_entropy(logits.expand(n, T, K), tokens)
             else:
-                logp = losses.token_logprobs(logits.expand(n, T, K), tokens)
+                logp = logprobs.token_logprobs(logits.expand(n, T, K), tokens)
             logp.retain_grad()
             loss, metrics = method(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                                    entropy=entropy, exact_term=exact_term, ref_logp=ref_logp,

@@ -10,18 +10,9 @@ One step (GRPO, DeepSeekMath arXiv 2402.03300 sec. 4.1; the methods differ in th
     each: the loss's whole-batch statistics once (losses.batch_statistics), then micro-batches with
     gradient accumulation -> clip -> step.
 
-Batch scope, where the papers or their code leave a choice: every whole-batch quantity is computed once
-per mini-batch from the behaviour policy, so no gradient depends on the micro-batch size.
-    STEER   M, the max |Omega| of lambda = lambda_min ** (|Omega| / M), over the mini-batch (the released
-            code takes it per micro-batch).
-    OPEFO   one optimizer step per rollout batch (strictly on-policy; --updates-per-batch forced to 1),
-            the flow totals (P, N) of lambda* over the whole batch.
-    Archer  token types from each response's own entropy quantile (independent of the split); its KL
-            inside the token aggregation, so num_tokens keeps it exact.
-    Clip-Cov, KL-Cov, forking  the token choice / centring / cut once per mini-batch (Clip-Cov's draw from
-            a generator seeded from --seed and saved in checkpoints).
-    entropy bonus  the current policy's entropy with its gradient; adaptive entropy's controller takes one
-            step per RL step on the rollout's mean entropy (saved in checkpoints).
+Batch scope: every whole-batch quantity (STEER's M, OPEFO's (P, N), Archer's token types, Clip-Cov's draw,
+...) is computed once per mini-batch from the behaviour policy, so no gradient depends on the micro-batch
+size; where each method's papers or code chose otherwise: docs/training.md.
 Every optimizer step's first-order entropy change is split into STEER's four quadrants
 (losses.entropy_flow_quadrants) with each token's weight w = -dLoss/dlogp read off the autograd graph.
 
@@ -35,11 +26,12 @@ directory, checkpoints, resume and exit codes are run_dir.py; datasets and model
 import math
 import random
 import re
-import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -50,7 +42,33 @@ import losses
 import plots
 import rollout
 import run_dir
+import tiny_lab
 from entropy_math import estimator_report, estimator_terms
+
+
+@dataclass
+class Run:
+    """What a run holds from setup to its last step: resolved once, read by every step (setup builds it)."""
+    model: torch.nn.Module
+    tok: object                              # the tokenizer
+    ref_model: Optional[torch.nn.Module]     # the frozen start model, when the loss reads ref_logp
+    optimizer: torch.optim.Optimizer
+    scheduler: object                        # LambdaLR over lr_factor
+    autocast: Callable                       # data.autocast_factory's context-manager factory
+    device: torch.device
+    knobs: dict                              # the loss's keywords set by flags (config.knob_kwargs)
+    reads_reference: bool                    # losses.uses_reference with those knobs
+    generator: Optional[torch.Generator]     # Clip-Cov's token draws
+    entropy_control: Optional[dict]          # adaptive entropy's controller state
+    data_rng: random.Random                  # the data order
+    order: list                              # the rest of the current epoch's shuffled problem indices
+    start_step: int
+    train_items: list
+    eval_sets: dict                          # {prefix: (items, score_fn)}
+    score: Callable                          # score(completion, item) -> verifier.Score
+    fork_mask: Optional[Callable]            # the lab's fork tokens, for entropy/fork
+    too_long: dict                           # problems left out per set (--max-prompt-tokens)
+    phase: Callable = field(default=lambda name: None)     # progress inside a step (loop sets it)
 
 
 # ------------------------------------------------------------------------------------------- one RL step
@@ -60,22 +78,22 @@ def sample(state, cfg, items, draw):
     non-equal rewards, up to K more rounds of len(items) prompts from draw(n). Groups are judged on the
     verifier's rewards (DAPO filters on accuracy), before any overlong penalty.
     Returns (rollout of every response, their prompts, their scores, refill rounds, timings)."""
-    model, tok, g, target = state["model"], state["tok"], cfg["group_size"], len(items)
+    model, tok, g, target = state.model, state.tok, cfg["group_size"], len(items)
     refill = cfg["max_refill_rounds"] if cfg["drop_equal_groups"] else 0
     timings = {"generate": 0.0, "score": 0.0}
     parts, sampled, scores, kept, rounds = [], [], [], 0, 0
     while True:
         t = time.perf_counter()
-        state["phase"](f"generating {len(items)} x {g} responses")
+        state.phase(f"generating {len(items)} x {g} responses")
         prompts = [rollout.format_prompt(tok, it["problem"], system_prompt=cfg["system_prompt"]) for it in items]
         model.eval()
-        with torch.no_grad(), state["autocast"]():
+        with torch.no_grad(), state.autocast():
             part = rollout.generate(model, tok, prompts, group_size=g, max_new_tokens=cfg["max_new_tokens"],
                                     temperature=cfg["temperature"], top_p=cfg["top_p"])
         timings["generate"] += time.perf_counter() - t
         t = time.perf_counter()
-        state["phase"]("scoring")
-        part_scores = [state["score"](c, items[int(i)]) for c, i in zip(part.completions, part.prompt_index.tolist())]
+        state.phase("scoring")
+        part_scores = [state.score(c, items[int(i)]) for c, i in zip(part.completions, part.prompt_index.tolist())]
         timings["score"] += time.perf_counter() - t
         parts.append(part)
         sampled += items
@@ -103,10 +121,12 @@ def rl_step(state, cfg, items, draw):
     DAPO's recipe does). The sample metrics (reward, accuracy, entropy, lengths) are over every response.
     """
     g, target, method = cfg["group_size"], len(items), losses.LOSSES[cfg["algo"]]
+    # 1. sample G responses per prompt and score them (DAPO: refill until enough groups differ)
     ro, items, scores, rounds, timings = sample(state, cfg, items, draw)
     rewards = torch.tensor([s.reward for s in scores])
     bad_gold, all_equal, passed = group_filter(scores, g, cfg["drop_equal_groups"])
     keep_groups = [i for i, ok in enumerate(passed) if ok][:target]
+    # 2. group advantages from the rewards (DAPO: plus the overlong penalty)
     shaped = rewards
     if cfg["overlong_penalty"]:                                        # DAPO sec. 3.4
         penalty = losses.overlong_penalty(ro.response_length.cpu(), cfg["max_new_tokens"], cfg["overlong_cache"])
@@ -129,33 +149,36 @@ def rl_step(state, cfg, items, draw):
     t = time.perf_counter()
     full = {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.response_mask,
             "prompt_length": ro.prompt_length}
-    state["phase"]("log-probs")
+    # 3. the behaviour policy's log pi, H and S2 on every response (the losses' old_logp, entropy, exact_term)
+    state.phase("log-probs")
     old = stats_fn(full)                                           # the behaviour policy: log pi, H, S2
     metrics["entropy"] = float((old["entropy"] * ro.response_mask).sum() / valid_resp.clamp(min=1))
-    if state.get("fork_mask"):
-        metrics.update(fork_entropy(state, ro, items, old["entropy"]))
+    if state.fork_mask:
+        metrics.update(tiny_lab.fork_entropy(state.fork_mask, ro, items, old["entropy"]))
     if cfg["overlong_penalty"]:
         metrics["overlong_penalty"] = float(penalty.mean())
+    # 4. this step's knobs, then U optimizer steps on the kept groups (with the reference's log pi if read)
     knobs = {}
     if method.adaptive:  # Skywork-OR1: one controller step per RL step, on the rollout's entropy
-        knobs["alpha"], state["entropy_control"] = losses.entropy_control_step(state["entropy_control"],
+        knobs["coef"], state.entropy_control = losses.entropy_control_step(state.entropy_control,
                                                                                metrics["entropy"])
-        metrics["entropy_control/alpha"] = knobs["alpha"]
-        metrics["entropy_control/coef"] = state["entropy_control"]["coef"]          # the next step's c
+        metrics["entropy_control/alpha"] = knobs["coef"]         # Skywork-OR1's alpha_k
+        metrics["entropy_control/coef"] = state.entropy_control["coef"]          # the next step's c
     if "generator" in method.knobs:
-        knobs["generator"] = state["generator"]
+        knobs["generator"] = state.generator
     rows = [i * g + j for i in keep_groups for j in range(g)]
     timings["stats"] = time.perf_counter() - t
     if rows:
         batch = take(dict(full, advantages=adv, old_logp=old["logp"], entropy=old["entropy"],
                           exact_term=old["exact_term"]), rows)
-        if state["ref_model"] is not None:
+        if state.ref_model is not None:
             t = time.perf_counter()
-            batch["ref_logp"] = stats_fn(batch, with_entropy=False, net=state["ref_model"])["logp"]
+            batch["ref_logp"] = stats_fn(batch, with_entropy=False, net=state.ref_model)["logp"]
             timings["stats"] += time.perf_counter() - t
         t = time.perf_counter()
-        state["phase"]("update")
-        metrics.update(update(state["model"], state["optimizer"], batch, cfg, stats_fn, knobs=knobs))
+        state.phase("update")
+        metrics.update(update(state.model, state.optimizer, batch, cfg, stats_fn, knobs=knobs,
+                              loss_knobs=state.knobs, reads_reference=state.reads_reference))
         timings["update"] = time.perf_counter() - t
         metrics["update_tokens"] = int(batch["mask"].sum())
     else:
@@ -172,42 +195,37 @@ def make_stats_fn(state, cfg):
     (log pi, and H and S2 with with_entropy) at the sampling temperature, under the run's autocast, in
     forward micro-batches of --micro-batch-size."""
     def stats_fn(b, with_grad=False, with_entropy=True, net=None):
-        with torch.set_grad_enabled(with_grad), state["autocast"]():
-            return rollout.response_stats(net or state["model"], b["input_ids"], b["attention_mask"],
+        with torch.set_grad_enabled(with_grad), state.autocast():
+            return rollout.response_stats(net or state.model, b["input_ids"], b["attention_mask"],
                                           b["prompt_length"], b["mask"], temperature=cfg["temperature"],
                                           with_grad=with_grad, with_entropy=with_entropy,
                                           micro_batch_size=cfg["micro_batch_size"])
     return stats_fn
 
 
-def fork_entropy(state, ro, items, entropy):
-    """The lab's entropy at the fork tokens, where valid solutions branch (entropy/fork), and elsewhere."""
-    forks = state["fork_mask"](ro.completions, [items[int(i)] for i in ro.prompt_index.tolist()],
-                               ro.response_mask.shape[1]).to(ro.response_mask.device) & ro.response_mask.bool()
-    rest = ro.response_mask.bool() & ~forks
-    return {"entropy/fork": float(entropy[forks].mean()) if forks.any() else None,
-            "entropy/other": float(entropy[rest].mean()) if rest.any() else None, "fork_tokens": int(forks.sum())}
-
-
 # ------------------------------------------------------------------------------------------- the update
-def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
+def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None, loss_knobs=None, reads_reference=None):
     """The loss over U mini-batches (one optimizer step each) of the kept responses; returns a metrics dict.
 
     batch: input_ids, attention_mask (N, P+R); mask (N, R); advantages (N,); old_logp, entropy, exact_term
     and optionally ref_logp (N, R); prompt_length. Mini-batches are whole groups (optimizer_step).
-    knobs: loss keywords the loop sets per step on top of the flags' (adaptive_entropy's alpha, Clip-Cov's
-    generator); without an alpha adaptive_entropy takes the controller's starting coefficient.
+    knobs: loss keywords the loop sets per step on top of the flags' (adaptive_entropy's coef, Clip-Cov's
+    generator); without a coef adaptive_entropy takes the controller's starting coefficient. loss_knobs,
+    reads_reference: the run's (Run.knobs, Run.reads_reference); None: worked out from cfg here, once.
     Loss metrics are averaged over the optimizer steps; flow/<q>_{exact,paper,count} summed (flow_report).
     """
     method, g = losses.LOSSES[cfg["algo"]], cfg["group_size"]
-    loss_kw, control_kw = config.knob_kwargs(cfg)
+    loss_kw, control_kw = config.knob_kwargs(cfg) if loss_knobs is None else (loss_knobs, {})
     kwargs = dict(loss_kw, **(knobs or {}))
     if method.adaptive:
-        kwargs.setdefault("alpha", losses.entropy_control_init(**control_kw)["coef"])
+        kwargs.setdefault("coef", losses.entropy_control_init(**control_kw)["coef"])
+    if reads_reference is None:
+        reads_reference = losses.uses_reference(cfg["algo"], **loss_kw)
     groups = list(range(batch["mask"].shape[0] // g))
-    n_mini = 1 if method.on_policy else min(cfg["updates_per_batch"], len(groups))
+    n_mini = min(cfg["updates_per_batch"], len(groups))        # OPEFO: 1 (config.resolve forces it)
     minis = [sum(([i * g + j for j in range(g)] for i in groups[m::n_mini]), []) for m in range(n_mini)]
-    steps = [optimizer_step(model, optimizer, take(batch, rows), cfg, stats_fn, kwargs) for rows in minis]
+    steps = [optimizer_step(model, optimizer, take(batch, rows), cfg, stats_fn, kwargs, reads_reference)
+             for rows in minis]
     taken = [s for s in steps if s["finite"]]
     out = {f"loss/{k}": v for k, v in mean_over_steps([s["metrics"] for s in taken]).items()}
     out.update({"updates": len(taken), "skipped_nonfinite": len(steps) - len(taken),
@@ -220,7 +238,7 @@ def update(model, optimizer, batch, cfg, stats_fn, *, knobs=None):
     return out
 
 
-def optimizer_step(model, optimizer, mb, cfg, stats_fn, kwargs):
+def optimizer_step(model, optimizer, mb, cfg, stats_fn, kwargs, reads_reference):
     """One optimizer step on the mini-batch mb: the loss's whole-batch statistics once
     (losses.batch_statistics: num_tokens, num_seqs and the method's own, per-row ones sliced with each
     micro-batch), then micro-batches of at most --micro-batch-size rows accumulate gradients, so the
@@ -237,7 +255,7 @@ def optimizer_step(model, optimizer, mb, cfg, stats_fn, kwargs):
     mb.update({k: stats.pop(k) for k in per_row})
     before = stats_fn(mb, with_entropy=True) if cfg["measure_entropy_change"] else None
     weights, current = torch.zeros_like(mb["mask"]), mb["old_logp"].clone()   # w and log pi per token
-    live = (~zero_advantage_rows(mb, cfg)).nonzero().flatten().tolist()
+    live = (~zero_advantage_rows(mb, cfg, reads_reference)).nonzero().flatten().tolist()
     model.train()
     optimizer.zero_grad(set_to_none=True)
     parts, loss_sum, finite = [], 0.0, True
@@ -287,13 +305,12 @@ def mean_over_steps(metrics):
     return {k: sum(m[k] for m in metrics if k in m) / sum(k in m for m in metrics) for k in keys}
 
 
-def zero_advantage_rows(mb, cfg):
+def zero_advantage_rows(mb, cfg, reads_reference):
     """(rows,) bool: the rows of mini-batch mb that the update's forward and backward leave out
     (--skip-zero-advantage, on by default): those whose gradient is exactly 0 (losses.LOSSES[algo].zero_rows,
     a zero advantage); none when the loss reads every row (no zero_rows, or a KL to the reference is on)."""
     method, none = losses.LOSSES[cfg["algo"]], torch.zeros_like(mb["advantages"], dtype=torch.bool)
-    if not cfg.get("skip_zero_advantage", True) or method.zero_rows is None \
-            or losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0]):
+    if not cfg.get("skip_zero_advantage", True) or method.zero_rows is None or reads_reference:
         return none
     return method.zero_rows(mb["advantages"], mb["mask"], mb["entropy"])
 
@@ -344,28 +361,30 @@ def setup(cfg, out, log):
     model, tok = data.load_model(str(ckpt / "model") if ckpt else cfg["start_model"], device=device,
                                  gradient_checkpointing=cfg["gradient_checkpointing"])
     problems.update(data.drop_too_long(problems, tok, cfg, log))
-    ref_model = None
-    if losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0]):
-        ref_model, _ = data.load_model(cfg["start_model"], device=device, trainable=False)
+    knobs, control_knobs = config.knob_kwargs(cfg)
+    reads_reference = losses.uses_reference(cfg["algo"], **knobs)
+    ref_model = data.load_model(cfg["start_model"], device=device, trainable=False)[0] if reads_reference else None
     opt_cls = torch.optim.AdamW if cfg["optimizer"] == "adamw" else torch.optim.SGD
     optimizer = opt_cls(model.parameters(), lr=cfg["lr"], **(dict(weight_decay=0.0) if cfg["optimizer"] == "adamw"
                                                               else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(done, cfg))
     method = losses.LOSSES[cfg["algo"]]
     generator = torch.Generator().manual_seed(cfg["seed"]) if "generator" in method.knobs else None
-    control = losses.entropy_control_init(**config.knob_kwargs(cfg)[1]) if method.adaptive else None
+    control = losses.entropy_control_init(**control_knobs) if method.adaptive else None
     order = []
     if ckpt:
-        order = run_dir.restore(out, ckpt, saved, cfg, optimizer, scheduler, data_rng, generator, log)
+        order = run_dir.restore(out, ckpt, saved, cfg, optimizer=optimizer, scheduler=scheduler, data_rng=data_rng,
+                                generator=generator, log=log)
         control = saved.get("entropy_control", control)
     else:
         for name in run_dir.LOGS:
             (out / name).write_text("")
     run_dir.write_config(out, cfg)
     autocast = data.autocast_factory(device, cfg["bf16"])
-    return dict(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, scheduler=scheduler,
-                autocast=autocast, device=device, generator=generator, entropy_control=control, data_rng=data_rng,
-                order=order, start_step=saved["step"] if saved else 0, phase=lambda name: None, **problems)
+    return Run(model=model, tok=tok, ref_model=ref_model, optimizer=optimizer, scheduler=scheduler, autocast=autocast,
+               device=device, knobs=knobs, reads_reference=reads_reference, generator=generator,
+               entropy_control=control, data_rng=data_rng, order=order, start_step=saved["step"] if saved else 0,
+               **problems)
 
 
 def main(argv=None, log=None):
@@ -387,49 +406,50 @@ def loop(state, cfg, out, log):
         """n training prompts, in epochs over a shuffled order drawn from the data-order RNG."""
         picked = []
         for _ in range(n):
-            if not state["order"]:
-                state["order"] = list(range(len(state["train_items"])))
-                state["data_rng"].shuffle(state["order"])
-            picked.append(state["train_items"][state["order"].pop()])
+            if not state.order:
+                state.order = list(range(len(state.train_items)))
+                state.data_rng.shuffle(state.order)
+            picked.append(state.train_items[state.order.pop()])
         return picked
 
     def evaluate(step):
-        return evaluation.evaluate_sets(state["model"], state["tok"], state["eval_sets"], cfg, step, state["autocast"],
-                                        state["device"], lambda r: run_dir.append_jsonl(out / "eval_samples.jsonl", r))
+        return evaluation.evaluate_sets(state.model, state.tok, state.eval_sets, cfg, step, state.autocast,
+                                        state.device, lambda r: run_dir.append_jsonl(out / "eval_samples.jsonl", r))
 
-    rows, start, report = [], state["start_step"], run_dir.reporter(out, cfg.get("report_to"))
+    rows, start, report = [], state.start_step, run_dir.reporter(out, cfg.get("report_to"))
     if start == 0:
-        rows.append({"step": 0, **evaluate(0), **{f"too_long_prompts/{k}": n for k, n in state["too_long"].items()}})
+        rows.append({"step": 0, **evaluate(0), **{f"too_long_prompts/{k}": n for k, n in state.too_long.items()}})
         run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
         report(rows[-1])
-        if state["eval_sets"]:
+        if state.eval_sets:
             log(f"step 0 (start model): {evaluation.summary(rows[-1])}")
     interactive, began = sys.stderr.isatty(), time.perf_counter()   # a bar on a terminal, lines in a log
     bar = tqdm(range(start + 1, cfg["steps"] + 1), initial=start, total=cfg["steps"], disable=not interactive,
                desc=cfg["algo"])
     with run_dir.stop_on_ctrl_c(log) as stop_asked:
         for step in bar:
-            # inside a step: its phase on the bar, or a line per phase in a log (a --model step takes minutes)
-            state["phase"] = lambda name: (bar.set_postfix_str(name) if interactive
+            # progress inside a step: its phase on the bar, or a line per phase in a log (--model steps are long)
+            state.phase = lambda name: (bar.set_postfix_str(name) if interactive
                                            else cfg.get("model") and log(f"step {step}: {name}"))
             started = time.perf_counter()
-            if state["device"].type == "cuda":
-                torch.cuda.reset_peak_memory_stats(state["device"])
-            lr = state["optimizer"].param_groups[0]["lr"]
+            if state.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(state.device)
+            lr = state.optimizer.param_groups[0]["lr"]
+            # one RL step, then the schedule, evaluation, logs and a checkpoint
             metrics, records = rl_step(state, cfg, draw(cfg["prompts_per_step"]), draw)
             metrics["lr"] = lr
             with warnings.catch_warnings():      # one schedule step per RL step, also when no update was made
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
-                state["scheduler"].step()
+                state.scheduler.step()
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", entropy=f"{metrics['entropy']:.3f}")
             if not interactive:
                 log(f"step {step}/{cfg['steps']}: reward {metrics['reward']:.3f}, entropy "
                     f"{metrics['entropy']:.3f}, {time.perf_counter() - started:.1f}s")
             if (cfg["eval_interval"] and step % cfg["eval_interval"] == 0) or step == cfg["steps"]:
                 metrics.update(evaluate(step))
-                if state["eval_sets"]:
+                if state.eval_sets:
                     log(f"step {step} evaluation, {metrics['time/eval']:.1f}s: {evaluation.summary(metrics)}")
-            metrics["peak_mem_mb"] = peak_mem_mb(state["device"])
+            metrics["peak_mem_mb"] = run_dir.peak_mem_mb(state.device)
             rows.append(run_dir.json_safe({"step": step, **metrics}))
             run_dir.append_jsonl(out / "metrics.jsonl", rows[-1])
             report(rows[-1])
@@ -437,9 +457,9 @@ def loop(state, cfg, out, log):
                 run_dir.append_jsonl(out / "samples.jsonl", {"step": step, **r})
             if step % cfg["save_interval"] == 0 or step == cfg["steps"] or stop_asked():
                 t = time.perf_counter()
-                run_dir.save_checkpoint(out, step, state["model"], state["tok"], state["optimizer"],
-                                        state["data_rng"], state["order"], generator=state["generator"],
-                                        entropy_control=state["entropy_control"], scheduler=state["scheduler"],
+                run_dir.save_checkpoint(out, step, model=state.model, tok=state.tok, optimizer=state.optimizer,
+                                        scheduler=state.scheduler, data_rng=state.data_rng, order=state.order,
+                                        generator=state.generator, entropy_control=state.entropy_control,
                                         with_optimizer=cfg["save_optimizer"])
                 log(f"step {step}: checkpoint in {time.perf_counter() - t:.1f}s")
             if stop_asked():
@@ -452,13 +472,6 @@ def loop(state, cfg, out, log):
         f"{last.get('reward', float('nan')):.3f}, entropy {last.get('entropy', float('nan')):.3f}; "
         f"{evaluation.summary(last) or 'no evaluation set'}; run directory {out}")
     return rows
-
-
-def peak_mem_mb(device):
-    """Peak memory of the run so far: CUDA's allocator on a GPU, the process's resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # Linux: KiB
 
 
 if __name__ == "__main__":

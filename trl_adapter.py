@@ -5,7 +5,7 @@ tensors that losses.py needs and TRL does not keep:
     behaviour statistics  TRL never forms full logits and keeps neither the behaviour policy's entropy H
                           nor S2. After TRL scores a generation batch, one extra no-grad forward over it
                           (in rows of per_device_train_batch_size) gives the logits of the completion
-                          positions, divided by TRL's sampling temperature, and losses.token_stats turns
+                          positions, divided by TRL's sampling temperature, and logprobs.token_stats turns
                           them into log pi_old, H and S2 (stored as old_logp_stats, old_entropy,
                           old_exact_term, so TRL shuffles and splits them with the rest).
     current log-probs     from TRL's own _get_per_token_logps_and_entropies (its fused LM head, with
@@ -28,7 +28,7 @@ tensors that losses.py needs and TRL does not keep:
                           rows).
     metrics               every loss metric reaches TRL's logs as "<loss>/<metric>", one value per
                           optimizer step, merged over the window by losses.merge_metrics as the loss's
-                          registry entry says (losses.LOSSES[loss].reduce: the partial sums pg_loss, kl,
+                          registry entry says (losses.LOSSES[loss].reductions: the partial sums pg_loss, kl,
                           weighted_flow, entropy_bonus and kl_cov summed; omega_max and weight_max maxed,
                           weight_min minned; the others token-weighted), then across processes (max, min,
                           else the mean).
@@ -50,7 +50,7 @@ tensors that losses.py needs and TRL does not keep:
                           logging_steps = k the logged value is the per-step mean of the k steps' flows.
 
 Usage (text models; any LOSSES name; knobs as in losses.py; adaptive_entropy takes a
-fixed alpha here, TRL's own use_adaptive_entropy being refused):
+fixed coef here, TRL's own use_adaptive_entropy being refused):
     from trl import GRPOConfig
     from trl_adapter import LossesGRPOTrainer
     args = GRPOConfig(output_dir="out", num_generations=8, temperature=1.0, beta=0.0)  # beta != 0 for Archer
@@ -76,6 +76,7 @@ import torch
 import trl
 from trl import GRPOTrainer
 
+import logprobs
 import losses
 
 TESTED_TRL_VERSIONS = ("1.16.0",)
@@ -161,7 +162,7 @@ class LossesGRPOTrainer(GRPOTrainer):
                                     logits_to_keep=t + 1).logits[:, :-1]    # position p predicts token p + 1
             if self.temperature != 1.0:
                 logits = logits / self.temperature                          # the sampling distribution
-            parts.append(losses.token_stats(logits, batch["completion_ids"][s:s + rows]))
+            parts.append(logprobs.token_stats(logits, batch["completion_ids"][s:s + rows]))
         return tuple(torch.cat(p) for p in zip(*parts))
 
     # ------------------------------------------------------------------------------ window statistics
@@ -257,7 +258,7 @@ class LossesGRPOTrainer(GRPOTrainer):
         if self.model.training:
             self._log_flow()
         merged = losses.merge_metrics(self.loss_name, parts)
-        reduce = losses.LOSSES[self.loss_name].reduce
+        reduce = losses.LOSSES[self.loss_name].reductions
         keys = list(merged)
         every = self.accelerator.gather(torch.tensor([[merged[k] for k in keys]], device=self.accelerator.device))
         mode = "train" if self.model.training else "eval"

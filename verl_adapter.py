@@ -53,12 +53,12 @@ multi-node one gets them through +ray_kwargs.ray_init.runtime_env.env_vars.NAME=
     python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo actor_rollout_ref.actor.policy_loss.loss_mode=steer \
         actor_rollout_ref.actor.loss_agg_mode=token-mean ...
 
-Limits: S2, the exact forms' extra statistic (omega="exact", flow="exact"), is not computed by verl's actor
+Limits: S2, the exact forms' extra statistic (form="exact"), is not computed by verl's actor
 (its calculate_sum_pi_squared is sum pi^2, a different quantity), so the exact forms are refused here, and
 the entropy flow is logged in the paper form only (flow/<q>_exact is absent); train.py and trl_adapter.py
 have them. Getting S2 would mean a fourth wrapper inside each verl engine's logits-to-entropy kernel (plain,
 chunked, fused, Megatron vocab-parallel), which this adapter does not attempt. rollout_is_weights (rollout
-correction) is refused rather than dropped. adaptive_entropy takes a fixed alpha knob (verl does not step
+correction) is refused rather than dropped. adaptive_entropy takes a fixed coef knob (verl does not step
 its controller). OPEFO needs one optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal
 to data.train_batch_size. Tested with verl 0.9.1 (refused otherwise, at import), whose internals used are the
 three functions above, the batch keys "entropys", "old_log_probs", "advantages", "response_mask" and
@@ -113,10 +113,9 @@ def _uses_reference(name, knobs_json):
 
 
 def check_forms(name):
-    for knob in ("omega", "flow"):
-        if knob_value(name, knob) == "exact":
-            raise ValueError(f"{name} with {knob}='exact' needs S2, which verl's actor does not compute; "
-                             f"use {knob}='paper' (or 'code' for STEER), or train.py / trl_adapter.py")
+    if knob_value(name, "form") == "exact":
+        raise ValueError(f"{name} with form='exact' needs S2, which verl's actor does not compute; use "
+                         "form='paper' (or 'code' for STEER), or train.py / trl_adapter.py")
 
 
 def statistics_columns(name, batch):
@@ -175,7 +174,7 @@ def make_policy_loss(name):
                              "verl does not add a second one")
         if "current_entropy" in losses.LOSSES[name].inputs and extra["current_entropy"] is None:
             raise ValueError(f"{name} needs the current entropy: set actor_rollout_ref.actor.calculate_entropy=True "
-                             "(and entropy_coeff=0, the coefficient being the loss's alpha)")
+                             "(and entropy_coeff=0, the coefficient being the loss's coef)")
         info = config.global_batch_info
         dp = info.get("dp_size") or 1
         kwargs = {"agg": loss_agg_mode, **extra["stats"]}

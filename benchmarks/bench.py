@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+import logprobs
 import losses
 
 SHAPE = (8, 1024, 151_936)
@@ -106,8 +107,8 @@ def bench_memory(device, shape=SHAPE):
     w_h = torch.randn(shape[:-1], generator=g, device=device)
 
     def ours():
-        logp = losses.token_logprobs(leaf, tokens)                # keeps only (B, T) outputs alive
-        ent, s2 = losses.token_entropy(leaf, exact_term=True)
+        logp = logprobs.token_logprobs(leaf, tokens)                # keeps only (B, T) outputs alive
+        ent, s2 = logprobs.token_entropy(leaf, exact_term=True)
         return logp, ent, s2
 
     def naive():
@@ -117,7 +118,7 @@ def bench_memory(device, shape=SHAPE):
         return logp, ent
 
     def bonus():                                                  # loss on log pi(a) and H, both with gradient
-        logp, ent = losses.token_logprobs_entropy(leaf, tokens)
+        logp, ent = logprobs.token_logprobs_entropy(leaf, tokens)
         ((logp * w_lp).sum() + (ent * w_h).sum()).backward()
         leaf.grad = None
 
@@ -138,16 +139,16 @@ def bench_throughput(device, n=None):
     logits = (torch.randn(n, SHAPE[-1], generator=g, device=device) * 3).to(torch.bfloat16)
     tokens = torch.randint(0, SHAPE[-1], (n,), generator=g, device=device)
     stream = best_time(lambda: logits.amax(-1), device)
-    work = torch.empty(losses.CHUNK_BYTES // (4 * SHAPE[-1]), SHAPE[-1], device=device)
+    work = torch.empty(logprobs.CHUNK_BYTES // (4 * SHAPE[-1]), SHAPE[-1], device=device)
 
     def exp_pass():
         for s in range(0, n, work.shape[0]):
             chunk = logits[s:s + work.shape[0]]
             work[:chunk.shape[0]].copy_(chunk).exp_()
     exp_only = best_time(exp_pass, device)
-    logp = best_time(lambda: losses.token_logprobs(logits, tokens), device)
-    ent = best_time(lambda: losses.token_entropy(logits, exact_term=True), device)
-    fused = best_time(lambda: losses.token_stats(logits, tokens), device)
+    logp = best_time(lambda: logprobs.token_logprobs(logits, tokens), device)
+    ent = best_time(lambda: logprobs.token_entropy(logits, exact_term=True), device)
+    fused = best_time(lambda: logprobs.token_stats(logits, tokens), device)
     gb = logits.numel() * 2 / 1e9
     print(f"  {n} positions x V={SHAPE[-1]} bf16 ({gb:.2f} GB)")
     print(f"  streaming pass (amax)          {stream * 1e3:8.1f} ms  {gb / stream:6.1f} GB/s")
@@ -164,9 +165,9 @@ def bench_throughput(device, n=None):
 def loss_runs(entropy, mask):
     """(LOSSES name, knobs) of every method timed: each entry with its defaults (the knobs it needs given),
     then the variants whose cost differs (the exact first-order forms, forking with a fixed threshold)."""
-    needed = {"adaptive_entropy": {"alpha": 0.005}, "clip_cov": {"generator": torch.Generator().manual_seed(0)}}
+    needed = {"adaptive_entropy": {"coef": 0.005}, "clip_cov": {"generator": torch.Generator().manual_seed(0)}}
     return [(name, needed.get(name, {})) for name in losses.LOSSES if name != "grpo"] + [
-        ("steer", {"omega": "exact"}), ("opefo", {"flow": "exact"}),
+        ("steer", {"form": "exact"}), ("opefo", {"form": "exact"}),
         ("forking", {"entropy_threshold": float(losses.forking_threshold(entropy, mask))})]
 
 

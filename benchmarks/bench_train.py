@@ -65,6 +65,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import config
 import rollout
+import run_dir
 import train
 import verifier
 
@@ -130,7 +131,7 @@ def timed(device, fn):
     start = time.perf_counter()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - start, train.peak_mem_mb(device)
+    return out, time.perf_counter() - start, run_dir.peak_mem_mb(device)
 
 
 def matmul_rate(device, dtype):

@@ -53,10 +53,12 @@ def trainpy_side(path, args):
         argv.append("--no-skip-zero-advantage")
     cfg = config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
     model, tok = data.load_model(str(path), device=torch.device("cpu"))
-    state = dict(model=model, tok=tok, ref_model=None, autocast=contextlib.nullcontext,
-                 optimizer=torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0),
-                 score=tiny_lab.score, fork_mask=tiny_lab.fork_mask, phase=lambda name: None)
     problems, rng = tiny_lab.datasets()[0], random.Random(args.seed)
+    state = train.Run(model=model, tok=tok, ref_model=None, optimizer=torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.0), scheduler=None, autocast=contextlib.nullcontext,
+        device=torch.device("cpu"), knobs=config.knob_kwargs(cfg)[0], reads_reference=False, generator=None,
+        entropy_control=None, data_rng=rng, order=[], start_step=0, train_items=problems, eval_sets={},
+        score=tiny_lab.score, fork_mask=tiny_lab.fork_mask, too_long={})
 
     def draw(n):
         return rng.sample(problems, n)

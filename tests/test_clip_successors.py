@@ -308,9 +308,9 @@ def test_registry_entries():
         assert LOSSES[name].needs == ("logp", "old_logp", "advantages", "mask")
         assert not losses.uses_reference(name)
     assert all(LOSSES[n].data_defaults == {"drop_equal_groups": True} for n in NEW)
-    assert all(LOSSES[n].zero_rows is losses._advantage_zero_rows and LOSSES[n].reduce == {"pg_loss": "sum"}
+    assert all(LOSSES[n].zero_rows is losses._advantage_zero_rows and LOSSES[n].reductions == {"pg_loss": "sum"}
                for n in NEW)
-    assert LOSSES["gppo"].forwards_to is ce_gppo_loss and LOSSES["ce_gppo"].forwards_to is None
+    assert LOSSES["gppo"].knobs == {**LOSSES["ce_gppo"].knobs, "beta_low": 1.0, "beta_high": 1.0, "clip_high": 0.28}
     assert LOSSES["aspo"].knobs == {"quantile": 0.8, "clip_reasoning": 0.4, "clip_knowledge": 0.2, "dual_clip": 3.0,
                                     "kl_knowledge": 0.001, "kl_reasoning": 0.0, "kl_kind": "k3",
                                     "agg": "token-mean"}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import entropy_math
+import logprobs
 import losses
 from losses import LOSSES
 
@@ -25,7 +26,7 @@ def batch(B=4, T=6, V=11, seed=0):
     mask = torch.ones(B, T)
     mask[0, T - 2:] = 0
     mask[-1, T - 3:] = 0
-    old_logp, entropy, s2 = losses.token_stats(logits, tokens)
+    old_logp, entropy, s2 = logprobs.token_stats(logits, tokens)
     logp = old_logp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64) * 2
     return dict(logits=logits, tokens=tokens, mask=mask, logp=logp, old_logp=old_logp, advantages=adv,
@@ -35,7 +36,7 @@ def batch(B=4, T=6, V=11, seed=0):
 def run(name, b, **kw):
     """LOSSES[name] on batch b; Clip-Cov draws from a freshly seeded generator."""
     if name == "adaptive_entropy":
-        kw.setdefault("alpha", 0.01)
+        kw.setdefault("coef", 0.01)
     if name == "clip_cov" and "cov_selected" not in kw:
         kw.setdefault("generator", torch.Generator().manual_seed(0))
     keys = ("logp", "old_logp", "advantages", "mask", "entropy", "exact_term", "current_entropy")
@@ -57,7 +58,7 @@ def test_entropy_gradient_equals_autograd_of_the_formula(dtype, tol, chunk):
     logits[0, 0, :3] = -math.inf                                          # masked vocabulary entries
     logits.requires_grad_(True)
     w_lp, w_h = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
-    logp, h = losses.token_logprobs_entropy(logits, b["tokens"], chunk_size=chunk)
+    logp, h = logprobs.token_logprobs_entropy(logits, b["tokens"], chunk_size=chunk)
     (g,) = torch.autograd.grad((logp * w_lp).sum() + (h * w_h).sum(), logits)
     ref = logits.detach().double().requires_grad_(True)
     h_ref, lsm = naive_entropy(ref)
@@ -72,7 +73,7 @@ def test_entropy_gradient_equals_autograd_of_the_formula(dtype, tol, chunk):
 def test_entropy_gradient_hand_value():
     # two tokens, logits (0, log 3): pi = (1/4, 3/4); dH/dz_b = -pi_b (log pi_b + H)
     z = torch.tensor([[0.0, math.log(3)]], dtype=torch.float64, requires_grad=True)
-    h = losses.policy_entropy(z)
+    h = logprobs.policy_entropy(z)
     p = torch.tensor([0.25, 0.75], dtype=torch.float64)
     H = -(p * p.log()).sum()
     (g,) = torch.autograd.grad(h.sum(), z)
@@ -86,23 +87,23 @@ def test_entropy_bonus_hand_value_and_gradient():
     logp = torch.log(torch.tensor([[0.5], [0.25]])).requires_grad_(True)
     adv, mask = torch.tensor([1.0, -2.0]), torch.ones(2, 1)
     ent = torch.tensor([[math.log(4)], [math.log(2)]], requires_grad=True)
-    loss, m = losses.entropy_bonus_loss(logp, logp.detach(), adv, mask, ent, alpha=0.1)
+    loss, m = losses.entropy_bonus_loss(logp, logp.detach(), adv, mask, ent, coef=0.1)
     pg = (-1.0 + 2.0) / 2
     bonus = (math.log(4) + math.log(2)) / 2
     assert loss.item() == pytest.approx(pg - 0.1 * bonus, rel=1e-6)
-    assert m["entropy_bonus"] == pytest.approx(bonus) and m["alpha"] == pytest.approx(0.1)
+    assert m["entropy_bonus"] == pytest.approx(bonus) and m["coef"] == pytest.approx(0.1)
     g_lp, g_h = torch.autograd.grad(loss, (logp, ent))
     torch.testing.assert_close(g_lp, torch.tensor([[-0.5], [1.0]]))      # -A r / 2
-    torch.testing.assert_close(g_h, torch.full((2, 1), -0.05))            # -alpha / 2
+    torch.testing.assert_close(g_h, torch.full((2, 1), -0.05))            # -coef / 2
 
 
 def test_entropy_bonus_end_to_end_gradient_on_logits():
     """loss(logits) through token_logprobs_entropy equals the same formula on a naive log_softmax."""
     b = batch(B=2, T=3, V=17, seed=2)
     logits = b["logits"].clone().requires_grad_(True)
-    logp, h = losses.token_logprobs_entropy(logits, b["tokens"], chunk_size=2)
+    logp, h = logprobs.token_logprobs_entropy(logits, b["tokens"], chunk_size=2)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    loss, _ = losses.entropy_bonus_loss(logp, b["old_logp"][:2, :3], b["advantages"][:2], mask, h, alpha=0.3)
+    loss, _ = losses.entropy_bonus_loss(logp, b["old_logp"][:2, :3], b["advantages"][:2], mask, h, coef=0.3)
     (g,) = torch.autograd.grad(loss, logits)
     ref = b["logits"].clone().requires_grad_(True)
     h_ref, lsm = naive_entropy(ref)
@@ -149,10 +150,10 @@ def test_entropy_controller_floor_and_defaults():
 def test_adaptive_entropy_loss_is_the_bonus_with_the_controller_alpha():
     b = batch()
     alpha, _ = losses.entropy_control_step(losses.entropy_control_init(), 0.05)
-    a, _ = run("adaptive_entropy", b, alpha=alpha)
-    e, _ = run("entropy_bonus", b, alpha=0.005)
+    a, _ = run("adaptive_entropy", b, coef=alpha)
+    e, _ = run("entropy_bonus", b, coef=0.005)
     assert alpha == 0.005 and a.item() == e.item()
-    with pytest.raises(TypeError, match="alpha"):
+    with pytest.raises(TypeError, match="coef"):
         LOSSES["adaptive_entropy"](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"],
                                    mask=b["mask"], current_entropy=b["current_entropy"])
 
@@ -275,7 +276,7 @@ def test_kl_cov_hand_value_and_gradient():
     logp, adv, mask = clip_cov_case()
     logp = logp.clone().requires_grad_(True)
     old = logp.detach() - torch.tensor([[0.1, -0.2, 0.05, 0.3, -0.1]], dtype=torch.float64)
-    loss, m = losses.kl_cov_loss(logp, old, adv, mask, kl_cov_ratio=0.2, kl_coef=1.0)
+    loss, m = losses.kl_cov_loss(logp, old, adv, mask, kl_cov_ratio=0.2, kl_cov_coef=1.0)
     # k = max(1, int(0.2 * 5)) = 1: the largest Cov is token 1's 2.5 (Cov uses the current log pi)
     chosen = torch.tensor([[0, 1, 0, 0, 0]], dtype=torch.float64)
     ref = kl_cov_reference(logp, old, adv, chosen, 1.0)
@@ -420,7 +421,7 @@ def test_gradient_equals_finite_differences(name):
         assert g[i, t].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-8), (i, t)
 
 
-@pytest.mark.parametrize("name,typo", [("entropy_bonus", "alpah"), ("adaptive_entropy", "coef"),
+@pytest.mark.parametrize("name,typo", [("entropy_bonus", "alpah"), ("adaptive_entropy", "alpha"),
                                        ("clip_cov", "clip_cov_ration"), ("kl_cov", "kl_cov_percent"),
                                        ("forking", "top_fraction"), ("entropy_adv", "kapa"),
                                        ("w_reinforce", "lam")])
@@ -430,7 +431,7 @@ def test_misspelt_knob_raises_type_error(name, typo):
 
 
 @pytest.mark.parametrize("name,knob,value,message", [
-    ("entropy_bonus", "alpha", -0.1, r"alpha=-0.1 must be >= 0"),
+    ("entropy_bonus", "coef", -0.1, r"coef=-0.1 must be >= 0"),
     ("clip_cov", "clip_cov_ratio", 0.0, r"clip_cov_ratio=0.0 must be in \(0, 1\]"),
     ("clip_cov", "cov_lb", 6.0, r"cov_lb=6.0 must be < cov_ub=5.0"),
     ("kl_cov", "kl_cov_ratio", 2.0, r"kl_cov_ratio=2.0 must be in \(0, 1\]"),
@@ -492,7 +493,7 @@ def test_quadrant_total_matches_a_tabular_softmax_step():
     tokens = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(-1)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     w = adv * (0.5 + torch.rand(n, generator=g, dtype=torch.float64))     # clip and reweighting: w != A
-    lp, h, s2 = losses.token_stats(logits[:, None], tokens[:, None])
+    lp, h, s2 = logprobs.token_stats(logits[:, None], tokens[:, None])
     q = losses.entropy_flow_quadrants(lp, h, s2, adv, w[:, None], torch.ones(n, 1))
     likely = (lp[:, 0] + h[:, 0]) > 0
     for lr in (1e-3, 1e-4):

@@ -7,10 +7,12 @@ import os
 import pytest
 import torch
 
+import logprobs
 import losses
 from losses import (LOSSES, agg_loss, archer_loss, dapo_loss, drgrpo_loss, entropy_flow, first_order_term,
                     group_advantages, grpo_loss, kl_penalty, opefo_balance, opefo_loss, response_quantile,
-                    steer_loss, steer_weights, token_entropy, token_logprobs)
+                    steer_loss, steer_weights)
+from logprobs import token_entropy, token_logprobs
 
 
 def random_batch(B=4, T=7, V=13, seed=0, dtype=torch.float32):
@@ -25,7 +27,7 @@ def random_batch(B=4, T=7, V=13, seed=0, dtype=torch.float32):
     old_logp = logp + 0.3 * torch.randn(B, T, generator=g, dtype=logp.dtype)
     adv = torch.randn(B, generator=g)
     entropy, s2 = token_entropy(logits, exact_term=True)
-    current_entropy = losses.policy_entropy(logits).detach() + 0.05   # the current policy has moved a little
+    current_entropy = logprobs.policy_entropy(logits).detach() + 0.05   # the current policy has moved a little
     return dict(logits=logits, tokens=tokens, mask=mask, logp=logp, old_logp=old_logp, advantages=adv,
                 entropy=entropy, exact_term=s2, current_entropy=current_entropy)
 
@@ -218,18 +220,18 @@ def test_steer_with_lambda_min_one_is_grpo():
     assert s.item() == g.item()
 
 
-@pytest.mark.parametrize("omega", ["paper", "code", "exact"])
-def test_steer_gradient_is_weight_times_grpo_gradient(omega):
+@pytest.mark.parametrize("form", ["paper", "code", "exact"])
+def test_steer_gradient_is_weight_times_grpo_gradient(form):
     b = random_batch()
     logp = b["logp"].clone().requires_grad_(True)
     loss, _ = steer_loss(logp, b["old_logp"], b["advantages"], b["mask"], b["entropy"],
-                         exact_term=b["exact_term"], omega=omega)
+                         exact_term=b["exact_term"], form=form)
     (g_steer,) = torch.autograd.grad(loss, logp)
     per_tok, ratio = losses.ppo_clip_loss(logp, b["old_logp"], b["advantages"][:, None].expand(-1, 7),
                                           clip_low=0.2, clip_high=0.28, dual_clip=10.0)
     (g_base,) = torch.autograd.grad(agg_loss(per_tok, b["mask"]), logp)
     adv = b["advantages"][:, None].expand(-1, 7)
-    om = -(ratio.detach() * adv) * first_order_term(logp, b["entropy"], b["exact_term"], omega)
+    om = -(ratio.detach() * adv) * first_order_term(logp, b["entropy"], b["exact_term"], form)
     lam = steer_weights(om, b["mask"])
     torch.testing.assert_close(g_steer, lam * g_base)
     assert (g_steer[b["mask"] == 0] == 0).all()
@@ -251,10 +253,10 @@ def test_opefo_hand_values_and_zero_net_flow():
     assert m["frac_pos"] == pytest.approx(2 / 3) and abs(m["weighted_flow"]) < 1e-7
 
 
-@pytest.mark.parametrize("flow", ["paper", "exact"])
-def test_opefo_weighted_flow_sums_to_zero(flow):
+@pytest.mark.parametrize("form", ["paper", "exact"])
+def test_opefo_weighted_flow_sums_to_zero(form):
     b = random_batch(B=8, T=9, V=20, seed=3)
-    f = entropy_flow(b["logp"], b["advantages"], b["mask"], b["entropy"], b["exact_term"], flow)
+    f = entropy_flow(b["logp"], b["advantages"], b["mask"], b["entropy"], b["exact_term"], form)
     lam, P, N = opefo_balance(f)
     w = torch.where(f > 0, 1 + lam, torch.where(f < 0, 1 - lam, 1.0))
     assert P > 0 and N > 0
@@ -332,7 +334,7 @@ def test_archer_kl_needs_reference():
 ALL = sorted(LOSSES)
 
 
-KNOBS = {"adaptive_entropy": {"alpha": 0.01}}     # knobs a loss cannot run without
+KNOBS = {"adaptive_entropy": {"coef": 0.01}}     # knobs a loss cannot run without
 
 
 def knobs(name, **kw):
@@ -382,8 +384,8 @@ def test_equal_reward_group_gives_zero_advantage_and_finite_loss(name):
     assert b["advantages"].eq(0).all() and metrics["pg_loss"] == 0.0
     if name in ("archer", "aspo"):                                         # only the knowledge-token KL
         assert 0 < loss.item() <= 0.001 * metrics["kl_knowledge"]
-    elif "current_entropy" in LOSSES[name].inputs:                         # only the bonus -alpha agg(H)
-        assert loss.item() == pytest.approx(-metrics["alpha"] * metrics["entropy_bonus"], rel=1e-6)
+    elif "current_entropy" in LOSSES[name].inputs:                         # only the bonus -coef agg(H)
+        assert loss.item() == pytest.approx(-metrics["coef"] * metrics["entropy_bonus"], rel=1e-6)
         assert metrics["entropy_bonus"] == pytest.approx(agg_loss(b["current_entropy"], b["mask"]).item())
     else:
         assert loss.item() == 0.0
@@ -409,7 +411,7 @@ def test_registry_accepts_the_full_batch_and_rejects_typos():
         call("steer", b, lamda_min=0.5)
     assert call("dapo", b, clip_high=0.2)[0].item() == call("grpo", b)[0].item()
     assert call("dapo", b)[0].item() != call("grpo", b)[0].item()
-    assert call("steer", b, omega="exact")[0].item() != call("steer", b, omega="paper")[0].item()
+    assert call("steer", b, form="exact")[0].item() != call("steer", b, form="paper")[0].item()
 
 
 def test_drgrpo_does_not_depend_on_how_tokens_split_across_responses():
@@ -565,7 +567,7 @@ def test_batch_statistics_rejects_unknown_knobs_and_losses():
 def test_token_stats_is_the_two_functions_in_one_pass(dtype):
     b = random_batch(B=3, T=4, V=41, seed=6)
     logits = b["logits"].to(dtype)
-    logp, h, s2 = losses.token_stats(logits, b["tokens"], chunk_size=5)
+    logp, h, s2 = logprobs.token_stats(logits, b["tokens"], chunk_size=5)
     h_ref, s2_ref = token_entropy(logits, exact_term=True, chunk_size=5)
     lp_ref = token_logprobs(logits, b["tokens"], chunk_size=5)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -574,7 +576,7 @@ def test_token_stats_is_the_two_functions_in_one_pass(dtype):
     torch.testing.assert_close(s2, s2_ref, rtol=0, atol=0)
     assert not logp.requires_grad
     with pytest.raises(ValueError, match="disagree"):
-        losses.token_stats(logits, b["tokens"][:, :2])
+        logprobs.token_stats(logits, b["tokens"][:, :2])
 
 
 # ------------------------------------------------------------------- robustness where the file is copied
@@ -623,7 +625,7 @@ def test_empty_batch_statistics():
     h, s2 = token_entropy(empty, exact_term=True)
     assert h.shape == s2.shape == (0, 3)
     assert token_logprobs(empty, torch.zeros(0, 3, dtype=torch.long)).shape == (0, 3)
-    assert losses.token_stats(empty, torch.zeros(0, 3, dtype=torch.long))[0].shape == (0, 3)
+    assert logprobs.token_stats(empty, torch.zeros(0, 3, dtype=torch.long))[0].shape == (0, 3)
 
 
 @pytest.mark.parametrize("name,knob,value,message", [
@@ -746,7 +748,7 @@ def test_uses_reference_probes_whether_a_loss_reads_ref_logp():
     assert losses.uses_reference("archer") and not losses.uses_reference("archer", kl_knowledge=0.0)
     assert not losses.uses_reference("grpo") and losses.uses_reference("grpo", kl_coef=0.1)
     assert not losses.uses_reference("kl_cov")              # its penalty is to pi_old, not to a reference
-    assert not losses.uses_reference("adaptive_entropy")    # no ref_logp: no probe, so no alpha is needed
+    assert not losses.uses_reference("adaptive_entropy")    # no ref_logp: no probe, so no coef is needed
     with pytest.raises(ValueError, match="unknown loss"):
         losses.uses_reference("ppo")
     with pytest.raises(TypeError):
@@ -759,22 +761,23 @@ RATIO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entr
               "entropy_adv", "w_reinforce", "ce_gppo", "gppo", "quadrant"}   # built on ppo_clip_loss's ratio clip
 
 
-def parameters(entry):
-    """(name, inspect.Parameter) of the entry's function and, for a preset, of the function it forwards to."""
-    fns = (entry.fn,) if entry.forwards_to is None else (entry.fn, entry.forwards_to)
-    return [(n, p) for f in fns for n, p in inspect.signature(f).parameters.items()]
+PPO = ("logp", "old_logp", "advantages", "mask")
+NEEDS = {**{n: PPO for n in ("grpo", "dapo", "drgrpo", "ce_gppo", "gppo", "clip_cov", "kl_cov", "w_reinforce")},
+         **{n: PPO + ("entropy",) for n in ("steer", "quadrant", "archer", "aspo", "forking", "entropy_adv")},
+         "opefo": ("logp", "advantages", "mask", "entropy"),                    # on-policy: no old_logp
+         **{n: PPO + ("current_entropy",) for n in ("entropy_bonus", "adaptive_entropy")}}
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_registry_inputs_and_needs_are_the_signatures(name):
+def test_registry_reads_off_each_signature_what_the_method_needs(name):
     entry = LOSSES[name]
-    params = parameters(entry)
-    assert len(set(entry.inputs)) == len(entry.inputs) and set(entry.inputs) <= losses.BATCH_KEYS
-    assert set(entry.inputs) == {n for n, _ in params} & losses.BATCH_KEYS
-    required = [n for n, p in inspect.signature(entry.fn).parameters.items()
-                if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
-    assert list(entry.needs) == required                   # every tensor it cannot run without, in order
-    assert set(entry.needs) <= set(entry.inputs)
+    assert entry.needs == NEEDS[name]                       # the tensors it cannot run without, in order
+    assert set(entry.needs) <= set(entry.inputs) <= losses.BATCH_KEYS
+    assert {"num_tokens", "num_seqs", "norm_length"} <= set(entry.inputs)    # every loss aggregates exactly
+    assert ("ref_logp" in entry.inputs) == (name in ("grpo", "dapo", "drgrpo", "archer", "aspo"))
+    assert ("exact_term" in entry.inputs) == (name in ("steer", "opefo"))
+    with pytest.raises(TypeError, match=f"{entry.fn.__name__} needs {entry.needs[-1]} "):
+        entry(**{k: v for k, v in random_batch().items() if k in entry.needs[:-1]})
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -794,7 +797,7 @@ def test_registry_knobs_are_what_the_loss_takes_with_its_defaults(name):
     # the defaults are the ones the loss uses: passing them all changes nothing, to the last bit
     given = {k: v for k, v in knobs.items() if v is not losses.REQUIRED and k != "generator"}
     assert call(name, b, **given)[0].item() == call(name, b)[0].item()
-    assert [k for k, v in knobs.items() if v is losses.REQUIRED] == (["alpha"] if name == "adaptive_entropy" else [])
+    assert [k for k, v in knobs.items() if v is losses.REQUIRED] == (["coef"] if name == "adaptive_entropy" else [])
 
 
 def test_registry_knob_defaults_of_presets_come_first():
@@ -866,10 +869,10 @@ def test_steer_statistics_is_the_max_score_at_r_one():
     for form, mode in (("paper", "symmetric"), ("exact", "symmetric"), ("code", "asymmetric")):
         omega = -b["advantages"][:, None] * first_order_term(b["old_logp"], b["entropy"], b["exact_term"], form)
         m = omega.abs() if mode == "symmetric" else (-omega).clamp(min=0)
-        stats = whole_batch_statistics("steer", b, omega=form, mode=mode)
+        stats = whole_batch_statistics("steer", b, form=form, mode=mode)
         assert stats["omega_max"] == m[valid].max().item() > 0
         assert losses.steer_statistics(mask=b["mask"], advantages=b["advantages"], old_logp=b["old_logp"],
-                                       entropy=b["entropy"], exact_term=b["exact_term"], omega=form,
+                                       entropy=b["entropy"], exact_term=b["exact_term"], form=form,
                                        mode=mode) == {"omega_max": stats["omega_max"]}
     with pytest.raises(ValueError, match="unknown STEER mode"):
         whole_batch_statistics("steer", b, mode="both")
@@ -880,7 +883,7 @@ def test_opefo_statistics_are_the_flow_totals():
     valid = b["mask"].bool()
     for form in ("paper", "exact"):
         f = (-b["advantages"][:, None] * first_order_term(b["old_logp"], b["entropy"], b["exact_term"], form))[valid]
-        pos, neg = whole_batch_statistics("opefo", b, flow=form)["flow_totals"]
+        pos, neg = whole_batch_statistics("opefo", b, form=form)["flow_totals"]
         assert isinstance(pos, float) and isinstance(neg, float)
         assert pos == pytest.approx(f.clamp(min=0).sum().item(), rel=1e-6)
         assert neg == pytest.approx((-f).clamp(min=0).sum().item(), rel=1e-6)
@@ -933,14 +936,14 @@ def test_reduce_names_metrics_the_loss_emits(name):
     b = random_batch()
     kw = {"kl_coef": 0.1} if name in ("grpo", "dapo", "drgrpo") else {}
     _, metrics = call(name, b, **kw)
-    assert set(LOSSES[name].reduce) <= set(metrics) and LOSSES[name].reduce["pg_loss"] == "sum"
-    assert set(LOSSES[name].reduce.values()) <= {"sum", "max", "min"}
+    assert set(LOSSES[name].reductions) <= set(metrics) and LOSSES[name].reductions["pg_loss"] == "sum"
+    assert set(LOSSES[name].reductions.values()) <= {"sum", "max", "min"}
 
 
 def test_reduce_tables_together_are_the_former_trl_window_table():
     union = {}
     for name in ALL:
-        for k, v in LOSSES[name].reduce.items():
+        for k, v in LOSSES[name].reductions.items():
             assert union.setdefault(k, v) == v                # one rule per metric name across losses
     assert union == {"pg_loss": "sum", "kl": "sum", "weighted_flow": "sum", "entropy_bonus": "sum",
                      "kl_cov": "sum", "omega_max": "max", "weight_max": "max", "weight_min": "min"}
@@ -950,14 +953,14 @@ def test_reduce_tables_together_are_the_former_trl_window_table():
 def test_missing_current_entropy_names_the_tensor_and_its_function(name):
     b = random_batch()
     message = (rf"{name}_loss needs current_entropy \(B, T\) with gradient: "
-               r"token_logprobs_entropy\(logits, tokens\)\[1\]")
+               r"logprobs.token_logprobs_entropy\(logits, tokens\)\[1\]")
     with pytest.raises(TypeError, match=message):
         call(name, dict(b, current_entropy=None))
     with pytest.raises(TypeError, match=message):
         LOSSES[name](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"],
                      **knobs(name))
     with pytest.raises(TypeError, match=r"steer_loss needs entropy \(B, T\), the behaviour policy's: "
-                                        r"token_stats\(old_logits, tokens\)\[1\]"):
+                                        r"logprobs.token_stats\(old_logits, tokens\)\[1\]"):
         LOSSES["steer"](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"])
 
 
@@ -993,7 +996,7 @@ def test_every_entry_takes_the_whole_batch_and_only_the_bonuses_need_current_ent
                 with pytest.raises(TypeError) as err:
                     LOSSES[name](**batch, **knobs(name))
                 assert str(err.value) == (f"{name}_loss needs current_entropy (B, T) with gradient: "
-                                          "token_logprobs_entropy(logits, tokens)[1]")
+                                          "logprobs.token_logprobs_entropy(logits, tokens)[1]")
             else:
                 assert LOSSES[name](**batch, **knobs(name))[0].item() == values[name], name
 
@@ -1038,7 +1041,7 @@ def test_the_docstrings_alignment_is_the_one_the_trainer_scores_with():
     with torch.no_grad():
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids, attention_mask=attention_mask, position_ids=pos).logits[:, P - 1:-1]
-        logp = losses.token_logprobs(logits / temperature, input_ids[:, P:])
+        logp = logprobs.token_logprobs(logits / temperature, input_ids[:, P:])
         expected = rollout.response_stats(model, input_ids, attention_mask, P, mask, temperature=temperature)["logp"]
     torch.testing.assert_close(logp, expected)
 

@@ -222,8 +222,9 @@ def test_which_losses_allow_the_skip():
     mb = {"advantages": torch.tensor([0.0, 1.0]), "mask": torch.ones(2, 2), "entropy": torch.ones(2, 2)}
 
     def rows(algo, **cfg):
-        knobs = dict({k: None for k in config.KNOB_FLAGS}, algo=algo, max_new_tokens=4)
-        return train.zero_advantage_rows(mb, dict(knobs, **cfg)).tolist()
+        run = dict({k: None for k in config.KNOB_FLAGS}, algo=algo, max_new_tokens=4, **cfg)
+        reads = losses.uses_reference(algo, **config.knob_kwargs(run)[0])
+        return train.zero_advantage_rows(mb, run, reads).tolist()
     for algo in ("grpo", "dapo", "drgrpo", "steer", "opefo"):
         assert rows(algo) == [True, False], algo
     assert rows("archer", kl_knowledge=0.0) == [True, False] and rows("archer") == [False, False]

@@ -154,7 +154,7 @@ def test_save_keeps_the_previous_checkpoint_only(tmp_path, cache, capsys):
     rng = train.random.Random(0)
     capsys.readouterr()
     for step in (1, 2, 3):
-        run_dir.save_checkpoint(tmp_path, step, model, tok, opt, rng, [])
+        run_dir.save_checkpoint(tmp_path, step, model=model, tok=tok, optimizer=opt, data_rng=rng, order=[])
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
     err = capsys.readouterr().err
     assert "Writing model shards" not in err                       # transformers' bars are quiet
@@ -166,7 +166,7 @@ def test_a_checkpoint_written_truncated_never_becomes_latest(tmp_path, cache, mo
     model, tok = data.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters())
     rng = train.random.Random(0)
-    run_dir.save_checkpoint(tmp_path, 1, model, tok, opt, rng, [])
+    run_dir.save_checkpoint(tmp_path, 1, model=model, tok=tok, optimizer=opt, data_rng=rng, order=[])
     real = torch.save
 
     def short_write(obj, path):                 # a disk that silently loses the end of the file
@@ -174,7 +174,7 @@ def test_a_checkpoint_written_truncated_never_becomes_latest(tmp_path, cache, mo
         truncate(Path(path))
     monkeypatch.setattr(train.torch, "save", short_write)
     with pytest.raises(zipfile.BadZipFile):
-        run_dir.save_checkpoint(tmp_path, 2, model, tok, opt, rng, [])
+        run_dir.save_checkpoint(tmp_path, 2, model=model, tok=tok, optimizer=opt, data_rng=rng, order=[])
     assert run_dir.latest_checkpoint(tmp_path).name == "step_000001"
     assert not (tmp_path / "checkpoints" / "step_000002").exists()
 

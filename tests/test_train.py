@@ -141,7 +141,7 @@ def _one_update(path, batch, algo, micro, knobs=None, **flags):
 
 MICRO_CASES = [("dapo", {}, None), ("grpo", dict(agg="seq-mean-token-mean"), None), ("steer", {}, None),
                ("opefo", {}, None), ("entropy_bonus", dict(entropy_coef=0.1), None),
-               ("adaptive_entropy", {}, dict(alpha=0.05)), ("adaptive_entropy", dict(entropy_coef=0.02), None),
+               ("adaptive_entropy", {}, dict(coef=0.05)), ("adaptive_entropy", dict(entropy_coef=0.02), None),
                ("clip_cov", dict(clip_cov_lb=-100.0, clip_cov_ub=100.0, clip_cov_ratio=0.3), "generator"),
                ("kl_cov", dict(kl_cov_ratio=0.3), None), ("forking", {}, None), ("entropy_adv", {}, None),
                ("w_reinforce", {}, None)]
@@ -174,7 +174,7 @@ def test_micro_batching_gives_the_same_update(tmp_path, cache):
 
 def test_micro_batch_metrics_merge_as_the_registry_says(cache):
     """STEER's omega_max / weight_max are maxima and weight_min a minimum over the mini-batch, whatever the
-    micro-batch size (losses.LOSSES["steer"].reduce); pg_loss is summed, the other metrics token-averaged.
+    micro-batch size (losses.LOSSES["steer"].reductions); pg_loss is summed, the other metrics token-averaged.
     (train.py used to token-average every metric but the sums, so micro-batches of 1 reported a mean of
     per-row maxima.)"""
     path, _, batch = _update_batch(cache)
@@ -216,7 +216,7 @@ def test_flow_quadrants_match_the_hand_formula(cache):
     ("entropy_bonus", ["--entropy-coef", "0.03"], {"alpha": 0.03}),
     ("clip_cov", ["--clip-cov-ratio", "0.01", "--clip-cov-lb", "0.5", "--clip-cov-ub", "7"],
      {"clip_cov_ratio": 0.01, "cov_lb": 0.5, "cov_ub": 7.0}),
-    ("kl_cov", ["--kl-cov-ratio", "0.05", "--kl-cov-coef", "2"], {"kl_cov_ratio": 0.05, "kl_coef": 2.0}),
+    ("kl_cov", ["--kl-cov-ratio", "0.05", "--kl-cov-coef", "2"], {"kl_cov_ratio": 0.05, "kl_cov_coef": 2.0}),
     ("forking", ["--top-frac", "0.3", "--clip-high", "0.3"], {"top_frac": 0.3, "clip_high": 0.3}),
     ("entropy_adv", ["--entropy-adv-alpha", "0.2", "--entropy-adv-kappa", "3"], {"alpha": 0.2, "kappa": 3.0}),
     ("w_reinforce", ["--positive-weight", "0.5"], {"positive_weight": 0.5}),
@@ -379,13 +379,13 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, cache, monkeypat
     model, tok = data.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters())
     rng = train.random.Random(0)
-    run_dir.save_checkpoint(tmp_path, 1, model, tok, opt, rng, [3, 1])
+    run_dir.save_checkpoint(tmp_path, 1, model=model, tok=tok, optimizer=opt, data_rng=rng, order=[3, 1])
 
     def crash(*a, **k):
         raise RuntimeError("disk full")
     monkeypatch.setattr(train.torch, "save", crash)
     with pytest.raises(RuntimeError):
-        run_dir.save_checkpoint(tmp_path, 2, model, tok, opt, rng, [1])
+        run_dir.save_checkpoint(tmp_path, 2, model=model, tok=tok, optimizer=opt, data_rng=rng, order=[1])
     latest = run_dir.latest_checkpoint(tmp_path)
     assert latest.name == "step_000001"
     state = torch.load(latest / "trainer_state.pt", weights_only=False)
@@ -480,7 +480,8 @@ def test_cli_validation(capsys):
     assert not losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0])
     cfg = config.resolve(config.build_parser().parse_args(["--algo", "kl_cov", "--kl-cov-coef", "2"]),
                                log=lambda m: None)
-    assert config.knob_kwargs(cfg)[0] == {"kl_coef": 2.0} and not losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0])   # KL to pi_old
+    assert config.knob_kwargs(cfg)[0] == {"kl_cov_coef": 2.0}
+    assert not losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0])          # its KL is to pi_old
     for action in config.build_parser()._actions:
         assert action.help, action.dest
     cfg = config.resolve(config.build_parser().parse_args(["--algo", "dapo", "--max-new-tokens", "100"]),
@@ -496,7 +497,7 @@ def test_cli_validation(capsys):
     (["--algo", "grpo", "--positive-weight", "1"], "--positive-weight does not apply to --algo grpo"),
     (["--algo", "clip_cov", "--clip-cov-ratio", "0"], r"--clip-cov-ratio: clip_cov_ratio=0.0 must be in \(0, 1\]"),
     (["--algo", "adaptive_entropy", "--target-entropy", "-1"], "--target-entropy: target=-1.0 must be >= 0"),
-    (["--algo", "entropy_bonus", "--entropy-coef", "-1"], "--entropy-coef: alpha=-1.0 must be >= 0"),
+    (["--algo", "entropy_bonus", "--entropy-coef", "-1"], "--entropy-coef: coef=-1.0 must be >= 0"),
     (["--algo", "entropy_adv", "--entropy-adv-kappa", "0"], "--entropy-adv-kappa: kappa=0.0 must be > 0"),
     (["--algo", "forking", "--top-frac", "2"], "--top-frac: top_frac=2.0 must be in"),
     (["--algo", "dapo", "--overlong-cache", "30"], r"--overlong-cache must be in \[1, --max-new-tokens=20\]"),

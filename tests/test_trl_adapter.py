@@ -23,6 +23,7 @@ import datasets  # noqa: E402
 import transformers  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
+import logprobs  # noqa: E402
 import losses  # noqa: E402
 import trl_adapter  # noqa: E402
 
@@ -117,8 +118,8 @@ def reference_window(trainer, loss, knobs):
     logits = model(input_ids=torch.cat([cat["prompt_ids"], cat["completion_ids"]], 1),
                    attention_mask=torch.cat([cat["prompt_mask"], cat["completion_mask"]], 1),
                    logits_to_keep=t + 1).logits[:, :-1] / trainer.temperature
-    logp, current_entropy = losses.token_logprobs_entropy(logits, cat["completion_ids"])
-    _, entropy, s2 = losses.token_stats(logits.detach(), cat["completion_ids"])
+    logp, current_entropy = logprobs.token_logprobs_entropy(logits, cat["completion_ids"])
+    _, entropy, s2 = logprobs.token_stats(logits.detach(), cat["completion_ids"])
     ref = torch.cat([p["ref_per_token_logps"] for p in pieces]) if "ref_per_token_logps" in pieces[0] else None
     value, metrics = losses.LOSSES[loss](logp=logp, old_logp=logp.detach(), advantages=cat["advantages"],
                                          mask=cat["completion_mask"], entropy=entropy, exact_term=s2,
@@ -127,9 +128,9 @@ def reference_window(trainer, loss, knobs):
     return value.item(), [p.grad.clone() for p in model.parameters()], cat
 
 
-@pytest.mark.parametrize("loss, beta, knobs", [("steer", 0.0, {}), ("steer", 0.0, {"omega": "exact"}),
+@pytest.mark.parametrize("loss, beta, knobs", [("steer", 0.0, {}), ("steer", 0.0, {"form": "exact"}),
                                                ("opefo", 0.0, {}), ("archer", 1.0, {}), ("grpo", 1.0, {"kl_coef": 0.1}),
-                                               ("forking", 0.0, {}), ("entropy_bonus", 0.0, {"alpha": 0.1})])
+                                               ("forking", 0.0, {}), ("entropy_bonus", 0.0, {"coef": 0.1})])
 def test_one_step_equals_losses(model_dir, tmp_path, loss, beta, knobs):
     trainer = make_trainer(model_dir, tmp_path, loss, beta=beta, **knobs)
     generation_batch = next(iter(trainer.get_train_dataloader()))

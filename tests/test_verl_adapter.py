@@ -233,7 +233,7 @@ def test_refusals(monkeypatch):
     z = torch.zeros(2, 3)
     with pytest.raises(RuntimeError, match="VERL_USE_EXTERNAL_MODULES"):      # called without the ppo_loss wrapper
         steer(z, z, z, z.bool(), "token-mean", None)
-    monkeypatch.setitem(verl_adapter.KNOBS, "omega", "exact")
+    monkeypatch.setitem(verl_adapter.KNOBS, "form", "exact")
     with pytest.raises(ValueError, match="needs S2"):
         verl_adapter.check_forms("steer")
     assert verl_adapter.REGISTERED["steer"] == "steer" and verl_adapter.REGISTERED["rlvr_clip_cov"] == "clip_cov"
