@@ -137,7 +137,7 @@ def detectable(sd, n, family_size, power=POWER):
 
 
 # ------------------------------------------------------------------------------------------ the claims
-class Test(NamedTuple):
+class Comparison(NamedTuple):
     """One seed-matched comparison of a claim: treatment's `metric` against control's `control_metric`
     (default: the same metric; control "start": the same cell's value at step 0 / the start policy; None:
     against 0), with the sign of treatment - control that the claim predicts."""
@@ -160,13 +160,13 @@ class Claim(NamedTuple):
     tests: tuple
     leverage: Optional[tuple] = None
     forms: bool = False
-    premise: tuple = ()         # Tests the claim presupposes (GRPO destabilises without a clip): else untestable
+    premise: tuple = ()         # Comparisons the claim presupposes (GRPO destabilises without a clip): else untestable
 
 
 def _tests(treatments, control, metrics, sign=1):
-    """Test for every treatment x metric; metrics: {metric: predicted sign}, times `sign` (a treatment that
+    """A Comparison for every treatment x metric; metrics: {metric: predicted sign}, times `sign` (a treatment that
     turns the mechanism down predicts the opposite)."""
-    return tuple(Test(t, control, m, s * sign) for t in treatments for m, s in metrics.items())
+    return tuple(Comparison(t, control, m, s * sign) for t in treatments for m, s in metrics.items())
 
 
 ENTROPY = {"entropy end": 1, "entropy/fork end": 1}             # the lab's collapse figures (more = less collapse)
@@ -189,7 +189,7 @@ def _quadrant_claims(where, cell, control, metrics, lever):
 CLAIMS = (
     # ---------------------------------------------------------------- the toy (toy_bandit.py --seeds 10)
     Claim("opefo-flow", "OPEFO", "under GRPO the entropy-decreasing flow dominates", "toy",
-          (Test("grpo", None, "flow total", -1),)),
+          (Comparison("grpo", None, "flow total", -1),)),
     Claim("steer-stable", "STEER", "entropy stays stable where GRPO collapses", "toy",
           _tests(["steer", "steer-exact"], "grpo", {**TOY_H, "pass@16 variants": 1}), TOY_LEVER, forms=True),
     Claim("opefo-balance", "OPEFO", "balancing the flow prevents collapse (against on-policy GRPO)", "toy",
@@ -203,11 +203,11 @@ CLAIMS = (
     Claim("dapo-grpo", "DAPO", "clip-higher keeps entropy up", "toy", _tests(["dapo"], "grpo", TOY_H), TOY_LEVER),
     *_quadrant_claims("toy", lambda q, x: f"{q.replace('_', '-')}-x{x}", "grpo", TOY_H, TOY_LEVER),
     Claim("yue-narrowing", "Yue et al.", "RLVR narrows pass@k at large k", "toy",
-          (Test("grpo", "start", "pass@256 variants", -1), Test("grpo", "start", "distinct", -1),
-           Test("grpo", "start", "pass@1 variants", 1))),
+          (Comparison("grpo", "start", "pass@256 variants", -1), Comparison("grpo", "start", "distinct", -1),
+           Comparison("grpo", "start", "pass@1 variants", 1))),
     # ---------------------------------------------------------------- the lab (compare.py, settings)
     Claim("opefo-flow", "OPEFO", "under GRPO the entropy-decreasing flow dominates", "default",
-          (Test("grpo", None, "flow/total_exact", -1),)),
+          (Comparison("grpo", None, "flow/total_exact", -1),)),
     Claim("steer-stable", "STEER", "entropy stays stable where GRPO collapses", "default",
           _tests(["steer"], "grpo", ENTROPY), LEVER),
     Claim("steer-dose", "STEER", "a smaller lambda_min keeps more entropy (its Figure 12)", "steer-dose",
@@ -229,14 +229,14 @@ CLAIMS = (
     Claim("steer-extreme", "STEER", "stable without a clip (eps_low 0.99, eps_high 5) where GRPO is not",
           "clip-regime", _tests(["steer-extreme-paper", "steer-extreme-exact"], "grpo-extreme",
                                 {"eval/avg@64": 1, "entropy end": 1}), LEVER, forms=True,
-          premise=(Test("grpo-extreme", "grpo", "eval/avg@64", -1),)),
+          premise=(Comparison("grpo-extreme", "grpo", "eval/avg@64", -1),)),
     Claim("dapo-grpo", "DAPO", "clip-higher and dynamic sampling keep entropy up", "default",
           _tests(["dapo"], "grpo", {"entropy end": 1, "eval/avg@64": 1})),
     Claim("dapo-generation", "DAPO", "DAPO beats GRPO at equal generated groups", "dapo-generation",
           _tests(["dapo"], "grpo-long", {"eval/avg@64": 1})),
     Claim("yue-narrowing", "Yue et al.", "RLVR narrows pass@k at large k", "default",
-          (Test("grpo", "start", "eval/pass@64", -1), Test("grpo", "start", "eval_unique/pass@64", -1),
-           Test("grpo", "start", "eval/distinct", -1), Test("grpo", "start", "eval/avg@64", 1))),
+          (Comparison("grpo", "start", "eval/pass@64", -1), Comparison("grpo", "start", "eval_unique/pass@64", -1),
+           Comparison("grpo", "start", "eval/distinct", -1), Comparison("grpo", "start", "eval/avg@64", 1))),
 )
 
 
@@ -247,9 +247,9 @@ def claims_for(where):
 
 # ------------------------------------------------------------------------------------------ deciding
 class Row(NamedTuple):
-    """One decided Test: its paired comparison, Holm-adjusted p, detectable difference, the treatment's
+    """One decided Comparison: its paired comparison, Holm-adjusted p, detectable difference, the treatment's
     leverage (mean over seeds; None when the claim declares none) and the row's verdict."""
-    test: Test
+    test: Comparison
     paired: Paired
     p_holm: float
     detectable: float

@@ -1,56 +1,13 @@
 """Train with any losses.LOSSES entry inside TRL's GRPOTrainer: a subclass for when one GPU is not enough.
 
-TRL samples, scores and batches; this file swaps its policy loss for one of losses.py's, with the batch
-tensors that losses.py needs and TRL does not keep:
-    behaviour statistics  TRL never forms full logits and keeps neither the behaviour policy's entropy H
-                          nor S2. After TRL scores a generation batch, one extra no-grad forward over it
-                          (in rows of per_device_train_batch_size) gives the logits of the completion
-                          positions, divided by TRL's sampling temperature, and logprobs.token_stats turns
-                          them into log pi_old, H and S2 (stored as old_logp_stats, old_entropy,
-                          old_exact_term, so TRL shuffles and splits them with the rest).
-    current log-probs     from TRL's own _get_per_token_logps_and_entropies (its fused LM head, with
-                          gradient), so the forward that trains is TRL's; with it the current entropy (with
-                          gradient) for the losses that read it ("current_entropy" in
-                          losses.LOSSES[loss].inputs).
-    old log-probs         TRL's old_per_token_logps when it has them (several iterations per generation,
-                          or vLLM); otherwise the batch is on-policy and old = current log-probs, detached
-                          (TRL's own rule), so the ratio is exactly 1.
-    reference log-probs   TRL's ref_per_token_logps, which TRL computes only when beta != 0. Here beta only
-                          switches the reference on; the KL coefficients are the loss's knobs (kl_coef,
-                          kl_knowledge, kl_reasoning). A loss that reads ref_logp with beta = 0, or beta != 0
-                          for one that does not, is an error.
-    window statistics     losses.batch_statistics once per gradient-accumulation window, from the behaviour
-                          statistics (r = 1, pi = pi_old), as train.py does per mini-batch: num_tokens and
-                          num_seqs (all processes; per process the total / num_processes, since DDP averages
-                          the gradients), so the summed micro-batch losses are the window's loss; STEER's M
-                          (omega_max, max over processes), OPEFO's flow_totals (P, N, summed over processes)
-                          and the other losses' statistics (per process; (B, T) ones cut to each micro-batch's
-                          rows).
-    metrics               every loss metric reaches TRL's logs as "<loss>/<metric>", one value per
-                          optimizer step, merged over the window by losses.merge_metrics as the loss's
-                          registry entry says (losses.LOSSES[loss].reductions: the partial sums pg_loss, kl,
-                          weighted_flow, entropy_bonus and kl_cov summed; omega_max and weight_max maxed,
-                          weight_min minned; the others token-weighted), then across processes (max, min,
-                          else the mean).
-    entropy flow          the four-quadrant first-order entropy change that train.py logs
-                          (losses.entropy_flow_quadrants), once per optimizer step as
-                          "<loss>/flow/<q>_exact", "_paper" and "_count" for q in losses.QUADRANTS, zero_adv
-                          and total: summed over the window's micro-batches and over processes, so the value is
-                          the optimizer step's. Each token's weight w = -dLoss/dlogp is read off the loss that
-                          _compute_loss returns, by torch.autograd.grad(loss, logp, retain_graph=True): a
-                          backward through the loss's own (B, T) elementwise graph only (it stops at logp,
-                          neither the LM head nor the model is visited; no extra memory beyond one (B, T)
-                          tensor), before and independent of TRL's backward, which may scale the loss
-                          (fp16 GradScaler, DeepSpeed, transformers' accumulation scaling) -- a logp.retain_grad()
-                          read after accelerator.backward would carry those factors. Per process the loss is
-                          num_processes times its share of the global one (num_tokens is the global total over
-                          num_processes, DDP averages), so w is that gradient over num_processes. Like train.py's,
-                          w holds only what passes through log pi(a) (not an entropy bonus's gradient, nor MoE's
-                          aux loss). TRL averages each metric over logging_steps optimizer steps: with
-                          logging_steps = k the logged value is the per-step mean of the k steps' flows.
+TRL samples, scores, batches and scales; this file swaps its policy loss for one of losses.py's and adds
+what losses.py reads and TRL does not keep: one no-grad forward per generation batch gives the behaviour
+policy's log pi, H and S2 (logprobs.token_stats, at TRL's sampling temperature); the current log-probs are
+TRL's own (with gradient), the old and reference ones TRL's when it has them; losses.batch_statistics runs
+once per gradient-accumulation window (all processes), so the summed micro-batch losses are the window's;
+every loss metric and the four-quadrant entropy flow reach TRL's logs as "<loss>/...". TRL's beta only
+switches its reference model on: the KL coefficients are the loss's knobs.
 
-Usage (text models; any LOSSES name; knobs as in losses.py; adaptive_entropy takes a
-fixed coef here, TRL's own use_adaptive_entropy being refused):
     from trl import GRPOConfig
     from trl_adapter import LossesGRPOTrainer
     args = GRPOConfig(output_dir="out", num_generations=8, temperature=1.0, beta=0.0)  # beta != 0 for Archer
@@ -58,19 +15,9 @@ fixed coef here, TRL's own use_adaptive_entropy being refused):
                                 train_dataset=dataset, loss="steer", loss_kwargs={"lambda_min": 0.7})
     trainer.train()
 
-TRL internals relied on (TRL 1.16.0, the version tested; others are refused at import): the private
-methods _generate_and_score_completions (extended: the batch dict it returns gains three keys),
-_compute_loss (replaced) and _get_per_token_logps_and_entropies (called); the batch keys prompt_ids,
-prompt_mask, completion_ids, completion_mask, tool_mask, advantages, old_per_token_logps,
-ref_per_token_logps; the attributes _buffered_inputs and _step (the current accumulation window),
-_metrics (logging), temperature, beta, aux_loss_enabled, router_aux_loss_coef, and the class attribute
-loss_is_scaled_for_ga (the loss returned is already the window's share, as TRL's own).
-Refused, because the replaced loss would silently drop them: top_entropy_quantile < 1, TRL's own entropy
-bonus (entropy_coef, use_adaptive_entropy; the entropy_bonus loss is the way here), off_policy_mask_threshold, sequence-level importance sampling, delta, vLLM importance-sampling correction,
-multimodal inputs; and steps_per_generation not a multiple of gradient_accumulation_steps (a window would
-span two generation batches). OPEFO also needs num_iterations = 1 and steps_per_generation =
-gradient_accumulation_steps (one optimizer step per generation batch: strictly on-policy). Advantages are
-TRL's (scale_rewards="none" for Dr. GRPO; TRL's std epsilon is 1e-4, losses.group_advantages' 1e-6).
+Tested with TRL 1.16.0 (others refused at import). TRL options the replaced loss would drop silently are
+refused (listed in docs/adapters.md), and OPEFO needs one optimizer step per generation batch. Which TRL
+internals it relies on, the window statistics across processes and how the flow is read: docs/adapters.md.
 """
 import torch
 import trl

@@ -1,70 +1,23 @@
 """Train with losses.py inside verl: every LOSSES entry as a verl policy loss, with the behaviour entropy.
 
-Importing this file registers each LOSSES name (grpo, dapo, drgrpo, steer, opefo, archer, and any entry
-added later) with verl's register_policy_loss, so that actor_rollout_ref.actor.policy_loss.loss_mode=steer
-picks losses.LOSSES["steer"]; a name verl already uses for its own loss (clip_cov, kl_cov) is registered as
-rlvr_<name>, leaving verl's. verl gives a registered policy loss only (old_log_prob, log_prob, advantages,
-response_mask, loss_agg_mode, config, rollout_is_weights); the rest is carried by three wrappers, each
-around one verl function, which keep verl's code and only add to what flows through it:
-    1. RayPPOTrainer._compute_old_log_prob (driver): the behaviour entropy that verl computes with the old
-       log-probs is copied to the batch key "old_entropy"; the trainer then pops "entropys" as before, and
-       "old_entropy" stays in the batch up to the actor.
-    2. RayPPOTrainer._update_actor (driver): losses.batch_statistics of the chosen loss over the whole
-       training batch (behaviour statistics, r = 1) joins the batch as per-row columns, which survive any
-       mini- and micro-batch split: STEER's M, OPEFO's flow totals (P, N), and the other losses' batch
-       statistics (a scalar as a constant column "batch_stat.<key>", a (B, T) tensor as "batch_rows.<key>").
-       STEER's weights then depend on neither the micro- nor the mini-batch size. After the update, the
-       entropy-flow metrics are summed over the mini-batches (below).
-    3. verl.workers.utils.losses.ppo_loss (actor workers): reads "old_entropy", those columns,
-       "ref_log_prob" and, with actor.calculate_entropy, the current entropy (with gradient) of the
-       micro-batch and hands them to the registered loss for the length of the call; adds the loss's
-       entropy-flow sums to the metrics ppo_loss returns.
-Entropy flow: the registered loss also splits the update's first-order entropy change into STEER's quadrants,
-as train.py does (losses.entropy_flow_quadrants): w = -dLoss/dlogp from torch.autograd.grad(loss, log_prob,
-retain_graph=True) inside the loss, a backward through the loss's own (B, T) elementwise graph only (it stops
-at log_prob: no model backward, one (B, T) tensor of memory), independent of how verl then scales the loss for
-its backward (fp16 scaler). Logged as "<loss>/flow/<q>_paper" and "_count" for q in losses.QUADRANTS, zero_adv
-and total (verl's driver shows them under "actor/"), each the sum over the RL step's optimizer steps, as
-train.py's: wrapper 3 adds them to ppo_loss's metrics as Metric(SUM), so verl sums them over a mini-batch's
-micro-batches; verl then averages over dp ranks (Metric.aggregate_dp), which the loss undoes by logging
-dp_size x its rank's share (w being the rank's gradient over dp_size, since verl averages the ranks'
-gradients); wrapper 2 sums the per-mini-batch values that verl's driver would average (reduce_metrics). The
-"_exact" sums are not logged: they need S2 (see Limits). verl's own KL loss (use_kl_loss with kl_loss_coef)
-and entropy_coeff terms are added outside the registered loss and are not in w, nor is the current entropy's
-gradient (train.py's w has no entropy gradient either).
-The normalisers come from verl's own global batch info: num_tokens = batch_num_tokens / dp_size and
-num_seqs = global_batch_size / dp_size (verl averages the gradients over dp ranks), so the micro-batch
-losses add up to the mini-batch's; norm_length = loss_scale_factor when it is set. agg is verl's
-loss_agg_mode (set actor.loss_agg_mode as the method wants: token-mean for DAPO, STEER, OPEFO and Archer,
-seq-mean-token-sum-norm with loss_scale_factor for Dr. GRPO).
+Importing this file registers each LOSSES name with verl's register_policy_loss (a name verl already uses,
+clip_cov and kl_cov, as rlvr_<name>), so that actor_rollout_ref.actor.policy_loss.loss_mode=steer picks
+losses.LOSSES["steer"]. verl hands a registered loss only (old_log_prob, log_prob, advantages,
+response_mask, loss_agg_mode, config, rollout_is_weights): no entropy. That is why ERC's and STEER's
+authors patch verl's actor; here three wrappers around verl functions carry the rest: the behaviour
+entropy from _compute_old_log_prob, losses.batch_statistics over the whole batch as per-row columns from
+_update_actor, and both handed to the loss (with the reference log-probs and the current entropy) inside
+verl.workers.utils.losses.ppo_loss, which also logs the four-quadrant entropy flow.
 
-Knobs: a JSON object in the environment variable ENTROPY_RLVR_KNOBS, e.g. '{"lambda_min": 0.8}', passed to
-the loss and to losses.batch_statistics (they override loss_agg_mode's agg when they name agg). verl's clip_ratio_low / clip_ratio_high /
-clip_ratio_c are not read: the clip ranges are the loss's knobs (the papers' values by default).
-The reference: a loss that reads ref_logp (Archer by default; grpo with kl_coef) gets verl's ref_log_prob,
-which verl computes when actor.use_kl_loss=True: set it with actor.kl_loss_coef=0, so that verl does not add
-its own KL on top (the coefficients are the loss's knobs). A mismatch is an error.
-
-Usage (every verl process must import this file: verl imports the modules named in
-VERL_USE_EXTERNAL_MODULES when it is itself imported; a local Ray cluster inherits the variables, a
-multi-node one gets them through +ray_kwargs.ray_init.runtime_env.env_vars.NAME=VALUE):
     export PYTHONPATH=/path/to/this/repo:$PYTHONPATH VERL_USE_EXTERNAL_MODULES=verl_adapter
     export ENTROPY_RLVR_KNOBS='{"lambda_min": 0.7}'
-    python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo actor_rollout_ref.actor.policy_loss.loss_mode=steer \
-        actor_rollout_ref.actor.loss_agg_mode=token-mean ...
+    python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \
+        actor_rollout_ref.actor.policy_loss.loss_mode=steer actor_rollout_ref.actor.loss_agg_mode=token-mean ...
 
-Limits: S2, the exact forms' extra statistic (form="exact"), is not computed by verl's actor
-(its calculate_sum_pi_squared is sum pi^2, a different quantity), so the exact forms are refused here, and
-the entropy flow is logged in the paper form only (flow/<q>_exact is absent); train.py and trl_adapter.py
-have them. Getting S2 would mean a fourth wrapper inside each verl engine's logits-to-entropy kernel (plain,
-chunked, fused, Megatron vocab-parallel), which this adapter does not attempt. rollout_is_weights (rollout
-correction) is refused rather than dropped. adaptive_entropy takes a fixed coef knob (verl does not step
-its controller). OPEFO needs one optimizer step per batch: actor.ppo_epochs=1 and ppo_mini_batch_size equal
-to data.train_batch_size. Tested with verl 0.9.1 (refused otherwise, at import), whose internals used are the
-three functions above, the batch keys "entropys", "old_log_probs", "advantages", "response_mask" and
-"ref_log_prob", the model output "entropy", ActorConfig.global_batch_info, no_padding_2_padding, and
-for the flow metrics verl.utils.metric.Metric (SUM over micro-batches, Metric.aggregate_dp's mean over dp
-ranks) and _update_actor's per-mini-batch metric lists.
+Knobs come from ENTROPY_RLVR_KNOBS (JSON); verl's clip_ratio_* are not read. A loss that reads ref_logp
+needs actor.use_kl_loss=True with kl_loss_coef=0. S2 is not computed by verl's actor, so the exact forms
+are refused and the flow is logged in the paper form. Tested with verl 0.9.1 (others refused at import).
+The wrappers, the normalisers across dp ranks and the verl internals used: docs/adapters.md.
 """
 import contextvars
 import functools

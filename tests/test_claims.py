@@ -5,7 +5,7 @@ import math
 import pytest
 
 import claims
-from claims import Claim, Test
+from claims import Claim, Comparison
 
 
 def test_t_quantiles_and_cdf_against_the_tables():
@@ -62,7 +62,7 @@ def values(**cells):
 
 
 def test_a_claim_is_reproduced_not_reproduced_or_the_opposite():
-    claim = Claim("k", "P", "more entropy", "toy", (Test("a", "c", "h", 1),))
+    claim = Claim("k", "P", "more entropy", "toy", (Comparison("a", "c", "h", 1),))
     base = [0.3, 0.5, 0.7, 0.4, 0.6]
     up = values(a=[("h", [b + 0.1 + 0.001 * i for i, b in enumerate(base)])], c=[("h", base)])
     down = values(a=[("h", [b - 0.1 - 0.001 * i for i, b in enumerate(base)])], c=[("h", base)])
@@ -78,15 +78,15 @@ def test_leverage_premise_and_forms_decide_before_the_effect():
     base = [0.3, 0.5, 0.7, 0.4, 0.6]
     up = [b + 0.1 + 0.001 * i for i, b in enumerate(base)]
     v = values(a=[("h", up), ("lev", [0.01] * 5)], b=[("h", base), ("lev", [0.2] * 5)], c=[("h", base)])
-    lever = Claim("k", "P", "t", "toy", (Test("a", "c", "h", 1),), leverage=("lev", 0.05))
+    lever = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1),), leverage=("lev", 0.05))
     assert claims.decide(lever, v)[1] == "not testable here (lev 0.01 < 0.05)"
-    forms = Claim("k", "P", "t", "toy", (Test("a", "c", "h", 1), Test("b", "c", "h", 1)), forms=True)
+    forms = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1), Comparison("b", "c", "h", 1)), forms=True)
     assert claims.decide(forms, v)[1] == "depends on the form (a: reproduced, b: not reproduced)"
-    premise = Claim("k", "P", "t", "toy", (Test("a", "c", "h", 1),), premise=(Test("b", "c", "h", -1),))
+    premise = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1),), premise=(Comparison("b", "c", "h", -1),))
     assert claims.decide(premise, v)[1].startswith("not testable here (its premise does not hold: b - c on h")
-    against_zero = Claim("k", "P", "t", "toy", (Test("a", None, "h", 1),))
+    against_zero = Claim("k", "P", "t", "toy", (Comparison("a", None, "h", 1),))
     assert claims.decide(against_zero, v)[0][0].paired.mean == pytest.approx(sum(up) / 5)
-    start = Claim("k", "P", "t", "toy", (Test("a", "start", "h", 1),))
+    start = Claim("k", "P", "t", "toy", (Comparison("a", "start", "h", 1),))
     v["a"]["h start"] = dict(enumerate(base))
     assert claims.decide(start, v)[1] == "reproduced"
 

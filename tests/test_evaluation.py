@@ -281,3 +281,9 @@ def test_a_model_folder_that_does_not_load_suggests_what_evaluation_takes(tmp_pa
     with pytest.raises(SystemExit) as e:
         evaluation.main(["--model", str(tmp_path / "m"), "--data", "lab:test"])
     assert "checkpoint folder runs/X/checkpoints/step_N" in str(e.value) and "--preset" not in str(e.value)
+
+
+@pytest.mark.parametrize("n,c,k,expected", [(4, 1, 1, 0.25), (4, 1, 2, 0.5), (4, 0, 4, 0.0), (4, 4, 1, 1.0),
+                                            (5, 2, 3, 0.9)])
+def test_pass_at_k(n, c, k, expected):
+    assert evaluation.pass_at_k(n, c, k) == pytest.approx(expected)

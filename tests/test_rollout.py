@@ -1,11 +1,15 @@
 """Tests for rollout.py on a tiny randomly initialised Qwen2 (and a tiny GPT-2 for absolute positions)
 with a character-level tokenizer built in code; offline, CPU, budget ~40 s for the whole file."""
+import copy
+import math
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import rollout
+from conftest import ENDOFTEXT, IM_END, IM_START, PROBLEMS, VOCAB
 from rollout import DEFAULT_SYSTEM_PROMPT, format_prompt, generate, response_stats
 
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -337,3 +341,163 @@ def test_response_stats_validates_shapes(model, sampled):
     assert rollout.Rollout.__dataclass_fields__.keys() == {
         "input_ids", "attention_mask", "response_mask", "prompt_length", "completions", "truncated",
         "prompt_index", "response_length"}
+
+
+# ---------------------------------------------------- the real Qwen2.5 tokenizer, chat template and configuration
+
+
+
+
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+
+
+
+
+def spy_generate(net, monkeypatch):
+    """Record model.generate's keywords and raw outputs (before rollout.generate's own masking)."""
+    calls, real = [], net.generate
+
+    def wrapped(**kw):
+        out = real(**kw)
+        calls.append((kw, out[:, kw["input_ids"].shape[1]:]))
+        return out
+    monkeypatch.setattr(net, "generate", wrapped)
+    return calls
+
+
+def check_stops_at_first(ro, raw, stop, pad):
+    """Every row of the Rollout ends at its first `stop` id or runs to max_new_tokens; returns (finished, truncated).
+    raw: model.generate's response tokens: after a row's stop it holds only pad ids, so generation stopped."""
+    resp = ro.input_ids[:, ro.prompt_length:]
+    finished = truncated = 0
+    for i in range(resp.shape[0]):
+        n = int(ro.response_length[i])
+        row = resp[i, :n].tolist()
+        assert ro.response_mask[i].tolist() == [1.0] * n + [0.0] * (resp.shape[1] - n)
+        assert ro.attention_mask[i, ro.prompt_length:].tolist() == [1] * n + [0] * (resp.shape[1] - n)
+        assert (resp[i, n:] == pad).all()
+        assert stop not in row[:-1]
+        if ro.truncated[i]:
+            truncated += 1
+            assert stop not in row
+        else:
+            finished += 1
+            assert row[-1] == stop
+            assert raw[i, :n].tolist() == row and (raw[i, n:] == pad).all()
+    return finished, truncated
+
+
+def test_real_vocabulary_special_tokens_and_configuration(qwen_tok, qwen_model, qwen_files):
+    from transformers import GenerationConfig
+    assert qwen_model.config.vocab_size == VOCAB and not qwen_model.config.tie_word_embeddings
+    assert qwen_model.get_input_embeddings().weight.shape == (VOCAB, 64)
+    assert qwen_model.get_output_embeddings().weight.shape == (VOCAB, 64)
+    assert qwen_model.config.num_hidden_layers == 2 and type(qwen_model).__name__ == "Qwen2ForCausalLM"
+    assert qwen_tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [ENDOFTEXT, IM_START, IM_END]
+    assert (qwen_tok.eos_token_id, qwen_tok.pad_token_id) == (IM_END, ENDOFTEXT)
+    assert GenerationConfig.from_pretrained(qwen_files).eos_token_id == IM_END
+    assert qwen_tok("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)["input_ids"] == [IM_START, 872, 198, 6023,
+                                                                                             IM_END]
+    assert rollout.end_of_turn_id(qwen_tok) == IM_END
+    assert rollout.stop_token_ids(qwen_model, qwen_tok) == [IM_END]
+
+
+def test_format_prompt_with_the_real_chat_template(qwen_tok):
+    text = format_prompt(qwen_tok, PROBLEMS[0])
+    assert text == (f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    # an empty system prompt omits our message; Qwen's template then writes its own default one
+    assert format_prompt(qwen_tok, PROBLEMS[0], system_prompt="").startswith(f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}")
+    ids = qwen_tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 35 and ids[0] == IM_START and ids.count(IM_START) == 3 and ids.count(IM_END) == 2
+    assert ids[-3:] == [IM_START, 77091, 198]                       # "<|im_start|>", "assistant", "\n"
+
+
+def test_generate_with_the_real_tokenizer(chatty, qwen_tok, monkeypatch):
+    calls = spy_generate(chatty, monkeypatch)
+    prompts = [format_prompt(qwen_tok, p) for p in PROBLEMS]
+    torch.manual_seed(0)
+    ro = generate(chatty, qwen_tok, prompts, group_size=4, max_new_tokens=8)
+    (kw, raw), = calls
+    assert kw["eos_token_id"] == [IM_END] and kw["pad_token_id"] == ENDOFTEXT and kw["top_k"] == 0
+    lengths = [len(qwen_tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    p_len = max(lengths)
+    assert ro.prompt_length == p_len and lengths[0] < p_len
+    for g, n in enumerate(lengths):                                 # left-padded with <|endoftext|>
+        rows = slice(4 * g, 4 * g + 4)
+        assert (ro.input_ids[rows, :p_len - n] == ENDOFTEXT).all() and (ro.attention_mask[rows, :p_len - n] == 0).all()
+        prompt_ids = torch.tensor(qwen_tok(prompts[g], add_special_tokens=False)["input_ids"])
+        assert (ro.input_ids[rows, p_len - n:p_len] == prompt_ids).all()
+        assert (ro.input_ids[rows, p_len - n] == IM_START).all()
+    finished, truncated = check_stops_at_first(ro, raw, IM_END, ENDOFTEXT)
+    assert finished >= 2 and truncated >= 1, (finished, truncated)
+    assert int(ro.input_ids.max()) < VOCAB
+    for i, c in enumerate(ro.completions):
+        n = int(ro.response_length[i])
+        assert c == qwen_tok.decode(ro.input_ids[i, p_len:p_len + n], skip_special_tokens=True) and "<|im_end|>" not in c
+
+
+def test_end_of_turn_stops_a_base_checkpoint(chatty, qwen_base_tok, monkeypatch):
+    """EOS = <|endoftext|> in the tokenizer and the generation config (Qwen2.5-Math-1.5B's set-up): the chat
+    template's <|im_end|> must still stop generation and close the response mask."""
+    monkeypatch.setattr(chatty.generation_config, "eos_token_id", ENDOFTEXT)
+    assert qwen_base_tok.eos_token_id == ENDOFTEXT
+    assert rollout.stop_token_ids(chatty, qwen_base_tok) == [ENDOFTEXT, IM_END]
+    calls = spy_generate(chatty, monkeypatch)
+    torch.manual_seed(1)
+    ro = generate(chatty, qwen_base_tok, [format_prompt(qwen_base_tok, p) for p in PROBLEMS], group_size=4, max_new_tokens=8)
+    assert IM_END in calls[0][0]["eos_token_id"]
+    finished, _ = check_stops_at_first(ro, calls[0][1], IM_END, ENDOFTEXT)
+    assert finished >= 4
+    assert all(r == qwen_base_tok.decode(ro.input_ids[i, ro.prompt_length:ro.prompt_length + int(n) - 1])
+               for i, (r, n) in enumerate(zip(ro.completions, ro.response_length)) if not ro.truncated[i])
+
+    # the same tokenizer without its chat template: <|im_end|> is no stop token, and responses run past it
+    plain = copy.copy(qwen_base_tok)
+    plain.chat_template = None
+    assert rollout.end_of_turn_id(plain) is None and rollout.stop_token_ids(chatty, plain) == [ENDOFTEXT]
+    torch.manual_seed(1)
+    ro = generate(chatty, plain, [format_prompt(plain, p) for p in PROBLEMS], group_size=4, max_new_tokens=8)
+    inside = ro.input_ids[:, ro.prompt_length:][ro.response_mask.bool()]
+    assert int((inside == IM_END).sum()) >= 4
+
+
+def test_favour_token_sets_the_probability(chatty, qwen_model, qwen_tok):
+    ids = torch.tensor([qwen_tok(format_prompt(qwen_tok, PROBLEMS[0]), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        p = chatty(input_ids=ids).logits.softmax(-1)[0, :, IM_END]
+        p0 = qwen_model(input_ids=ids).logits.softmax(-1)[0, :, IM_END]
+    assert 0.12 < float(p.min()) and float(p.max()) < 0.3, p
+    assert float(p0.max()) < 1e-4                                    # the plain random qwen_model: ~1 / 151,936
+
+
+def test_response_stats_over_the_real_vocabulary(qwen_model, chatty, qwen_tok):
+    torch.manual_seed(2)
+    ro = generate(chatty, qwen_tok, [format_prompt(qwen_tok, p) for p in PROBLEMS], group_size=2, max_new_tokens=6)
+    args = (ro.input_ids, ro.attention_mask, ro.prompt_length, ro.response_mask)
+    stats = response_stats(qwen_model, *args, temperature=0.7)
+    pos = (ro.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = qwen_model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=pos).logits
+    lp = (logits[:, ro.prompt_length - 1:-1].double() / 0.7).log_softmax(-1)             # float64 reference
+    p = lp.exp()
+    h = -(p * lp).sum(-1)
+    ref = {"logp": lp.gather(-1, ro.input_ids[:, ro.prompt_length:, None]).squeeze(-1), "entropy": h,
+           "exact_term": (p * p * (lp + h[..., None])).sum(-1)}
+    m = ro.response_mask.bool()
+    for key, tol in (("logp", 1e-4), ("entropy", 1e-4), ("exact_term", 1e-9)):
+        torch.testing.assert_close(stats[key][m].double(), ref[key][m], atol=tol, rtol=1e-5)
+        assert (stats[key][~m] == 0).all()
+    # a random qwen_model is close to uniform over the 151,936 tokens: H just below log V = 11.93
+    assert (stats["entropy"][m] > 11.0).all() and (stats["entropy"][m] < math.log(VOCAB)).all()
+    assert (stats["logp"][m] < -9).all()
+    grad = response_stats(qwen_model, *args, temperature=0.7, with_grad=True, with_entropy=False)["logp"]
+    torch.testing.assert_close(grad.detach(), stats["logp"], atol=1e-5, rtol=1e-5)
+    qwen_model.zero_grad()
+    grad.sum().backward()
+    head = qwen_model.get_output_embeddings().weight.grad
+    sampled = ro.input_ids[:, ro.prompt_length:][m].unique()
+    assert (head[sampled].abs().sum(1) > 0).all()
+    qwen_model.zero_grad()

@@ -7,6 +7,7 @@ in test_tiny_lab.py, the verifier in test_verifier.py and its use here (gold par
 """
 import functools
 import json
+import types
 
 import pytest
 import torch
@@ -15,43 +16,18 @@ import config
 import data
 import evaluation
 import losses
+import rollout
 import run_dir
 import tiny_lab
 import train
 import verifier
-
-TINY = ["--preset", "tiny", "--tiny-sft-steps", "0", "--prompts-per-step", "2", "--group-size", "4",
-        "--max-new-tokens", "6", "--eval-size", "3", "--eval-k", "2", "--lr", "1e-2", "--log-samples", "1"]
-
-
-@pytest.fixture
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.getbasetemp() / "tiny_cache")     # one warm-start folder for the whole file
-
-
-@pytest.fixture
-def parity_reward(monkeypatch):
-    """The lab's reward -> 1.0 when the completion's character codes have an even sum."""
-    def score(response, item):
-        ok = sum(map(ord, response)) % 2 == 0
-        return verifier.Score(float(ok), response[-3:], ok, False)
-    monkeypatch.setattr(tiny_lab, "score", score)
+from benchmarks import bench_train
+from conftest import ENDOFTEXT, H_CHATTY, IM_END, REWARD_MODULE, TINY, read_rows, strip_timing
 
 
 def run(argv):
     return train.main(argv)
 
-
-def _no_nan(name):
-    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
-
-
-def read_rows(path):
-    return [json.loads(line, parse_constant=_no_nan) for line in path.read_text().splitlines()]
-
-
-def strip_timing(row):
-    return {k: v for k, v in row.items() if not k.startswith(run_dir.TIMING_KEYS)}
 
 
 # per algorithm: flags that make its own machinery visible in two steps
@@ -97,7 +73,7 @@ def test_end_to_end_and_resume(algo, tmp_path, cache, parity_reward):
         assert 0 < rows[1]["loss/weight_min"] <= rows[1]["loss/weight_max"] <= 1
     if algo == "adaptive_entropy":          # entropy below the target: alpha = c, and c grows by delta a step
         assert [r["entropy_control/alpha"] for r in rows[1:]] == pytest.approx([0.01, 0.012])
-        assert [r["loss/alpha"] for r in rows[1:]] == pytest.approx([0.01, 0.012])
+        assert [r["loss/coef"] for r in rows[1:]] == pytest.approx([0.01, 0.012])
         assert [r["entropy_control/coef"] for r in rows[1:]] == pytest.approx([0.012, 0.014])
         saved = torch.load(full / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
         assert saved["entropy_control"]["coef"] == pytest.approx(0.014) and saved["entropy_control"]["steps"] == 2
@@ -167,7 +143,7 @@ def test_micro_batching_gives_the_same_update(tmp_path, cache):
         if algo == "clip_cov":
             assert out_a["loss/cov_frac"] == pytest.approx(out_b["loss/cov_frac"]) and out_a["loss/cov_frac"] > 0.2
         if algo in ("entropy_bonus", "adaptive_entropy"):
-            assert out_a["loss/alpha"] == pytest.approx((knobs or {}).get("alpha", flags.get("entropy_coef")))
+            assert out_a["loss/coef"] == pytest.approx((knobs or {}).get("coef", flags.get("entropy_coef")))
             assert out_a["loss/entropy_bonus"] > 0
 
 
@@ -213,7 +189,7 @@ def test_flow_quadrants_match_the_hand_formula(cache):
 
 
 @pytest.mark.parametrize("algo,flags,expected", [
-    ("entropy_bonus", ["--entropy-coef", "0.03"], {"alpha": 0.03}),
+    ("entropy_bonus", ["--entropy-coef", "0.03"], {"coef": 0.03}),
     ("clip_cov", ["--clip-cov-ratio", "0.01", "--clip-cov-lb", "0.5", "--clip-cov-ub", "7"],
      {"clip_cov_ratio": 0.01, "cov_lb": 0.5, "cov_ub": 7.0}),
     ("kl_cov", ["--kl-cov-ratio", "0.05", "--kl-cov-coef", "2"], {"kl_cov_ratio": 0.05, "kl_cov_coef": 2.0}),
@@ -320,14 +296,6 @@ def test_resume_of_a_run_from_before_the_dapo_flags(tmp_path, cache, parity_rewa
     assert json.loads((out / "config.json").read_text())["max_refill_rounds"] == 0
 
 
-def test_overlong_penalty_by_hand():
-    """L_max = 20, L_cache = 4: 0 up to 16 tokens, then -1/4 per token to -1 at 20, -1 beyond."""
-    got = losses.overlong_penalty(torch.tensor([1, 10, 16, 17, 18, 19, 20, 25]), 20, 4)
-    assert got.tolist() == [0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
-    assert losses.overlong_penalty(torch.tensor([20479, 16384, 16385]), 20480, 4096).tolist() == pytest.approx(
-        [-4095 / 4096, 0.0, -1 / 4096])
-    assert [losses.default_overlong_cache(n) for n in (20480, 1024, 20, 6, 1)] == [4096, 205, 4, 1, 1]
-
 
 def test_overlong_penalty_shapes_the_advantages(tmp_path, cache, monkeypatch):
     """A constant verifier reward makes every group all-equal, so only the penalty gives an advantage
@@ -361,8 +329,8 @@ def test_overlong_penalty_shapes_the_advantages(tmp_path, cache, monkeypatch):
 
 
 def test_nonfinite_loss_skips_the_step(tmp_path, cache, parity_reward, monkeypatch):
-    def nan_loss(**kw):
-        return kw["logp"].sum() * float("nan"), {"pg_loss": float("nan")}
+    def nan_loss(logp, old_logp, advantages, mask, *, num_tokens=None, num_seqs=None, norm_length=None):
+        return logp.sum() * float("nan"), {"pg_loss": float("nan")}
     monkeypatch.setitem(losses.LOSSES, "grpo", losses.LOSSES["grpo"]._replace(fn=nan_loss))
     out = tmp_path / "nan"
     run(TINY + ["--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0"])
@@ -422,92 +390,7 @@ def test_bf16_and_gradient_checkpointing_switches(tmp_path, cache, parity_reward
     assert next(seen["model"].parameters()).dtype == torch.float32        # fp32 master weights
 
 
-@pytest.mark.parametrize("n,c,k,expected", [(4, 1, 1, 0.25), (4, 1, 2, 0.5), (4, 0, 4, 0.0), (4, 4, 1, 1.0),
-                                            (5, 2, 3, 0.9)])
-def test_pass_at_k(n, c, k, expected):
-    assert evaluation.pass_at_k(n, c, k) == pytest.approx(expected)
 
-
-def test_shared_benchmark_files_load_with_their_mapping(shared_data):
-    first = {name: data.load_items(str(shared_data / name), "test")[0]["answer"]
-             for name in ("math500.jsonl", "gsm8k_test.jsonl", "aime24.jsonl", "amc23.jsonl", "minerva_math.jsonl")}
-    assert first["math500.jsonl"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
-    assert first["gsm8k_test.jsonl"] == "18"
-    assert first["amc23.jsonl"] == "27.0"
-    assert first["aime24.jsonl"] == "204"
-    assert verifier.score("\\boxed{1.6}", first["minerva_math.jsonl"]).correct   # \boxed{1.6} in the solution
-    assert len(data.load_items(str(shared_data / "gsm8k_test.jsonl"), "test")) == 1319
-
-
-def test_local_file_field_mapping_and_bad_rows(tmp_path):
-    good = tmp_path / "g.jsonl"
-    good.write_text(json.dumps({"q": "What is 2+2?", "sol": "so \\boxed{4}", "a": 4}) + "\n")
-    assert data.load_items(str(good), "train", problem_field="q", answer_field="a")[0]["answer"] == "4"
-    assert data.load_items(str(good), "train", problem_field="q", answer_field="sol")[0]["answer"] == "4"
-    bad = tmp_path / "b.jsonl"
-    bad.write_text(json.dumps({"problem": "x", "answer": "1"}) + "\n" + json.dumps({"problem": "y"}) + "\n")
-    with pytest.raises(ValueError, match=r"b\.jsonl, row 2: field 'answer'"):      # the field row 1 uses
-        data.load_items(str(bad), "train")
-    bad.write_text(json.dumps({"problem": "", "answer": "1"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 1: field 'problem'"):
-        data.load_items(str(bad), "train")
-    bad.write_text("{oops\n")
-    with pytest.raises(ValueError, match=r"row 1: not valid JSON"):
-        data.load_items(str(bad), "train")
-    bad.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
-    with pytest.raises(ValueError, match=r"row 1: field 'answer' has no gsm8k answer"):
-        data.load_items(str(bad), "train", answer_format="gsm8k")
-
-
-def test_offline_errors_name_the_alternatives():
-    with pytest.raises(SystemExit, match="Offline alternatives.*--preset tiny"):
-        data.load_items("no-such-org/no-such-dataset", "train")
-    with pytest.raises(SystemExit, match="Offline alternatives.*--preset tiny"):
-        data.load_model("no-such-org/no-such-model", device=torch.device("cpu"))
-
-
-def test_cli_validation(capsys):
-    with pytest.raises(SystemExit, match="--lambda-min does not apply to --algo grpo"):
-        config.resolve(config.build_parser().parse_args(["--lambda-min", "0.5"]), log=lambda m: None)
-    cfg = config.resolve(config.build_parser().parse_args(["--algo", "opefo", "--updates-per-batch", "4"]),
-                               log=lambda m: None)
-    assert cfg["preset"] == "tiny" and cfg["updates_per_batch"] == 1 and cfg["drop_equal_groups"] is False
-    assert config.resolve(config.build_parser().parse_args(["--algo", "dapo"]), log=print)["drop_equal_groups"]
-    assert "tiny lab" in capsys.readouterr().out
-    cfg = config.resolve(config.build_parser().parse_args(["--algo", "archer"]), log=lambda m: None)
-    assert losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0])
-    cfg = config.resolve(config.build_parser().parse_args(["--algo", "grpo"]), log=lambda m: None)
-    assert not losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0])
-    cfg = config.resolve(config.build_parser().parse_args(["--algo", "kl_cov", "--kl-cov-coef", "2"]),
-                               log=lambda m: None)
-    assert config.knob_kwargs(cfg)[0] == {"kl_cov_coef": 2.0}
-    assert not losses.uses_reference(cfg["algo"], **config.knob_kwargs(cfg)[0])          # its KL is to pi_old
-    for action in config.build_parser()._actions:
-        assert action.help, action.dest
-    cfg = config.resolve(config.build_parser().parse_args(["--algo", "dapo", "--max-new-tokens", "100"]),
-                               log=lambda m: None)
-    assert (cfg["max_refill_rounds"], cfg["overlong_penalty"], cfg["overlong_cache"]) == (9, True, 20)
-    cfg = config.resolve(config.build_parser().parse_args(["--algo", "grpo"]), log=lambda m: None)
-    assert (cfg["max_refill_rounds"], cfg["overlong_penalty"], cfg["drop_equal_groups"]) == (0, False, False)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["--algo", "grpo", "--target-entropy", "1"], "--target-entropy does not apply to --algo grpo"),
-    (["--algo", "kl_cov", "--kl-coef", "1"], "--kl-coef does not apply to --algo kl_cov"),
-    (["--algo", "grpo", "--positive-weight", "1"], "--positive-weight does not apply to --algo grpo"),
-    (["--algo", "clip_cov", "--clip-cov-ratio", "0"], r"--clip-cov-ratio: clip_cov_ratio=0.0 must be in \(0, 1\]"),
-    (["--algo", "adaptive_entropy", "--target-entropy", "-1"], "--target-entropy: target=-1.0 must be >= 0"),
-    (["--algo", "entropy_bonus", "--entropy-coef", "-1"], "--entropy-coef: coef=-1.0 must be >= 0"),
-    (["--algo", "entropy_adv", "--entropy-adv-kappa", "0"], "--entropy-adv-kappa: kappa=0.0 must be > 0"),
-    (["--algo", "forking", "--top-frac", "2"], "--top-frac: top_frac=2.0 must be in"),
-    (["--algo", "dapo", "--overlong-cache", "30"], r"--overlong-cache must be in \[1, --max-new-tokens=20\]"),
-    (["--algo", "grpo", "--overlong-cache", "3"], "--overlong-cache needs --overlong-penalty"),
-    (["--algo", "grpo", "--max-refill-rounds", "2"], "--max-refill-rounds needs --drop-equal-groups"),
-    (["--algo", "dapo", "--max-refill-rounds", "-1"], "--max-refill-rounds must be >= 0"),
-])
-def test_bad_flags_name_the_flag(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        config.resolve(config.build_parser().parse_args(argv), log=lambda m: None)
 
 
 def test_a_run_ends_with_one_summary_line_and_names_the_plot_it_writes(tmp_path, cache, capsys):
@@ -532,3 +415,270 @@ def test_a_model_run_in_a_log_says_each_phase_of_a_step(tmp_path, cache, capsys,
     err = capsys.readouterr().err.splitlines()
     phases = [line for line in err if line.startswith("step 1: ") and "checkpoint" not in line]
     assert phases == ["step 1: generating 2 x 4 responses", "step 1: scoring", "step 1: log-probs", "step 1: update"]
+
+
+def test_a_run_names_its_directory_and_prints_each_evaluation_with_its_time(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    train.main(TINY + ["--cache-dir", cache, "--out", str(out), "--steps", "2", "--eval-interval", "1"])
+    err = capsys.readouterr().err.splitlines()
+    assert f"run directory: {out}" in err
+    steps = [i for i, line in enumerate(err) if line.startswith(("step 1/2:", "step 2/2:"))]
+    evals = [i for i, line in enumerate(err) if line.startswith(("step 1 evaluation, ", "step 2 evaluation, "))]
+    assert len(steps) == len(evals) == 2 and all(s < e for s, e in zip(steps, evals))   # the step's line first
+    rows = read_rows(out / "metrics.jsonl")
+    assert f"{rows[1]['time/eval']:.1f}s: eval: avg@2 {rows[1]['eval/avg@2']:.3f}, pass@2" in err[evals[0]]
+    assert len(err[evals[0]]) < 200                    # the headline figures; every one is in metrics.jsonl
+
+
+
+def test_a_reward_of_ones_own(tmp_path, cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(REWARD_MODULE)
+    out = tmp_path / "run"
+    rows = train.main(TINY + ["--cache-dir", cache, "--out", str(out), "--steps", "2", "--reward", "my_rewards:reward",
+                              "--log-samples", "2"])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 4                       # every completion of the 2 logged prompts, 2 steps
+    for s in samples:
+        assert s["reward"] == min(1.0, 0.5 * s["completion"].count("=")) and s["correct"] == (s["reward"] > 0)
+    for step in (1, 2):
+        rewards = [s["reward"] for s in samples if s["step"] == step]
+        assert rows[step]["reward"] == pytest.approx(sum(rewards) / len(rewards))
+    assert json.loads((out / "config.json").read_text())["reward"] == "my_rewards:reward"
+
+
+def test_tensorboard_gets_the_same_scalars(tmp_path, cache):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (installed with the integrations in CI)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    rows = train.main(TINY + ["--cache-dir", cache, "--out", str(out), "--steps", "2", "--report-to", "tensorboard"])
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    for key in ("reward", "entropy", "eval/avg@2", "flow/total_exact"):
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        expected = {r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))}
+        assert logged.keys() == expected.keys() and all(logged[s] == pytest.approx(v) for s, v in expected.items())
+
+
+def lab_files(tmp_path, cache):
+    """The tiny lab's model folder and four of its problems as a local .jsonl: a run with --model/--dataset."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"problem": it["problem"], "answer": it["answer"]}) + "\n"
+                            for it in tiny_lab.datasets()[0][:4]))
+    return str(tiny_lab.warm_start(0, cache)), str(data)
+
+
+def test_run_without_evaluation_set_prints_no_empty_start_line(tmp_path, cache, capsys):
+    model, data = lab_files(tmp_path, cache)
+    run(["--model", model, "--dataset", str(data), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+         "--max-new-tokens", "4", "--out", str(tmp_path / "run")])
+    assert "step 0 (start model)" not in capsys.readouterr().err
+    assert not any(k.startswith("eval") for k in read_rows(tmp_path / "run" / "metrics.jsonl")[0])
+
+
+def test_frozen_reference_under_bf16_gives_exactly_zero_kl(tmp_path, cache, parity_reward):
+    """One update per batch: the policy equals the reference when the KL is taken, so it must be 0, not a
+    bf16 rounding floor."""
+    out = tmp_path / "kl"
+    run(TINY + ["--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0", "--bf16",
+                "--kl-coef", "0.1", "--updates-per-batch", "1"])
+    row = read_rows(out / "metrics.jsonl")[1]
+    assert row["updates"] == 1 and row["grad_norm"] > 0
+    assert row["loss/kl"] == 0.0
+    ref, _ = data.load_model(str(tiny_lab.warm_start(0, cache)), device=torch.device("cpu"), trainable=False)
+    assert {p.dtype for p in ref.parameters()} == {torch.float32}
+
+
+def test_lr_factor_warmup_then_constant_or_cosine():
+    def factors(schedule, warmup, steps):
+        cfg = dict(lr_schedule=schedule, warmup_steps=warmup, steps=steps)
+        return [train.lr_factor(done, cfg) for done in range(steps)]
+    assert factors("constant", 0, 3) == [1.0, 1.0, 1.0]
+    assert factors("constant", 2, 4) == [0.5, 1.0, 1.0, 1.0]
+    assert factors("cosine", 2, 4) == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert factors("cosine", 0, 3) == pytest.approx([1.0, 0.75, 0.25])
+
+
+def test_schedule_is_logged_and_resumes_bit_for_bit(tmp_path, cache, parity_reward):
+    common = TINY + ["--cache-dir", cache, "--save-interval", "1", "--eval-interval", "2", "--warmup-steps", "2",
+                     "--lr-schedule", "cosine"]
+    full = tmp_path / "full"
+    run(common + ["--steps", "4", "--out", str(full)])
+    rows = read_rows(full / "metrics.jsonl")
+    assert [r["lr"] for r in rows[1:]] == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])
+    saved = torch.load(full / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
+    assert saved["scheduler"]["last_epoch"] == 4 and "optimizer" in saved
+    interrupted = tmp_path / "interrupted"
+    run(common + ["--steps", "2", "--out", str(interrupted)])
+    run(["--resume", str(interrupted), "--steps", "4"])
+    assert [strip_timing(r) for r in read_rows(interrupted / "metrics.jsonl")] == [strip_timing(r) for r in rows]
+
+
+def test_weights_only_checkpoint_and_its_resume(tmp_path, cache, parity_reward, capsys):
+    out = tmp_path / "w"
+    run(TINY + ["--cache-dir", cache, "--steps", "1", "--out", str(out), "--eval-interval", "0",
+                "--no-save-optimizer"])
+    saved = torch.load(out / "checkpoints" / "step_000001" / "trainer_state.pt", weights_only=False)
+    assert "optimizer" not in saved and saved["step"] == 1 and saved["scheduler"]["last_epoch"] == 1
+    capsys.readouterr()
+    rows = run(["--resume", str(out), "--steps", "2"])
+    assert [r["step"] for r in rows] == [2] and rows[0]["updates"] >= 1
+    assert ("--resume: step_000001 holds no optimizer state (--no-save-optimizer): AdamW restarts from zero "
+            "moments, so the run will differ from an uninterrupted one") in capsys.readouterr().err
+
+
+def test_samples_keep_the_whole_group_and_evaluations_their_verdicts(tmp_path, cache, parity_reward):
+    out = tmp_path / "s"
+    run(TINY + ["--cache-dir", cache, "--steps", "2", "--out", str(out), "--eval-interval", "1",
+                "--log-samples", "2"])
+    samples = read_rows(out / "samples.jsonl")
+    assert [r["step"] for r in samples] == [1] * 8 + [2] * 8                 # 2 prompts x G = 4, every step
+    first = samples[:4]
+    assert len({r["prompt"] for r in first}) == 1 and len({r["prompt"] for r in samples[:8]}) == 2
+    for r in samples:
+        assert r["correct"] is (r["reward"] == 1.0)                          # the parity reward's verdict
+        assert isinstance(r["truncated"], bool) and isinstance(r["advantage"], float)
+    assert sum(r["advantage"] for r in first) == pytest.approx(0.0, abs=1e-6)
+    assert all(len(r["completion"]) < 6 for r in samples if not r["truncated"])      # ended by EOS within 6
+    assert any(r["truncated"] for r in samples) and not all(r["truncated"] for r in samples)
+    evals = read_rows(out / "eval_samples.jsonl")
+    # steps 0, 1, 2 x sets eval (2 of its 3 problems) and eval_unique x greedy + first sample
+    assert len(evals) == 3 * 2 * 2 * 2
+    assert {(r["step"], r["set"], r["problem_index"], r["kind"]) for r in evals} == {
+        (s, p, i, k) for s in (0, 1, 2) for p in ("eval", "eval_unique") for i in (0, 1) for k in ("greedy", "sample")}
+    for r in evals:
+        assert r["correct"] == (r["answer"] is not None and r["correct"]) and isinstance(r["truncated"], bool)
+        assert set(r) == {"step", "set", "problem_index", "prompt", "gold", "kind", "completion", "answer",
+                          "correct", "truncated"}
+
+
+def zero_adv_batch(cache):
+    """3 prompts x G = 3 rows from the untrained lab model; group 1's advantages are all 0 (equal rewards)."""
+    path = tiny_lab.warm_start(0, cache)
+    base, tok = data.load_model(str(path), device=torch.device("cpu"))
+    ro = train.rollout.generate(base, tok, ["1+2", "3*4", "5-1"], group_size=3, max_new_tokens=5)
+    stats = train.rollout.response_stats(base, ro.input_ids, ro.attention_mask, ro.prompt_length, ro.response_mask)
+    return path, {"input_ids": ro.input_ids, "attention_mask": ro.attention_mask, "mask": ro.response_mask,
+                  "prompt_length": ro.prompt_length, "old_logp": stats["logp"], "entropy": stats["entropy"],
+                  "exact_term": stats["exact_term"], "ref_logp": stats["logp"],
+                  "advantages": torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0, 0.3, 0.7, -1.0])}
+
+
+def one_update(path, batch, skip, **settings):
+    """train.update with AdamW on a fresh copy of the model; (metrics, parameters, rows run with gradient).
+    Clip-Cov's draw gets a generator seeded the same in every call."""
+    model, _ = data.load_model(str(path), device=torch.device("cpu"))
+    cfg = dict(algo="grpo", group_size=3, updates_per_batch=1, micro_batch_size=3, max_grad_norm=1.0,
+               measure_entropy_change=False, temperature=1.0, max_new_tokens=5, skip_zero_advantage=skip)
+    cfg.update({k: None for k in config.KNOB_FLAGS})
+    cfg.update(settings)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    ran = []
+
+    def stats_fn(b, with_grad=False, with_entropy=True):
+        if with_grad:
+            ran.append(b["mask"].shape[0])
+        return train.rollout.response_stats(model, b["input_ids"], b["attention_mask"], b["prompt_length"],
+                                            b["mask"], with_grad=with_grad, with_entropy=with_entropy)
+    knobs = {"generator": torch.Generator().manual_seed(0)} if cfg["algo"] == "clip_cov" else None
+    out = train.update(model, opt, batch, cfg, stats_fn, knobs=knobs)
+    return out, [p.detach().clone() for p in model.parameters()], sum(ran)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(algo="grpo"), dict(algo="dapo"), dict(algo="drgrpo"), dict(algo="steer"), dict(algo="opefo"),
+    dict(algo="archer", kl_knowledge=0.0), dict(algo="grpo", agg="seq-mean-token-mean"),
+    dict(algo="clip_cov", clip_cov_ratio=0.5), dict(algo="forking"), dict(algo="w_reinforce"),
+    dict(algo="entropy_adv"),
+    dict(algo="steer", updates_per_batch=2),          # 2nd mini-batch = group 1 alone: an all-skipped AdamW step
+    dict(algo="grpo", updates_per_batch=2, measure_entropy_change=True)])
+def test_zero_advantage_rows_skipped_with_identical_parameters(cache, settings):
+    path, batch = zero_adv_batch(cache)
+    (out_a, par_a, ran_a), (out_b, par_b, ran_b) = (one_update(path, batch, skip, **settings) for skip in (False, True))
+    assert out_a["rows_skipped_zero_adv"] == 0 and out_b["rows_skipped_zero_adv"] == 3
+    assert (ran_a, ran_b) == (9, 6)
+    assert out_a["updates"] == out_b["updates"] == settings.get("updates_per_batch", 1)
+    assert out_a["loss/loss"] == out_b["loss/loss"] and out_a["grad_norm"] == out_b["grad_norm"]
+    assert all(torch.equal(a, b) for a, b in zip(par_a, par_b))
+    start, _ = data.load_model(str(path), device=torch.device("cpu"))
+    assert not all(torch.equal(a, b) for a, b in zip(par_a, start.parameters()))
+
+
+def test_zero_advantage_rows_scattered_with_micro_batches_of_one(cache):
+    path, batch = zero_adv_batch(cache)
+    batch["advantages"] = torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.5, 0.0, -0.5])
+    runs = [one_update(path, batch, skip, algo="steer", micro_batch_size=1) for skip in (False, True)]
+    assert runs[1][0]["rows_skipped_zero_adv"] == 5 and runs[1][2] == 4
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+@pytest.mark.parametrize("settings", [dict(algo="grpo", kl_coef=0.1), dict(algo="archer"), dict(algo="kl_cov"),
+                                      dict(algo="entropy_bonus"), dict(algo="adaptive_entropy")])
+def test_zero_advantage_rows_kept_when_a_term_needs_them(cache, settings):
+    path, batch = zero_adv_batch(cache)
+    out, _, ran = one_update(path, batch, True, **settings)
+    assert out["rows_skipped_zero_adv"] == 0 and ran == 9
+
+
+def test_which_losses_allow_the_skip():
+    mb = {"advantages": torch.tensor([0.0, 1.0]), "mask": torch.ones(2, 2), "entropy": torch.ones(2, 2)}
+
+    def rows(algo, **cfg):
+        run = dict({k: None for k in config.KNOB_FLAGS}, algo=algo, max_new_tokens=4, **cfg)
+        reads = losses.uses_reference(algo, **config.knob_kwargs(run)[0])
+        return train.zero_advantage_rows(mb, run, reads).tolist()
+    for algo in ("grpo", "dapo", "drgrpo", "steer", "opefo"):
+        assert rows(algo) == [True, False], algo
+    assert rows("archer", kl_knowledge=0.0) == [True, False] and rows("archer") == [False, False]
+    assert rows("grpo", kl_coef=0.1) == rows("grpo", skip_zero_advantage=False) == [False, False]
+    for algo in ("clip_cov", "forking", "w_reinforce", "entropy_adv"):
+        assert rows(algo) == [True, False], algo
+    for algo in ("entropy_bonus", "adaptive_entropy", "kl_cov"):
+        assert rows(algo) == [False, False], algo
+    mb["entropy"][0, 1] = -1e-7                 # rounding below 0: entropy_adv's A' = min(0.4 H, 0) is not 0
+    assert rows("entropy_adv") == [False, False] and rows("forking") == [True, False]
+    assert {name for name, m in losses.LOSSES.items() if m.zero_rows is None} == \
+        {"entropy_bonus", "adaptive_entropy", "kl_cov"}
+
+
+@pytest.fixture
+def parity_verifier(monkeypatch):
+    """verifier.score -> reward 1.0 when the completion has an even number of characters, so that a random
+    model's groups get real advantages (the gold is still parsed by the real verifier)."""
+    real = verifier.score
+
+    def score(response, gold):
+        s = real("\\boxed{0}", gold)
+        ok = len(response) % 2 == 0
+        return types.SimpleNamespace(reward=float(ok), answer=response[-3:], correct=ok, timed_out=False) \
+            if s.correct is not None else s
+    monkeypatch.setattr(verifier, "score", score)
+
+
+def test_train_two_steps_with_the_real_tokenizer(chatty, qwen_tok, tmp_path, parity_verifier):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    chatty.save_pretrained(tmp_path / "model")
+    qwen_tok.save_pretrained(tmp_path / "model")
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in bench_train.arithmetic_items(6)))
+    run = tmp_path / "run"
+    rows = train.main(["--model", str(tmp_path / "model"), "--dataset", str(data), "--algo", "grpo", "--steps", "2",
+                       "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8",
+                       "--micro-batch-size", "4", "--lr", "1e-3", "--eval-interval", "0", "--save-interval", "2",
+                       "--log-samples", "2", "--out", str(run)])
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert 1 <= r["response_length"] <= 8 and r["truncation_rate"] < 1      # <|im_end|> ended some responses
+        assert r["entropy"] == pytest.approx(H_CHATTY, abs=0.3)
+        assert r["updates"] == 2 and r["skipped_nonfinite"] == 0 and r["grad_norm"] > 0
+    samples = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 4 and all(s["prompt"].startswith("What is ") for s in samples)  # steps x prompts x G
+    assert not any("<|" in s["completion"] for s in samples)
+    saved = run / "checkpoints" / "step_000002" / "model"
+    reloaded_tok = AutoTokenizer.from_pretrained(saved)
+    assert reloaded_tok.chat_template == qwen_tok.chat_template and rollout.end_of_turn_id(reloaded_tok) == IM_END
+    assert (reloaded_tok.eos_token_id, reloaded_tok.pad_token_id) == (IM_END, ENDOFTEXT)
+    trained = AutoModelForCausalLM.from_pretrained(saved)
+    moved = [n for n, q in trained.named_parameters() if not torch.equal(q, chatty.state_dict()[n])]
+    assert "lm_head.weight" in moved and len(moved) > 10
