@@ -60,7 +60,7 @@ CPU_DEFAULTS = dict(prompts_per_step=2, group_size=4, max_new_tokens=64, eval_k=
 # refused (knob_kwargs).
 CONTROL_KEYS = ("target", "coef", "delta", "coef_max")
 KNOB_GROUPS = {
-    "PPO clip (every loss with the ratio clip; Archer and ASPO: --dual-clip only)": {
+    "PPO clip (every loss with the ratio clip; Archer and ASPO: --dual-clip only; GSPO: the sequence ratio's)": {
         "clip_low": (float, "clip_low", "clip epsilon below 1"),
         "clip_high": (float, "clip_high", "clip epsilon above 1"),
         "dual_clip": (float, "dual_clip", "dual-clip constant c for negative advantages"),
@@ -70,7 +70,8 @@ KNOB_GROUPS = {
         "kl_coef": (float, "kl_coef", "k3 KL coefficient to the frozen start model")},
     "STEER and OPEFO": {
         "lambda_min": (float, "lambda_min", "STEER's smallest token weight"),
-        "first_order_form": (losses.FIRST_ORDER_FORMS, "form", "STEER's Omega / OPEFO's flow form")},
+        "first_order_form": (losses.FIRST_ORDER_FORMS, "form", "STEER's Omega / OPEFO's flow form / Clip_V's "
+                                                               "score")},
     "STEER's quadrant interventions (quadrant: GRPO with one weight per quadrant)": {
         f"scale_{q}": (float, q, f"weight of the {q.replace('_', ' ')} tokens' update (default 1)")
         for q in losses.QUADRANTS},
@@ -84,6 +85,17 @@ KNOB_GROUPS = {
                                              "(default 0.5; GPPO 1)"),
         "gppo_beta_high": (float, "beta_high", "beta_2, the gradient kept on tokens clipped above (A > 0) "
                                                "(default 1)")},
+    "CISPO and SAPO (GSPO takes the PPO clip flags)": {
+        "cispo_ratio_cap": (float, "ratio_cap", "CISPO: cap on the ratio itself, TRL's form (default: 1 + "
+                                                "--clip-high; cispo_trl 5.0)"),
+        "sapo_tau_pos": (float, "tau_pos", "SAPO: the gate's temperature for A > 0 (default 1.0)"),
+        "sapo_tau_neg": (float, "tau_neg", "SAPO: the gate's temperature for A <= 0 (default 1.05)")},
+    "ERC, Clip_B and Clip_V (gates on the entropy change)": {
+        "erc_band_low": (float, "band_low", "ERC: lower end of the open band of H / H_old kept (default 0.95)"),
+        "erc_band_high": (float, "band_high", "ERC: upper end of that band (default 1.05)"),
+        "gate_mu": (float, "mu", "Clip_B / Clip_V: the cut in standard deviations (default 2.5; Clip_V 8.5)"),
+        "gate_max_frac": (float, "max_frac", "Clip_V: the most tokens it drops among A < 0, as a fraction "
+                                             "(default 1e-4)")},
     "entropy bonus and adaptive entropy (Skywork-OR1)": {
         "entropy_coef": (float, "coef", "entropy_bonus's coefficient (default 0.001); adaptive_entropy's "
                                         "starting coefficient (default 0.005)"),

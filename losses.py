@@ -812,18 +812,23 @@ def ce_gppo_loss(logp, old_logp, advantages, mask, *, beta_low=0.5, beta_high=1.
                    entropy=entropy)
     (entropy,) = t.rest
     adv, r = t.adv, t.ratio.detach()
-    low = ((adv < 0) & (r < 1 - clip_low)).to(t.mask.dtype)                   # PPO's lower clip
-    high = ((adv > 0) & (r > 1 + clip_high)).to(t.mask.dtype)                 # PPO's upper clip
-    # beta (1 -+ eps) there
-    kept = beta_low * (1 - clip_low) * low + beta_high * (1 + clip_high) * high
-    # value +0
-    per_token = t.per_token + _with_gradient(torch.zeros_like(t.per_token), -adv * kept, t.logp)
+    per_token = _preserved_gradient(t, beta_low, beta_high, clip_low, clip_high)
     loss = agg_loss(per_token, t.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
                     norm_length=norm_length)
     metrics = _ppo_metrics(adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
     cap = math.inf if dual_clip is None else dual_clip
     metrics.update(pg_loss=loss.detach(), dual_clip_frac=((adv < 0) & (r > cap)).sum() / t.count)
     return loss, _to_floats(metrics)
+
+
+def _preserved_gradient(t, beta_low, beta_high, clip_low, clip_high):
+    """CE-GPPO's per-token term on _ppo_terms `t`: PPO's value, plus the gradient -beta (1 -+ eps) A
+    grad log pi on the tokens PPO clips (value + 0)."""
+    adv, r = t.adv, t.ratio.detach()
+    low = ((adv < 0) & (r < 1 - clip_low)).to(t.mask.dtype)                   # PPO's lower clip
+    high = ((adv > 0) & (r > 1 + clip_high)).to(t.mask.dtype)                 # PPO's upper clip
+    kept = beta_low * (1 - clip_low) * low + beta_high * (1 + clip_high) * high   # beta (1 -+ eps)
+    return t.per_token + _with_gradient(torch.zeros_like(t.per_token), -adv * kept, t.logp)
 
 
 def gppo_loss(logp, old_logp, advantages, mask, *, beta_low=1.0, beta_high=1.0, clip_low=0.2,
@@ -838,6 +843,297 @@ def gppo_loss(logp, old_logp, advantages, mask, *, beta_low=1.0, beta_high=1.0, 
                         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
                         entropy=entropy, num_tokens=num_tokens, num_seqs=num_seqs,
                         norm_length=norm_length)
+
+
+# ------------------------------------------------------- the ratio reshaped: GSPO, CISPO, SAPO
+def _sequence_log_ratio(logp, old_logp, valid):
+    """log s_i = mean over row i's valid tokens of log r_t (B, 1), clamped to +-20: GSPO's
+    length-normalised sequence ratio in log space (0 for a row without valid tokens)."""
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    return (torch.where(valid, logp - old_logp, 0.0).sum(-1, keepdim=True) / n
+            ).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+
+
+def gspo_loss(logp, old_logp, advantages, mask, *, clip_low=3e-4, clip_high=4e-4,
+              agg="seq-mean-token-mean", entropy=None, num_tokens=None, num_seqs=None,
+              norm_length=None):
+    """GSPO (arXiv 2507.18071, Qwen3's RL): the PPO clip on the length-normalised sequence ratio
+        s_i = (pi(y_i) / pi_old(y_i)) ** (1 / |y_i|) = exp(mean_t log r_{i,t}),
+        loss = agg( max(-A_i s_i, -A_i clip(s_i, 1 - clip_low, 1 + clip_high)) ),
+    clip 3e-4 / 4e-4 and seq-mean-token-mean as the paper (TRL's
+    importance_sampling_level="sequence"). s_i depends on every token of the response, so the
+    gradient of token t is s_i A_i / |y_i| grad log pi_t for every unclipped sequence. Metrics:
+    grpo_loss's (clip fractions over sequences, token-weighted), pg_loss.
+    """
+    _check_clip(clip_low, clip_high, None)
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy)
+    logp, old_logp, entropy = b.tensors
+    s = torch.exp(_sequence_log_ratio(logp, old_logp, b.valid)).expand_as(logp)
+    return _gspo_surrogate(b, s, entropy, clip_low, clip_high, agg, num_tokens, num_seqs,
+                           norm_length)
+
+
+def gspo_token_loss(logp, old_logp, advantages, mask, *, clip_low=3e-4, clip_high=4e-4,
+                    agg="seq-mean-token-mean", entropy=None, num_tokens=None, num_seqs=None,
+                    norm_length=None):
+    """GSPO-token (arXiv 2507.18071 sec. 4.3; verl's loss_mode gspo): s_{i,t} = sg(s_i) pi(y_t) /
+    sg(pi(y_t)), the same value as gspo_loss per token and a per-token gradient s_i A_{i,t} grad log
+    pi_t, so advantages may vary along a response. With one advantage per response and
+    seq-mean-token-mean it is gspo_loss's gradient exactly. Knobs and metrics as gspo_loss."""
+    _check_clip(clip_low, clip_high, None)
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy)
+    logp, old_logp, entropy = b.tensors
+    log_s = _sequence_log_ratio(logp, old_logp, b.valid).detach()
+    s = torch.exp(log_s + logp - logp.detach())                     # sg(s_i) pi / sg(pi)
+    return _gspo_surrogate(b, s, entropy, clip_low, clip_high, agg, num_tokens, num_seqs,
+                           norm_length)
+
+
+def _gspo_surrogate(b, s, entropy, clip_low, clip_high, agg, num_tokens, num_seqs, norm_length):
+    """The clipped surrogate of GSPO on cleaned inputs (_batch), ratio s (B, T); (loss, metrics)."""
+    per_token = torch.maximum(-b.adv * s, -b.adv * s.clamp(1 - clip_low, 1 + clip_high))
+    loss = agg_loss(per_token, b.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(b.adv, b.count, torch.where(b.valid, s, 1.0), 1 - clip_low,
+                           1 + clip_high, entropy)
+    metrics["pg_loss"] = loss.detach()
+    return loss, _to_floats(metrics)
+
+
+def cispo_loss(logp, old_logp, advantages, mask, *, clip_low=None, clip_high=0.2, ratio_cap=None,
+               agg="token-mean", entropy=None, num_tokens=None, num_seqs=None, norm_length=None):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): REINFORCE weighted by the clipped, detached ratio,
+        loss = agg( -sg(clip(r, 1 - clip_low, cap)) A log pi ),   r = pi / pi_old,
+    so no token loses its gradient (PPO's clip zeroes it). The cap: 1 + clip_high (the paper's and
+    verl's form, verl's example 1.2: the default), or ratio_cap when given (TRL's epsilon_high, r <=
+    5.0 recommended: cispo_trl). clip_low None: no lower bound (the paper's "eps_low large"; verl's
+    default config has 0.2). Metrics: grpo_loss's (clip_frac_low / high: valid tokens whose weight
+    is capped, of either sign), pg_loss.
+    """
+    _check_knob("clip_high", clip_high, clip_high >= 0, ">= 0")
+    if clip_low is not None:
+        _check_knob("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1) or None")
+    if ratio_cap is not None:
+        _check_knob("ratio_cap", ratio_cap, ratio_cap > 0, "> 0 or None")
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy)
+    logp, old_logp, entropy = b.tensors
+    ratio = torch.exp((logp.detach() - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    lo = 0.0 if clip_low is None else 1 - clip_low
+    hi = 1 + clip_high if ratio_cap is None else ratio_cap
+    weight = -ratio.clamp(lo, hi) * b.adv                                # -sg(clip(r)) A
+    per_token = _with_gradient(weight * logp, weight, logp)              # -sg(clip(r)) A log pi
+    loss = agg_loss(per_token, b.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(b.adv, b.count, ratio, lo, hi, entropy)
+    # capped weights, either sign
+    metrics.update(clip_frac_low=(b.valid & (ratio < lo)).sum() / b.count,
+                   clip_frac_high=(b.valid & (ratio > hi)).sum() / b.count, pg_loss=loss.detach())
+    return loss, _to_floats(metrics)
+
+
+def cispo_trl_loss(logp, old_logp, advantages, mask, *, clip_low=None, clip_high=0.2, ratio_cap=5.0,
+                   agg="token-mean", entropy=None, num_tokens=None, num_seqs=None,
+                   norm_length=None):
+    """CISPO with TRL's cap: r <= epsilon_high = 5.0 (TRL's recommended value), no lower bound;
+    cispo_loss otherwise."""
+    return cispo_loss(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+                      ratio_cap=ratio_cap, agg=agg, entropy=entropy, num_tokens=num_tokens,
+                      num_seqs=num_seqs, norm_length=norm_length)
+
+
+def sapo_loss(logp, old_logp, advantages, mask, *, tau_pos=1.0, tau_neg=1.05,
+              agg="seq-mean-token-mean", entropy=None, num_tokens=None, num_seqs=None,
+              norm_length=None):
+    """SAPO (arXiv 2511.20347): a smooth gate in place of the hard clip,
+        f(r) = sigma(tau (r - 1)) 4 / tau,   tau = tau_pos (1.0) for A > 0, tau_neg (1.05) otherwise,
+        loss = agg( -f(r) A ),   r = pi / pi_old (log-ratio clamped to +-20),
+    whose gradient is -A grad log pi at r = 1 (f'(1) = 1) and fades smoothly as r leaves 1.
+    seq-mean-token-mean as verl and TRL run it. tau_pos, tau_neg > 0. Metrics: grpo_loss's (no clip:
+    clip fractions 0), pg_loss.
+    """
+    _check_knob("tau_pos", tau_pos, tau_pos > 0, "> 0")
+    _check_knob("tau_neg", tau_neg, tau_neg > 0, "> 0")
+    b = _batch(mask, advantages, logp=logp, old_logp=old_logp, entropy=entropy)
+    logp, old_logp, entropy = b.tensors
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    tau = torch.where(b.adv > 0, ratio.new_tensor(tau_pos), ratio.new_tensor(tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1)) * 4 / tau                  # f(r)
+    loss = agg_loss(-gate * b.adv, b.valid, agg, num_tokens=num_tokens, num_seqs=num_seqs,
+                    norm_length=norm_length)
+    metrics = _ppo_metrics(b.adv, b.count, ratio, 0.0, math.inf, entropy)
+    metrics["pg_loss"] = loss.detach()
+    return loss, _to_floats(metrics)
+
+
+# ------------------------------------ gates on the first-order entropy change: ERC, Clip_B, Clip_V
+def _erc(t, per_token, current_entropy, entropy, band_low, band_high, agg, agg_kw, metrics):
+    """ERC's gate on _ppo_terms `t`: rho = (H + 1e-8) / (H_old + 1e-8) per token; outside the open
+    band (band_low, band_high) a token keeps its loss value and loses its gradient; the normaliser
+    is unchanged."""
+    rho = (current_entropy.detach() + 1e-8) / (entropy + 1e-8)
+    inside = (rho > band_low) & (rho < band_high) & t.valid
+    per_token = torch.where(inside, per_token, per_token.detach())
+    metrics.update(erc_frac=(t.valid & ~inside).sum() / t.count)
+    return agg_loss(per_token, t.valid, agg, **agg_kw)
+
+
+def erc_dapo_loss(logp, old_logp, advantages, mask, entropy, current_entropy, *, band_low=0.95,
+                  band_high=1.05, clip_low=0.2, clip_high=0.28, dual_clip=10.0, agg="token-mean",
+                  num_tokens=None, num_seqs=None, norm_length=None):
+    """ERC, entropy ratio clipping (arXiv 2512.05591; public code Kwai-Klear/ERC, grpo_erc) on
+    DAPO's loss:
+        rho_{i,t} = (H_theta + 1e-8) / (H_old + 1e-8),   H_theta the current policy's entropy (detached),
+        H_old the behaviour policy's; a token with rho outside (0.95, 1.05) keeps its PPO-clip value
+        (clip 0.2 / 0.28, dual clip 10, token-mean, as the released scripts) and loses its gradient.
+    rho = 1 on the first mini-batch of a rollout batch (pi = pi_old): ERC acts only off-policy. Not
+    here: the scripts' extra 0.1 x NLL of the correct responses (trainer-side). band_low < 1 <
+    band_high. Metrics: grpo_loss's, pg_loss, erc_frac (share of valid tokens whose gradient is
+    removed).
+    """
+    _check_knob("band_low", band_low, 0 <= band_low < 1, "in [0, 1)")
+    _check_knob("band_high", band_high, band_high > 1, "> 1")
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
+                   entropy=entropy, current_entropy=current_entropy)
+    entropy, current_entropy = t.rest
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    loss = _erc(t, t.per_token, current_entropy, entropy, band_low, band_high, agg, agg_kw, metrics)
+    metrics["pg_loss"] = loss.detach()
+    return loss, _to_floats(metrics)
+
+
+def erc_gppo_loss(logp, old_logp, advantages, mask, entropy, current_entropy, *, band_low=0.95,
+                  band_high=1.05, clip_low=0.2, clip_high=0.2, dual_clip=10.0, agg="token-mean",
+                  num_tokens=None, num_seqs=None, norm_length=None):
+    """ERC (gppo_erc) on GPPO's gradient-preserving clip (clip 0.2 / 0.2 as the released GPPO-ERC
+    script): erc_dapo_loss's gate on gppo_loss's per-token term. Knobs and metrics as erc_dapo_loss.
+    """
+    _check_knob("band_low", band_low, 0 <= band_low < 1, "in [0, 1)")
+    _check_knob("band_high", band_high, band_high > 1, "> 1")
+    t = _ppo_terms(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip,
+                   entropy=entropy, current_entropy=current_entropy)
+    entropy, current_entropy = t.rest
+    metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
+    agg_kw = dict(num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    per_token = _preserved_gradient(t, 1.0, 1.0, clip_low, clip_high)
+    loss = _erc(t, per_token, current_entropy, entropy, band_low, band_high, agg, agg_kw, metrics)
+    metrics["pg_loss"] = loss.detach()
+    return loss, _to_floats(metrics)
+
+
+def clip_b_select(old_logp, advantages, mask, entropy, *, mu=2.5):
+    """Clip_B's dropped tokens (B, T) bool: A < 0 tokens whose S = pi_a (log pi_a + H) (the
+    behaviour policy's), centred over the batch's valid tokens, lies below -mu std(S) (population
+    std); none when std(S) < 1e-12."""
+    _check_knob("mu", mu, mu > 0, "> 0")
+    b = _batch(mask, advantages, old_logp=old_logp, entropy=entropy)
+    lp, h = b.tensors
+    S = torch.exp(lp) * (lp + h)                                   # pi_a (log pi_a + H)
+    mean = (S * b.mask).sum() / b.count
+    std = (((S - mean) * b.mask).square().sum() / b.count).sqrt()
+    return (b.adv < 0) & (S - mean < -mu * std) & b.valid & (std >= 1e-12)
+
+
+def clip_v_select(old_logp, advantages, mask, entropy, exact_term=None, *, mu=8.5, max_frac=1e-4,
+                  form="exact"):
+    """Clip_V's dropped tokens (B, T) bool, from the behaviour policy: x = -g with g
+    first_order_term(form) (form="exact": x = S2 - pi_a (log pi_a + H), the authors' nec - S), not
+    centred; tokens with A <= 0 and x > mu std(x) (population std over the valid tokens) are
+    dropped. When they are more than max_frac of the valid tokens, the A < 0 ones among them are cut
+    to the K = max(1, int(max_frac n)) largest x."""
+    _check_knob("mu", mu, mu > 0, "> 0")
+    _check_knob("max_frac", max_frac, 0 < max_frac <= 1, "in (0, 1]")
+    b = _batch(mask, advantages, old_logp=old_logp, entropy=entropy, exact_term=exact_term)
+    lp, h, s2 = b.tensors
+    if form == "exact":                                            # the authors' nec - S, unclamped
+        if s2 is None:
+            raise KnobError("form", "form='exact' needs exact_term (B, T): logprobs.token_stats(logits, "
+                                    "tokens)[2]")
+        x = (s2 - torch.exp(lp) * (lp + h)).to(b.mask.dtype)
+    else:
+        x = -first_order_term(lp, h, s2, form).to(b.mask.dtype)
+    mean = (x * b.mask).sum() / b.count
+    std = (((x - mean) * b.mask).square().sum() / b.count).sqrt()
+    if std < 1e-12:
+        return torch.zeros_like(b.valid)
+    dropped = (b.adv <= 0) & (x > mu * std) & b.valid
+    n, k = int(b.valid.sum()), max(1, int(max_frac * int(b.valid.sum())))
+    violators = dropped & (b.adv < 0)
+    if int(dropped.sum()) > max_frac * n and int(violators.sum()) > k:
+        top = torch.where(violators, x, -math.inf).flatten().topk(k).indices
+        keep_top = torch.zeros_like(violators).flatten()
+        keep_top[top] = True
+        dropped = (dropped & ~violators) | keep_top.view_as(violators)
+    return dropped
+
+
+def _gated_grpo(logp, old_logp, advantages, mask, dropped, clip_low, clip_high, dual_clip, agg,
+                entropy, num_tokens, num_seqs, norm_length):
+    """grpo_loss with the dropped tokens out of the mask (and its normalisers), as the Trinity-RFT
+    gates zero response_mask; metrics gain gate_frac (dropped share of the call's valid tokens)."""
+    valid = mask.bool()
+    kept = valid & ~dropped.bool()
+    loss, metrics = grpo_loss(logp, old_logp, advantages, kept, clip_low=clip_low,
+                              clip_high=clip_high, dual_clip=dual_clip, agg=agg, entropy=entropy,
+                              num_tokens=num_tokens, num_seqs=num_seqs, norm_length=norm_length)
+    metrics["gate_frac"] = float((valid & dropped.bool()).sum()) / max(1, int(valid.sum()))
+    return loss, metrics
+
+
+def clip_b_loss(logp, old_logp, advantages, mask, entropy, *, mu=2.5, clip_low=0.2, clip_high=0.2,
+                dual_clip=None, agg="token-mean", dropped=None, num_tokens=None, num_seqs=None,
+                norm_length=None):
+    """Clip_B ("On the Entropy Dynamics in Reinforcement Fine-Tuning of LLMs", arXiv 2602.03392;
+    public code agentscope-ai/Trinity-RFT, ClipBAdvantageFn): GRPO without the A < 0 tokens whose
+    token-specific entropy term S = pi_a (log pi_a + H), centred over the batch, is below -mu std(S)
+    (mu 2.5): the penalised tokens whose update would lower the entropy most; A >= 0 tokens are
+    always kept. dropped: the whole batch's choice (batch_statistics: clip_b_select), sliced per
+    micro-batch, with num_tokens counting the kept tokens; default: this call's. Metrics:
+    grpo_loss's, gate_frac.
+    """
+    _check_tensor("entropy", entropy)
+    if dropped is None:
+        dropped = clip_b_select(old_logp, advantages, mask, entropy, mu=mu)
+    return _gated_grpo(logp, old_logp, advantages, mask, dropped, clip_low, clip_high, dual_clip,
+                       agg, entropy, num_tokens, num_seqs, norm_length)
+
+
+def clip_v_loss(logp, old_logp, advantages, mask, entropy, exact_term=None, *, mu=8.5,
+                max_frac=1e-4, form="exact", clip_low=0.2, clip_high=0.2, dual_clip=None,
+                agg="token-mean", dropped=None, num_tokens=None, num_seqs=None, norm_length=None):
+    """Clip_V (arXiv 2602.03392; Trinity-RFT's ClipVAdvantageFn): GRPO without the A <= 0 tokens
+    whose score x = nec - S = S2 - pi_a (log pi_a + H) (minus the exact first-order entropy factor:
+    such a token's update lowers the entropy) exceeds mu std(x), at most max_frac of the tokens
+    among A < 0 ones. mu 8.5 (the authors' default_args and example config; their class's __init__
+    default 2.0 applies only when it is built directly), max_frac 1e-4. form="paper": x = -(1 -
+    pi_a)^2 (log pi_a + H), STEER's and OPEFO's score, so the exact-versus-paper question is
+    testable here too. dropped: as clip_b_loss. Metrics: grpo_loss's, gate_frac.
+    """
+    _check_tensor("entropy", entropy)
+    if dropped is None:
+        dropped = clip_v_select(old_logp, advantages, mask, entropy, exact_term, mu=mu,
+                                max_frac=max_frac, form=form)
+    return _gated_grpo(logp, old_logp, advantages, mask, dropped, clip_low, clip_high, dual_clip,
+                       agg, entropy, num_tokens, num_seqs, norm_length)
+
+
+def _gate_statistics(mask, dropped):
+    """The batch's dropped tokens and the normalisers of the kept ones."""
+    return {"dropped": dropped, **batch_totals(mask.bool() & ~dropped)}
+
+
+def clip_b_statistics(*, mask, advantages, old_logp, entropy, mu, **_):
+    """Clip_B's whole-batch statistics: {"dropped": (B, T) bool} (slice it per micro-batch) and the
+    kept tokens' num_tokens, num_seqs."""
+    _check_tensors(advantages=advantages, old_logp=old_logp, entropy=entropy)
+    return _gate_statistics(mask, clip_b_select(old_logp, advantages, mask, entropy, mu=mu))
+
+
+def clip_v_statistics(*, mask, advantages, old_logp, entropy, exact_term, mu, max_frac, form, **_):
+    """Clip_V's whole-batch statistics, as clip_b_statistics."""
+    _check_tensors(advantages=advantages, old_logp=old_logp, entropy=entropy)
+    return _gate_statistics(mask, clip_v_select(old_logp, advantages, mask, entropy, exact_term, mu=mu,
+                                                max_frac=max_frac, form=form))
 
 
 # -------------------------------------------------------- entropy interventions (STEER's baselines)
@@ -1285,7 +1581,7 @@ BATCH_KEYS = frozenset({"logp", "old_logp", "advantages", "mask", "entropy", "ex
                         "ref_logp", "current_entropy", "num_tokens", "num_seqs", "norm_length"})
 # what the statistic functions return: not knobs
 STATISTIC_KEYS = frozenset({"omega_max", "flow_totals", "cov_selected", "cov_means",
-                            "cov_threshold", "entropy_threshold"})
+                            "cov_threshold", "entropy_threshold", "dropped"})
 REQUIRED = inspect.Parameter.empty               # Loss.knobs' value for a knob without a default
 # what a needed tensor is and what computes it
 _SOURCES = {
@@ -1389,10 +1685,10 @@ class _Registry(dict):
 
 # the recipes that drop groups whose rewards are all equal
 _DROP = {"drop_equal_groups": True}
+_DAPO_DATA = dict(_DROP, max_refill_rounds=9, overlong_penalty=True)     # DAPO's recipe, also ERC's
 LOSSES = _Registry({
     "grpo": Loss(grpo_loss, reduce={"kl": "sum"}),
-    "dapo": Loss(dapo_loss, reduce={"kl": "sum"},
-                 data_defaults=dict(_DROP, max_refill_rounds=9, overlong_penalty=True)),
+    "dapo": Loss(dapo_loss, reduce={"kl": "sum"}, data_defaults=_DAPO_DATA),
     "drgrpo": Loss(drgrpo_loss, reduce={"kl": "sum"}, std_normalize=False),
     "steer": Loss(steer_loss, statistics=steer_statistics,
                   reduce={"omega_max": "max", "weight_max": "max", "weight_min": "min"}),
@@ -1403,6 +1699,15 @@ LOSSES = _Registry({
     "aspo": Loss(aspo_loss, data_defaults=_DROP),
     "ce_gppo": Loss(ce_gppo_loss, data_defaults=_DROP),
     "gppo": Loss(gppo_loss, data_defaults=_DROP),
+    "gspo": Loss(gspo_loss),
+    "gspo_token": Loss(gspo_token_loss),
+    "cispo": Loss(cispo_loss),
+    "cispo_trl": Loss(cispo_trl_loss),
+    "sapo": Loss(sapo_loss),
+    "erc_dapo": Loss(erc_dapo_loss, data_defaults=_DAPO_DATA),
+    "erc_gppo": Loss(erc_gppo_loss, data_defaults=_DAPO_DATA),
+    "clip_b": Loss(clip_b_loss, statistics=clip_b_statistics),
+    "clip_v": Loss(clip_v_loss, statistics=clip_v_statistics),
     "entropy_bonus": Loss(entropy_bonus_loss, zero_rows=None, reduce={"entropy_bonus": "sum"}),
     "adaptive_entropy": Loss(adaptive_entropy_loss, zero_rows=None, reduce={"entropy_bonus": "sum"},
                              adaptive=True),
@@ -1439,6 +1744,8 @@ def batch_statistics(name, *, mask, advantages=None, old_logp=None, entropy=None
                     rows, like the batch tensors (knob generator seeds the draw)    (clip_cov_statistics)
         kl_cov      cov_means, cov_threshold: the batch's centring and top-k cut    (kl_cov_statistics)
         forking     entropy_threshold: the batch's entropy quantile tau              (forking_statistics)
+        clip_b      dropped: (B, T) bool, SLICE it; num_tokens, num_seqs of the kept tokens
+        clip_v      the same                                          (clip_b_statistics, clip_v_statistics)
     Scalars are Python floats (one host sync per mini-batch). A tensor the statistics need that is
     not a tensor is a TypeError naming it.
     """

@@ -47,7 +47,7 @@ def test_the_ppo_clip_flags_reach_exactly_the_losses_that_take_them():
             with pytest.raises(SystemExit, match=f"--clip-low does not apply to --algo {algo}"):
                 config.knob_kwargs(cfg)
     no_clip_low = {a for a in config.ALGOS if "clip_low" not in losses.LOSSES[a].knobs}
-    assert no_clip_low == {"opefo", "archer", "aspo", "kl_cov"}
+    assert no_clip_low == {"opefo", "archer", "aspo", "kl_cov", "sapo"}
 
 
 def test_adaptive_entropy_sends_the_controller_flags_to_the_controller():

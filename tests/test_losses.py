@@ -1,7 +1,9 @@
 """losses.py's hand-derived values, in the file's section order: group advantages, aggregation and KL; GRPO,
-DAPO, Dr. GRPO; STEER and its quadrant interventions; OPEFO; Archer; ASPO, CE-GPPO and GPPO (against the
-authors' functions where ARCHER2_CORE_ALGOS / CE_GPPO_CORE_ALGOS name their files); the entropy
-interventions; the four-quadrant flow; the whole-batch statistics by hand. What every entry must do is in
+DAPO, Dr. GRPO; STEER and its quadrant interventions; OPEFO; Archer; ASPO, CE-GPPO and GPPO; GSPO, CISPO
+and SAPO; ERC, Clip_B and Clip_V; the entropy interventions; the four-quadrant flow; the whole-batch
+statistics by hand. Against the reference functions: verl's own GSPO, CISPO and SAPO (in CI), and the
+authors' files where ARCHER2_CORE_ALGOS, CE_GPPO_CORE_ALGOS, ERC_CORE_ALGOS (their core_algos.py) and
+TRINITY_ADVANTAGE_FN_DIR (Trinity-RFT's advantage_fn folder) name them. What every entry must do is in
 test_losses_contract.py, the vocabulary kernels in test_logprobs.py."""
 import importlib
 import json
@@ -651,6 +653,224 @@ def test_ce_gppo_preserved_gradient_survives_extreme_ratios():
 
 
 
+# ------------------------------------------------------------------------------- GSPO, CISPO and SAPO
+E = math.exp(0.01)                     # the sequence ratio of a response whose every log-ratio is 0.01
+GSPO_LOG_RATIOS = [[0.1, -0.1, 0.0],   # A > 0, s = 1: inside [1 - 3e-4, 1 + 4e-4]
+                   [0.01] * 3,         # A > 0, s = e^0.01 > 1 + 4e-4: clipped, no gradient
+                   [0.01, 0.01, 0.0],  # A < 0, s = e^0.01 (the last token is padding): not clipped
+                   [-0.01] * 3]        # A < 0, s = e^-0.01 < 1 - 3e-4: clipped
+GSPO_ADV = [1.5, 1.5, -2.0, -2.0]
+
+
+def gspo_batch(dtype, adv=GSPO_ADV):
+    b = ratio_batch([[math.exp(x) for x in row] for row in GSPO_LOG_RATIOS], adv, dtype, entropy_row=[1.0] * 3)
+    b["mask"][2, 2] = 0
+    return b
+
+
+@pytest.mark.parametrize("name", ["gspo", "gspo_token"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_gspo_every_case_by_hand(name, dtype, tol):
+    """seq-mean-token-mean over B = 4 rows: the value is the mean of the rows' -A s_i (clipped s where the
+    clip binds); the gradient of token t of an unclipped row is -A s_i / (|y_i| B), of a clipped row 0."""
+    b = gspo_batch(dtype)
+    loss, g, m = value_and_grad(LOSSES[name], b)
+    rows = [-1.5 * 1.0, -1.5 * (1 + 4e-4), 2.0 * E, 2.0 * (1 - 3e-4)]
+    assert loss.dtype == dtype and loss.item() == pytest.approx(sum(rows) / 4, rel=tol)
+    expected = torch.tensor([[-1.5 / 3 / 4] * 3, [0.0] * 3, [2.0 * E / 2 / 4] * 2 + [0.0], [0.0] * 3],
+                            dtype=torch.float64)
+    torch.testing.assert_close(g.double(), expected, rtol=tol, atol=tol)
+    assert m["clip_frac_high"] == pytest.approx(3 / 11) and m["clip_frac_low"] == pytest.approx(3 / 11)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_gspo_token_takes_per_token_advantages_the_sequence_form_their_sum(dtype, tol):
+    """GSPO-token's gradient is -A_t s_i / (|y_i| B) per token; the sequence form's is the row's sum of
+    -A_u over its tokens, times s_i / (|y_i|^2 B): equal for one advantage per response."""
+    b = gspo_batch(dtype)
+    b["advantages"] = torch.tensor([[1.0, -1.0, 2.0]] + [[1.5] * 3] + [[-2.0] * 3] * 2, dtype=dtype)
+    _, g_token, _ = value_and_grad(LOSSES["gspo_token"], b)
+    _, g_seq, _ = value_and_grad(LOSSES["gspo"], b)
+    torch.testing.assert_close(g_token[0].double(), torch.tensor([-1.0, 1.0, -2.0], dtype=torch.float64) / 12,
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(g_seq[0].double(), torch.full((3,), -2.0 / 36, dtype=torch.float64), rtol=tol,
+                               atol=tol)
+    b = gspo_batch(dtype)
+    assert torch.allclose(value_and_grad(LOSSES["gspo"], b)[1], value_and_grad(LOSSES["gspo_token"], b)[1],
+                          rtol=tol, atol=tol)
+
+
+CISPO_RATIOS = [[0.5, 1.0, 1.5, 3.0, 6.0]] * 2
+
+
+@pytest.mark.parametrize("name, knobs, weight", [
+    ("cispo", {}, [0.5, 1.0, 1.2, 1.2, 1.2]),                           # cap 1 + eps_high, no lower bound
+    ("cispo", {"clip_low": 0.2}, [0.8, 1.0, 1.2, 1.2, 1.2]),             # verl's default config
+    ("cispo_trl", {}, [0.5, 1.0, 1.5, 3.0, 5.0])])                       # TRL's cap: epsilon_high = 5
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_cispo_every_case_by_hand(name, knobs, weight, dtype, tol):
+    """value -sg(clip(r)) A log pi per token, gradient -clip(r) A / N: every token keeps a gradient."""
+    b = ratio_batch(CISPO_RATIOS, [A_POS, A_NEG], dtype, entropy_row=[1.0] * 5)
+    loss, g, m = value_and_grad(LOSSES[name], b, **knobs)
+    logp = b["logp"].detach().double()
+    values = [[-w * a * lp for w, lp in zip(weight, row.tolist())] for a, row in zip((A_POS, A_NEG), logp)]
+    check(loss, g, values, [[-w * a for w in weight] for a in (A_POS, A_NEG)], dtype, tol)
+    capped = sum(r > 1.2 for r in CISPO_RATIOS[0]) if name == "cispo" else 1
+    assert m["clip_frac_high"] == pytest.approx(2 * capped / 10)
+    assert m["clip_frac_low"] == pytest.approx(2 / 10 if "clip_low" in knobs else 0.0)
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_sapo_every_case_by_hand(dtype, tol):
+    """f(r) = sigma(tau (r - 1)) 4 / tau with tau 1.0 for A > 0 and 1.05 for A < 0; value -f(r) A, gradient
+    d/dlog pi = -A r f'(r) = -4 A r sigma (1 - sigma): -A at r = 1 (the value there -2 A / tau); seq-mean-
+    token-mean (rows of equal length: the token mean)."""
+    ratios = [[1.0, 1.5, 0.5, 3.0]] * 2
+    b = ratio_batch(ratios, [A_POS, A_NEG], dtype, entropy_row=[1.0] * 4)
+    loss, g, m = value_and_grad(LOSSES["sapo"], b)
+    values, weights = [], []
+    for a, tau in ((A_POS, 1.0), (A_NEG, 1.05)):
+        sig = [sigmoid(tau * (r - 1)) for r in ratios[0]]
+        values.append([-a * 4 * s / tau for s in sig])
+        weights.append([-a * 4 * r * s * (1 - s) for r, s in zip(ratios[0], sig)])
+    assert values[0][0] == -2 * A_POS and weights[1][0] == -A_NEG
+    check(loss, g, values, weights, dtype, tol)
+    assert m["clip_frac_low"] == m["clip_frac_high"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ ERC
+RHO = [1.0, 1.04, 1.06, 0.94, 0.96, 1.051]          # H / H_old: inside (0.95, 1.05) or not
+INSIDE = [True, True, False, False, True, False]
+
+
+def erc_batch(dtype):
+    b = ratio_batch([[1.1, 0.5, 1.5, 1.0, 1.3, 0.9]] * 2, [A_POS, A_NEG], dtype, entropy_row=[0.7] * 6)
+    b["current_entropy"] = b["entropy"] * torch.tensor(RHO, dtype=dtype)
+    return b
+
+
+@pytest.mark.parametrize("name, base", [("erc_dapo", "dapo"), ("erc_gppo", "gppo")])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_erc_keeps_the_value_and_removes_the_gradient_outside_the_band(name, base, dtype, tol):
+    b = erc_batch(dtype)
+    loss, g, m = value_and_grad(LOSSES[name], b)
+    kw = {"clip_high": 0.2} if base == "gppo" else {}                # GPPO-ERC's released clip: 0.2 / 0.2
+    base_loss, base_g, _ = value_and_grad(LOSSES[base], {k: v for k, v in b.items() if k != "current_entropy"},
+                                          **kw)
+    assert loss.item() == pytest.approx(base_loss.item(), rel=tol)    # the value of DAPO (GPPO)
+    inside = torch.tensor([INSIDE] * 2)
+    torch.testing.assert_close(g, torch.where(inside, base_g, 0.0), rtol=tol, atol=tol)
+    assert (base_g[~inside] != 0).any() and m["erc_frac"] == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("name, base", [("erc_dapo", "dapo"), ("erc_gppo", "gppo")])
+def test_erc_on_the_first_mini_batch_is_its_base_loss(name, base):
+    """H = H_old before the first update (rho = 1): ERC is DAPO (GPPO) to the last bit."""
+    b = ratio_random_batch(spread=1.5)
+    b["current_entropy"] = b["entropy"].clone()
+    kw = {"clip_high": 0.2} if base == "gppo" else {}
+    one = grads(LOSSES[name], b)
+    other = grads(LOSSES[base], {k: v for k, v in b.items() if k != "current_entropy"}, **kw)
+    assert torch.equal(one[0], other[0]) and torch.equal(one[1], other[1])
+
+
+# ----------------------------------------------------------------------------------------- Clip_B, Clip_V
+def gate_batch(rows, T, dtype=torch.float64):
+    """rows x T tokens with pi_a = 1/2 everywhere and H = log 2 (S = pi_a (log pi_a + H) = 0), S2 = 0 (so
+    x = S2 - S = 0); the tests set S and x token by token through H and S2. A = (1.5, -2, 0, ...)."""
+    lp = torch.full((rows, T), math.log(0.5), dtype=dtype)
+    adv = torch.tensor([A_POS, A_NEG, 0.0][:rows], dtype=dtype)
+    return dict(logp=lp.clone().requires_grad_(True), old_logp=lp, advantages=adv, mask=torch.ones(rows, T),
+                entropy=torch.full((rows, T), math.log(2), dtype=dtype), exact_term=torch.zeros(rows, T, dtype=dtype))
+
+
+@pytest.mark.parametrize("row, dropped", [(1, True), (0, False)])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_clip_b_drops_the_negative_outlier_of_s_and_renormalises(row, dropped, dtype, tol):
+    """20 tokens, S = 0 but one S = -1 (H lowered by 2): mean -0.05, population std sqrt(0.0475) = 0.218;
+    the outlier's centred S, -0.95, is below -2.5 std = -0.545, so it is dropped where A < 0 (row 1),
+    kept where A > 0 (row 0). The loss is GRPO's token mean over the kept tokens (r = 1: -A / 19)."""
+    b = gate_batch(2, 10, dtype)
+    b["entropy"][row, 3] -= 2.0
+    loss, g, m = value_and_grad(LOSSES["clip_b"], b)
+    n = 19 if dropped else 20
+    assert loss.item() == pytest.approx((10 * -A_POS + (9 if dropped else 10) * -A_NEG) / n, rel=tol)
+    expected = torch.tensor([[-A_POS] * 10, [-A_NEG] * 10], dtype=torch.float64) / n
+    if dropped:
+        expected[1, 3] = 0.0
+    torch.testing.assert_close(g.double(), expected, rtol=tol, atol=tol)
+    assert m["gate_frac"] == pytest.approx(1 / 20 if dropped else 0.0)
+    stats = losses.batch_statistics("clip_b", mask=b["mask"], advantages=b["advantages"], old_logp=b["old_logp"],
+                                    entropy=b["entropy"])
+    assert stats["num_tokens"] == n and int(stats["dropped"].sum()) == int(dropped)
+
+
+def clip_v_case(max_frac):
+    """3 rows x 40 tokens (A > 0, < 0, = 0); x = 1.0 at (0, 0), (1.0, 0.9, 0.8) at (1, 0..2), 0.95 at (2, 0):
+    population std 0.186, so with mu = 2 every outlier is above 2 std."""
+    b = gate_batch(3, 40)
+    b["exact_term"][0, 0], b["exact_term"][2, 0] = 1.0, 0.95
+    b["exact_term"][1, :3] = torch.tensor([1.0, 0.9, 0.8], dtype=torch.float64)
+    return losses.clip_v_select(b["old_logp"], b["advantages"], b["mask"], b["entropy"], b["exact_term"], mu=2.0,
+                                max_frac=max_frac)
+
+
+@pytest.mark.parametrize("max_frac, dropped", [
+    (1e-4, [(1, 0), (2, 0)]),                  # K = max(1, int(0.012)) = 1 of the A < 0 tokens: the largest x
+    (0.02, [(1, 0), (1, 1), (2, 0)]),          # K = int(2.4) = 2
+    (0.05, [(1, 0), (1, 1), (1, 2), (2, 0)])])  # 4 dropped <= 0.05 x 120: no cap
+def test_clip_v_drops_non_positive_advantages_above_mu_std_capped_among_negatives(max_frac, dropped):
+    """A > 0 tokens are always kept; A = 0 tokens above the cut are dropped whatever max_frac (the authors'
+    ClipVAdvantageFn); A < 0 ones are cut to the K largest x once more than max_frac of the tokens go."""
+    chosen = clip_v_case(max_frac)
+    assert sorted(map(tuple, chosen.nonzero().tolist())) == dropped
+
+
+def test_clip_v_default_mu_drops_one_outlier_in_a_hundred_tokens_and_paper_form_scores_differently():
+    """mu = 8.5: one x = 1 among 100 tokens (std 0.0995, 8.5 std = 0.846) is dropped where A < 0; two are not
+    (std 0.14, 8.5 std = 1.19). The paper form scores x = -(1 - pi_a)^2 (log pi_a + H) instead."""
+    b = gate_batch(2, 50)
+    b["exact_term"][1, 7] = 1.0
+    loss, g, m = value_and_grad(LOSSES["clip_v"], b)
+    assert m["gate_frac"] == pytest.approx(1 / 100) and g[1, 7] == 0 and loss.item() == pytest.approx(
+        (50 * -A_POS + 49 * -A_NEG) / 99)
+    b["exact_term"][1, 8] = 1.0
+    assert value_and_grad(LOSSES["clip_v"], b)[2]["gate_frac"] == 0.0
+    b = gate_batch(2, 50)
+    b["entropy"][1, 7] -= 4.0                  # paper x = -(1/4)(-4) = 1 there, 0 elsewhere; exact x = 2 there
+    paper = losses.clip_v_select(b["old_logp"], b["advantages"], b["mask"], b["entropy"], form="paper")
+    exact = losses.clip_v_select(b["old_logp"], b["advantages"], b["mask"], b["entropy"], b["exact_term"])
+    assert paper.nonzero().tolist() == exact.nonzero().tolist() == [[1, 7]]
+    with pytest.raises(losses.KnobError, match="needs exact_term"):
+        losses.clip_v_select(b["old_logp"], b["advantages"], b["mask"], b["entropy"])
+
+
+@pytest.mark.parametrize("name", ["clip_b", "clip_v"])
+def test_gates_micro_batch_exactly_with_the_batch_choice(name):
+    """The whole batch's choice and kept-token count (batch_statistics) make the micro-batches' losses and
+    gradients add up to the whole batch's; without them, a micro-batch's own choice differs."""
+    b = gate_batch(3, 40)
+    b["entropy"][1, 5] -= 2.0
+    b["exact_term"][1, 5] = 1.0
+    kw = {"mu": 2.0} if name == "clip_v" else {}
+    keys = ("old_logp", "advantages", "mask", "entropy", "exact_term")
+    stats = losses.batch_statistics(name, **{k: b[k] for k in keys if k != "exact_term" or name == "clip_v"}, **kw)
+    assert int(stats["dropped"].sum()) == 1
+    whole_loss, whole_g = grads(LOSSES[name], b, **kw)
+    total, parts = 0.0, []
+    for rows in ([0], [1, 2]):
+        part = {k: v[rows] for k, v in b.items()}
+        extra = {k: (v[rows] if torch.is_tensor(v) and v.dim() == 2 else v) for k, v in stats.items()}
+        loss, g = grads(LOSSES[name], part, **extra, **kw)
+        total, parts = total + loss.item(), parts + [g]
+    assert total == pytest.approx(whole_loss.item(), rel=1e-12)
+    torch.testing.assert_close(torch.cat(parts), whole_g, rtol=1e-12, atol=1e-15)
+
+
 # ------------------------------------------------------------------------------- the authors' functions
 def authors_module(variable):
     """The authors' core_algos.py named by the environment variable (see the module docstring); skips
@@ -727,6 +947,159 @@ def test_ce_gppo_matches_the_authors_compute_gppo_loss_general_beta(betas, clip_
     torch.testing.assert_close(mine - shift, theirs * scale, rtol=1e-13, atol=1e-15)
     with pytest.raises(NameError, match="only_higher"):             # their one-line GPPO, as committed
         theirs_mod.compute_gppo_loss(b["old_logp"], b["logp"], adv, b["mask"], cliprange=0.2)
+
+
+def verl_actor_config(**kw):
+    """verl's ActorConfig as its policy losses read it (a global batch of this test's rows)."""
+    from verl.workers.config import ActorConfig
+    verl_core_algos()
+    return ActorConfig(strategy="fsdp", ppo_mini_batch_size=8, ppo_micro_batch_size_per_gpu=8, rollout_n=1, **kw)
+
+
+@pytest.mark.parametrize("name, verl_name, knobs, config", [
+    ("gspo_token", "gspo", {}, dict(clip_ratio_low=3e-4, clip_ratio_high=4e-4)),
+    ("gspo_token", "gspo", {"clip_low": 0.1, "clip_high": 0.2}, dict(clip_ratio_low=0.1, clip_ratio_high=0.2)),
+    ("cispo", "cispo", {"clip_low": 0.2, "clip_high": 0.2}, dict(clip_ratio_low=0.2, clip_ratio_high=0.2)),
+    ("sapo", "sapo", {}, dict(tau_pos=1.0, tau_neg=1.05)),
+    ("sapo", "sapo", {"tau_pos": 0.5, "tau_neg": 2.0}, dict(tau_pos=0.5, tau_neg=2.0))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gspo_cispo_sapo_match_verls_own_losses(name, verl_name, knobs, config, seed):
+    """verl 0.9.1's compute_policy_loss_<name> (its registry: gspo is the token form) on the same batch,
+    seq-mean-token-mean (token-mean for CISPO): value and gradient to float64 precision, up to verl's 1e-8
+    added to each response's token count (relative 1e-8 / |y|). Log-ratios within +-3, sequence means within
+    verl's one-sided clamp at 10 (here +-20)."""
+    core_algos = verl_core_algos()
+    b = ratio_random_batch(B=8, T=9, seed=seed, spread=0.02 if name == "gspo_token" else 1.0)
+    b["logp"][3] = b["old_logp"][3] + 0.5                             # a sequence far off: clipped
+    agg = "token-mean" if name == "cispo" else "seq-mean-token-mean"
+    adv = b["advantages"][:, None].expand_as(b["mask"]) * b["mask"]
+    logp_t = b["logp"].clone().requires_grad_(True)
+    theirs, _ = core_algos.get_policy_loss_fn(verl_name)(
+        old_log_prob=b["old_logp"], log_prob=logp_t, advantages=adv, response_mask=b["mask"].double(),
+        loss_agg_mode=agg, config=verl_actor_config(**config))
+    (g_theirs,) = torch.autograd.grad(theirs, logp_t)
+    mine, g_mine = grads(LOSSES[name], b, agg=agg, **knobs)
+    torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(g_mine, g_theirs, rtol=1e-8, atol=1e-15)
+    assert g_mine.abs().max() > 1e-3
+
+
+def test_gspo_sequence_form_matches_verls_gradient():
+    """The sequence form has verl's GSPO-token gradient when each response has one advantage."""
+    core_algos = verl_core_algos()
+    b = ratio_random_batch(B=8, T=9, seed=4, spread=0.02)
+    adv = b["advantages"][:, None].expand_as(b["mask"]) * b["mask"]
+    logp_t = b["logp"].clone().requires_grad_(True)
+    theirs, _ = core_algos.get_policy_loss_fn("gspo")(
+        old_log_prob=b["old_logp"], log_prob=logp_t, advantages=adv, response_mask=b["mask"].double(),
+        loss_agg_mode="seq-mean-token-mean", config=verl_actor_config(clip_ratio_low=3e-4, clip_ratio_high=4e-4))
+    (g_theirs,) = torch.autograd.grad(theirs, logp_t)
+    mine, g_mine = grads(LOSSES["gspo"], b)
+    torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(g_mine, g_theirs, rtol=1e-8, atol=1e-15)
+
+
+def erc_config(clip_high):
+    from omegaconf import OmegaConf
+    return OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=clip_high, clip_ratio_c=10.0,
+                                 tis_imp_ratio_cap=0.0, entropy_mask_low=0.95, entropy_mask_high=1.05))
+
+
+@pytest.mark.parametrize("name, theirs_name, clip_high", [("erc_dapo", "compute_policy_loss_grpo_erc", 0.28),
+                                                          ("erc_gppo", "compute_policy_loss_gppo_erc", 0.2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_erc_matches_the_authors_grpo_erc_and_gppo_erc(name, theirs_name, clip_high, seed):
+    """Kwai-Klear/ERC's compute_policy_loss_{grpo,gppo}_erc (ERC_CORE_ALGOS, their core_algos.py) with the
+    released scripts' band (0.95, 1.05), clip 0.2 / 0.28 (DAPO) or 0.2 / 0.2 (GPPO), dual clip 10: value
+    and gradient to float precision once their masked_mean's denominator (mask sum + 1e-8) is undone. GPPO's
+    log-ratios within +-20: past their clamp, r / sg(r) has no gradient (as for CE-GPPO above)."""
+    theirs_mod = authors_module("ERC_CORE_ALGOS")
+    b = authors_batch(seed) if name == "erc_dapo" else ratio_random_batch(B=8, T=9, seed=3 + seed, spread=2.0)
+    g = torch.Generator().manual_seed(seed)
+    b["current_entropy"] = b["entropy"] * (1 + 0.1 * torch.randn(b["entropy"].shape, generator=g,
+                                                                  dtype=torch.float64))
+    adv = b["advantages"][:, None].expand_as(b["mask"]) * b["mask"]
+    logp_t = b["logp"].clone().requires_grad_(True)
+    theirs, _, _, inside_frac = getattr(theirs_mod, theirs_name)(
+        old_log_prob=b["old_logp"], log_prob=logp_t, old_entropy=b["entropy"], entropy=b["current_entropy"],
+        advantages=adv, response_mask=b["mask"].double(), loss_agg_mode="token-mean", config=erc_config(clip_high))
+    (g_theirs,) = torch.autograd.grad(theirs, logp_t)
+    mine, g_mine = grads(LOSSES[name], b)
+    _, metrics = LOSSES[name](**b)
+    scale = (b["mask"].double().sum() + 1e-8) / b["mask"].double().sum()   # their masked_mean's denominator
+    torch.testing.assert_close(mine, theirs * scale, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(g_mine, g_theirs * scale, rtol=1e-13, atol=1e-18)
+    assert 0.2 < metrics["erc_frac"] < 0.8 and metrics["erc_frac"] == pytest.approx(1 - inside_frac.item())
+
+
+def trinity_advantage_fn(file_name, class_name):
+    """Trinity-RFT's advantage function class from TRINITY_ADVANTAGE_FN_DIR (a folder holding the authors'
+    trinity/algorithm/advantage_fn/<file_name>), its one import (the AdvantageFn base) stood in for."""
+    import sys
+    import types
+    folder = os.environ.get("TRINITY_ADVANTAGE_FN_DIR")
+    if not folder:
+        pytest.skip("TRINITY_ADVANTAGE_FN_DIR is not set (Trinity-RFT's trinity/algorithm/advantage_fn)")
+    base = types.ModuleType("trinity.algorithm.advantage_fn.advantage_fn")
+    base.AdvantageFn = type("AdvantageFn", (), {})
+    names = ["trinity", "trinity.algorithm", "trinity.algorithm.advantage_fn"]
+    stubs = {n: sys.modules.get(n) or types.ModuleType(n) for n in names}
+    saved = {n: sys.modules.get(n) for n in names + [base.__name__]}
+    sys.modules.update(stubs, **{base.__name__: base})
+    try:
+        spec = importlib.util.spec_from_file_location(f"trinity_{file_name[:-3]}", os.path.join(folder, file_name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+    return getattr(module, class_name)
+
+
+def trinity_batch(seed, T=30):
+    """8 groups of 4 responses (float32, as their filters compute), lengths 10..T, rewards 0 / 1, a
+    behaviour policy from random logits over 7 tokens (log pi, H and S2 consistent)."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(seed)
+    rows = 32
+    logits = torch.randn(rows, T, 7, generator=g) * 3
+    tokens = torch.randint(0, 7, (rows, T), generator=g)
+    old_logp, entropy, s2 = logprobs.token_stats(logits, tokens)
+    lengths = torch.randint(10, T + 1, (rows,), generator=g)
+    mask = (torch.arange(T) < lengths[:, None]).float()
+    rewards = torch.zeros(rows, T)
+    rewards[torch.arange(rows), lengths - 1] = torch.randint(0, 2, (rows,), generator=g).float()
+    exps = SimpleNamespace(batch={"token_level_rewards": rewards, "response_mask": mask.clone(),
+                                  "old_log_probs": old_logp, "rollout_log_probs": old_logp, "entropys": entropy,
+                                  "necs": s2},
+                           non_tensor_batch={"uid": [i // 4 for i in range(rows)]})
+    return exps, mask
+
+
+@pytest.mark.parametrize("name, file_name, class_name, knobs", [
+    ("clip_b", "clipb_advantage.py", "ClipBAdvantageFn", {"mu": 2.5}),
+    ("clip_b", "clipb_advantage.py", "ClipBAdvantageFn", {"mu": 1.0}),
+    ("clip_v", "clipv_advantage.py", "ClipVAdvantageFn", {"mu": 8.5, "max_frac": 1e-4}),
+    ("clip_v", "clipv_advantage.py", "ClipVAdvantageFn", {"mu": 1.0, "max_frac": 1e-4}),
+    ("clip_v", "clipv_advantage.py", "ClipVAdvantageFn", {"mu": 1.0, "max_frac": 0.5})])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clip_b_and_clip_v_drop_the_tokens_the_authors_functions_drop(name, file_name, class_name, knobs, seed):
+    """Trinity-RFT's ClipBAdvantageFn / ClipVAdvantageFn (pinned in docs/losses.md) on the same batch: the
+    response mask they leave is the mask without batch_statistics' dropped tokens, token for token."""
+    fn = trinity_advantage_fn(file_name, class_name)(**knobs)
+    exps, mask = trinity_batch(seed)
+    exps, _ = fn(exps)
+    stats = losses.batch_statistics(name, mask=mask, advantages=exps.batch["advantages"],
+                                    old_logp=exps.batch["old_log_probs"], entropy=exps.batch["entropys"],
+                                    exact_term=exps.batch["necs"], **knobs)
+    theirs_dropped = (mask > 0) & (exps.batch["response_mask"] == 0)
+    assert torch.equal(stats["dropped"], theirs_dropped)
+    assert stats["num_tokens"] == exps.batch["response_mask"].sum().item()
+    if knobs["mu"] < 2:                                  # the defaults drop nothing on so small a batch
+        assert theirs_dropped.any()
 
 
 

@@ -51,7 +51,8 @@ def zero_row_batch(seed=3):
     return b
 
 
-BONUSES = ("adaptive_entropy", "entropy_bonus")                  # the entries that need current_entropy
+BONUSES = ("adaptive_entropy", "entropy_bonus")                  # the entropy bonuses
+CURRENT_ENTROPY = BONUSES + ("erc_dapo", "erc_gppo")             # the entries that need current_entropy
 
 
 def whole_batch(b):
@@ -68,14 +69,18 @@ CLIPS = ("clip_low", "clip_high", "dual_clip")
 
 
 RATIO_CLIP = {"grpo", "dapo", "drgrpo", "steer", "entropy_bonus", "adaptive_entropy", "clip_cov", "forking",
-              "entropy_adv", "w_reinforce", "ce_gppo", "gppo", "quadrant"}   # built on ppo_clip_loss's ratio clip
+              "entropy_adv", "w_reinforce", "ce_gppo", "gppo", "quadrant", "erc_dapo", "erc_gppo", "clip_b",
+              "clip_v"}                                                    # built on ppo_clip_loss's ratio clip
 
 
 PPO = ("logp", "old_logp", "advantages", "mask")
 
 
-NEEDS = {**{n: PPO for n in ("grpo", "dapo", "drgrpo", "ce_gppo", "gppo", "clip_cov", "kl_cov", "w_reinforce")},
-         **{n: PPO + ("entropy",) for n in ("steer", "quadrant", "archer", "aspo", "forking", "entropy_adv")},
+NEEDS = {**{n: PPO for n in ("grpo", "dapo", "drgrpo", "ce_gppo", "gppo", "clip_cov", "kl_cov", "w_reinforce",
+                             "gspo", "gspo_token", "cispo", "cispo_trl", "sapo")},
+         **{n: PPO + ("entropy",) for n in ("steer", "quadrant", "archer", "aspo", "forking", "entropy_adv",
+                                            "clip_b", "clip_v")},
+         **{n: PPO + ("entropy", "current_entropy") for n in ("erc_dapo", "erc_gppo")},
          "opefo": ("logp", "advantages", "mask", "entropy"),                    # on-policy: no old_logp
          **{n: PPO + ("current_entropy",) for n in ("entropy_bonus", "adaptive_entropy")}}
 
@@ -111,7 +116,7 @@ def test_equal_reward_group_gives_zero_advantage_and_finite_loss(name):
     assert b["advantages"].eq(0).all() and metrics["pg_loss"] == 0.0
     if name in ("archer", "aspo"):                                         # only the knowledge-token KL
         assert 0 < loss.item() <= 0.001 * metrics["kl_knowledge"]
-    elif "current_entropy" in LOSSES[name].inputs:                         # only the bonus -coef agg(H)
+    elif name in BONUSES:                                                  # only the bonus -coef agg(H)
         assert loss.item() == pytest.approx(-metrics["coef"] * metrics["entropy_bonus"], rel=1e-6)
         assert metrics["entropy_bonus"] == pytest.approx(agg_loss(b["current_entropy"], b["mask"]).item())
     else:
@@ -314,7 +319,8 @@ def test_registry_accepts_the_full_batch_and_rejects_typos():
     b = random_batch()
     assert set(LOSSES) == {"grpo", "dapo", "drgrpo", "steer", "quadrant", "opefo", "archer", "aspo", "ce_gppo", "gppo",
                            "entropy_bonus", "adaptive_entropy", "clip_cov", "kl_cov", "forking", "entropy_adv",
-                           "w_reinforce"}
+                           "w_reinforce", "gspo", "gspo_token", "cispo", "cispo_trl", "sapo", "erc_dapo", "erc_gppo",
+                           "clip_b", "clip_v"}
     with pytest.raises(TypeError):
         call("steer", b, lamda_min=0.5)
     assert call("dapo", b, clip_high=0.2)[0].item() == call("grpo", b)[0].item()
@@ -340,7 +346,7 @@ def test_registry_reads_off_each_signature_what_the_method_needs(name):
     assert set(entry.needs) <= set(entry.inputs) <= losses.BATCH_KEYS
     assert {"num_tokens", "num_seqs", "norm_length"} <= set(entry.inputs)    # every loss aggregates exactly
     assert ("ref_logp" in entry.inputs) == (name in ("grpo", "dapo", "drgrpo", "archer", "aspo"))
-    assert ("exact_term" in entry.inputs) == (name in ("steer", "opefo"))
+    assert ("exact_term" in entry.inputs) == (name in ("steer", "opefo", "clip_v"))
     with pytest.raises(TypeError, match=f"{entry.fn.__name__} needs {entry.needs[-1]} "):
         entry(**{k: v for k, v in random_batch().items() if k in entry.needs[:-1]})
 
@@ -357,7 +363,8 @@ def test_registry_knobs_are_what_the_loss_takes_with_its_defaults(name):
         except TypeError:
             takes = False
         assert takes == (knob in knobs), knob
-    expected = CLIPS if name in RATIO_CLIP else ("dual_clip",) if name in ("archer", "aspo") else ()
+    expected = (CLIPS if name in RATIO_CLIP else ("dual_clip",) if name in ("archer", "aspo")
+                else ("clip_low", "clip_high") if name in ("gspo", "gspo_token", "cispo", "cispo_trl") else ())
     assert tuple(k for k in CLIPS if k in knobs) == expected
     # the defaults are the ones the loss uses: passing them all changes nothing, to the last bit
     given = {k: v for k, v in knobs.items() if v is not losses.REQUIRED and k != "generator"}
@@ -375,14 +382,15 @@ def test_registry_flags_match_the_papers():
     assert [n for n in ALL if not LOSSES[n].std_normalize] == ["drgrpo"]
     assert [n for n in ALL if LOSSES[n].on_policy] == ["opefo"]
     assert [n for n in ALL if LOSSES[n].adaptive] == ["adaptive_entropy"]
-    assert [n for n in ALL if "current_entropy" in LOSSES[n].inputs] == ["adaptive_entropy", "entropy_bonus"]
+    assert [n for n in ALL if "current_entropy" in LOSSES[n].inputs] == list(CURRENT_ENTROPY)
     assert {n: LOSSES[n].data_defaults for n in ALL if LOSSES[n].data_defaults} == {
         "dapo": {"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True},
         "archer": {"drop_equal_groups": True}, "aspo": {"drop_equal_groups": True},
-        "ce_gppo": {"drop_equal_groups": True}, "gppo": {"drop_equal_groups": True}}
+        "ce_gppo": {"drop_equal_groups": True}, "gppo": {"drop_equal_groups": True},
+        "erc_dapo": LOSSES["dapo"].data_defaults, "erc_gppo": LOSSES["dapo"].data_defaults}
     assert [n for n in ALL if LOSSES[n].zero_rows is None] == ["adaptive_entropy", "entropy_bonus", "kl_cov"]
     assert {n for n in ALL if LOSSES[n].statistics is not None} == {"steer", "opefo", "clip_cov", "kl_cov",
-                                                                     "forking"}
+                                                                     "forking", "clip_b", "clip_v"}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -418,10 +426,10 @@ def test_missing_current_entropy_names_the_tensor_and_its_function(name):
         LOSSES["steer"](logp=b["logp"], old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"])
 
 
-def test_every_entry_takes_the_whole_batch_and_only_the_bonuses_need_current_entropy():
+def test_every_entry_takes_the_whole_batch_and_only_bonuses_and_erc_need_current_entropy():
     """The contract of losses.py's Usage: one call with every batch tensor runs every entry (its required
-    knobs aside); without current_entropy, the two entropy bonuses raise one line naming the tensor and
-    the function that computes it, and every other entry gives the same value to the last bit."""
+    knobs aside); without current_entropy, the two entropy bonuses and ERC raise one line naming the tensor
+    and the function that computes it, and every other entry gives the same value to the last bit."""
     b = random_batch()
     full = whole_batch(b)
     values = {}
@@ -429,11 +437,11 @@ def test_every_entry_takes_the_whole_batch_and_only_the_bonuses_need_current_ent
         loss, metrics = LOSSES[name](**full, **knobs(name))
         assert torch.isfinite(loss) and metrics, name
         values[name] = loss.item()
-    assert [n for n in ALL if "current_entropy" in LOSSES[n].needs] == list(BONUSES)
+    assert [n for n in ALL if "current_entropy" in LOSSES[n].needs] == list(CURRENT_ENTROPY)
     without = {k: v for k, v in full.items() if k != "current_entropy"}
     for batch in (without, dict(without, current_entropy=None)):
         for name in ALL:
-            if name in BONUSES:
+            if name in CURRENT_ENTROPY:
                 with pytest.raises(TypeError) as err:
                     LOSSES[name](**batch, **knobs(name))
                 assert str(err.value) == (f"{name}_loss needs current_entropy (B, T) with gradient: "
@@ -474,10 +482,13 @@ def test_gradient_equals_finite_differences(name, monkeypatch):
     not move with the perturbation) and the quantities each method detaches by design held at the base
     point: STEER's weights lambda, and the per-token gradient of the losses whose value and gradient
     differ by construction (ASPO's flipped ratio, CE-GPPO's and GPPO's preserved clipped gradient, built
-    with losses._with_gradient)."""
+    with losses._with_gradient); ERC's gate is open (H = H_old): its detached tokens have no finite
+    difference to match."""
     b = intervention_batch(B=2, T=3, seed=10)
     b["mask"] = torch.ones(2, 3)
     b["mask"][1, 2] = 0
+    if name.startswith("erc_"):
+        b["current_entropy"] = b["entropy"].clone()
     b["ref_logp"] = b["old_logp"] - 0.1
     extra = knobs(name)
     stats = losses.batch_statistics(name, mask=b["mask"], advantages=b["advantages"], old_logp=b["old_logp"],
