@@ -186,6 +186,25 @@ def _quadrant_claims(where, cell, control, metrics, lever):
             for q, s in QUADRANT_SIGN.items()]
 
 
+def _successor_claims(where, entropy, entropy_and_accuracy, accuracy, lever):
+    """The newer losses' claims, each against the loss it modifies (toy cell names; the lab's are the same)."""
+    return [
+        Claim("erc-base", "ERC", "entropy ratio clipping keeps entropy up and helps accuracy (on DAPO, on GPPO)",
+              where, _tests(["erc-dapo"], "dapo", entropy_and_accuracy) + _tests(["erc-gppo"], "gppo",
+                                                                                 entropy_and_accuracy), lever),
+        Claim("clip-b-grpo", "Clip_B", "dropping the most entropy-lowering A < 0 tokens keeps entropy up", where,
+              _tests(["clip-b"], "grpo", entropy_and_accuracy), lever),
+        Claim("clip-v-grpo", "Clip_V", "dropping the A <= 0 tokens of largest entropy drop keeps entropy up",
+              where, _tests(["clip-v", "clip-v-paper"], "grpo", entropy_and_accuracy), lever, forms=True),
+        Claim("sapo-grpo", "SAPO", "a soft gate keeps entropy healthier than GRPO's hard clip", where,
+              _tests(["sapo"], "grpo", entropy), lever),
+        Claim("cispo-dapo", "CISPO", "keeping every token's gradient learns faster than DAPO", where,
+              _tests(["cispo"], "dapo", accuracy), lever),
+        Claim("gspo-grpo", "GSPO", "the sequence-level ratio trains better than GRPO's token ratio", where,
+              _tests(["gspo"], "grpo", accuracy), lever),
+    ]
+
+
 CLAIMS = (
     # ---------------------------------------------------------------- the toy (toy_bandit.py --seeds 10)
     Claim("opefo-flow", "OPEFO", "under GRPO the entropy-decreasing flow dominates", "toy",
@@ -202,6 +221,7 @@ CLAIMS = (
           _tests(["ce-gppo"], "grpo", TOY_H), TOY_LEVER),
     Claim("dapo-grpo", "DAPO", "clip-higher keeps entropy up", "toy", _tests(["dapo"], "grpo", TOY_H), TOY_LEVER),
     *_quadrant_claims("toy", lambda q, x: f"{q.replace('_', '-')}-x{x}", "grpo", TOY_H, TOY_LEVER),
+    *_successor_claims("toy", TOY_H, {**TOY_H, "accuracy": 1}, {"accuracy": 1}, TOY_LEVER),
     Claim("yue-narrowing", "Yue et al.", "RLVR narrows pass@k at large k", "toy",
           (Comparison("grpo", "start", "pass@256 variants", -1), Comparison("grpo", "start", "distinct", -1),
            Comparison("grpo", "start", "pass@1 variants", 1))),
@@ -226,6 +246,7 @@ CLAIMS = (
           _tests(["aspo"], "grpo-drop", {"entropy end": 1, "eval/avg@64": 1}), LEVER),
     Claim("ce-gppo-grpo", "CE-GPPO", "gradient-preserving clipping controls entropy and beats GRPO", "clip-regime",
           _tests(["ce-gppo"], "grpo-drop", {"entropy end": 1, "eval/avg@64": 1}), LEVER),
+    *_successor_claims("successors", ENTROPY, {"entropy end": 1, "eval/avg@64": 1}, {"eval/avg@64": 1}, LEVER),
     Claim("steer-extreme", "STEER", "stable without a clip (eps_low 0.99, eps_high 5) where GRPO is not",
           "clip-regime", _tests(["steer-extreme-paper", "steer-extreme-exact"], "grpo-extreme",
                                 {"eval/avg@64": 1, "entropy end": 1}), LEVER, forms=True,

@@ -6,34 +6,35 @@ directory under runs/compare/SETTING/NAME-seedS. The script
       default, one per core, each on one thread);
     - resumes: a finished run (its last metrics row is the final step) is read, not redone; an unfinished
       one continues from its checkpoint with train.py --resume;
-    - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t; with fewer than 3
-      seeds a note above the table says the intervals are wide or absent; the clip fractions and approximate
-      KL per cell; the pairs of cells whose intervals do not overlap on final entropy, held-out avg@64 or
-      pass@64), results.json (every run's
-      figures) and curves.png (entropy, held-out avg@k, pass@k and distinct correct solutions over steps,
-      mean over seeds, shaded from the lowest to the highest seed), and ends with one line per written file:
-      "wrote PATH".
+    - writes SETTING/table.md (mean +- 95% confidence interval over the seeds, Student t; the clip
+      fractions and approximate KL per cell; the claims of claims.py decided for the setting: seed-matched
+      differences with Holm-corrected intervals, the detectable difference, the leverage), results.json
+      (every run's figures, the claims, the warm start's fingerprint), curves.png and strips.png (each seed's
+      value per cell), and ends with one line per written file: "wrote PATH".
 
-Settings (the flags each cell adds to train.py's lab defaults):
-    default        every algorithm with its paper defaults
-    steer-extreme  STEER's extreme scenario, clip almost off (eps_low 0.99, eps_high 5; STEER Table 6):
-                   GRPO, DAPO and STEER in its paper / code / exact forms at lambda_min 0.7 and 0.5
-    opefo-lr       OPEFO with the paper's learning-rate scaling: lr x sqrt(U) where U is the baseline's
-                   optimizer steps per batch (OPEFO 1e-6 sqrt(8) against 1e-6 with 8 updates; here U = 2),
-                   in its paper and exact flow forms, beside GRPO
-    archer         Archer with its paper clips (0.5 / 0.2, dual clip 10) and KL (0.001 on knowledge tokens),
-                   against its own ablations: no KL, and one clip for all tokens (0.2), beside GRPO
-    clip-regime    the papers' regime, where the clip acts: 8 optimizer steps per rollout batch (the recipes
-                   take 4-16) at lr / 2 = 2.5e-4, chosen on GRPO seed 0 alone before any other method ran
-                   (the largest of lr/2, lr/4, lr/8 whose held-out avg@64 gain by step 100 is at least the
-                   default's: 0.115 against 0.088); GRPO, DAPO, STEER's extreme scenario (paper and exact)
-                   with GRPO in it as the control, Archer and its two ablations, ASPO, CE-GPPO
+Settings (the flags each cell adds to train.py's lab defaults; claims.py names the claims each decides):
+    default          every algorithm of the first three papers and the interventions, paper defaults, and
+                     GRPO dropping all-equal groups (the normaliser control of DAPO, Archer, ASPO, CE-GPPO)
+    clip-regime      where the clip acts: 8 optimizer steps per rollout batch (the recipes take 4-16) at
+                     lr / 2 = 2.5e-4, chosen on GRPO seed 0 alone before any other method ran (the largest
+                     of lr/2, lr/4, lr/8 whose held-out avg@64 gain by step 100 is at least the default's);
+                     GRPO (also dropping equal groups), DAPO, STEER's extreme scenario (eps_low 0.99, eps_high
+                     5, paper and exact) with GRPO in it, Archer and two ablations, ASPO, CE-GPPO
+    successors       the clip regime for the newer losses: GSPO, CISPO, SAPO, ERC on DAPO and on GPPO (ERC
+                     acts only off-policy), Clip_B, Clip_V (exact and paper scores), beside GRPO, DAPO, GPPO
+    opefo-onpolicy   OPEFO's own control: GRPO strictly on-policy (1 update) at OPEFO's lr x sqrt(2)
+    steer-search     where might GRPO without a clip collapse? GRPO and GRPO-extreme at 8 or 16 updates per
+                     batch and lr / 2, lr, 2 lr, two seeds (the rule is in RESULTS.md)
+    steer-dose       STEER at lambda_min 1 (the pipeline control), 0.8, 0.7, 0.6, 0.5, 0.3, 0.1
+    quadrant         GRPO with one quadrant's update doubled or halved (STEER's interventions)
+    archer-leverage  the clip regime with Archer's KL and knowledge clip turned up, and forking tokens
+    dapo-generation  DAPO against GRPO trained for 220 steps (about as many generated groups)
 
 Run:
     python compare.py                                    # default setting, 5 seeds, 2 jobs
-    python compare.py --setting steer-extreme
+    python compare.py --setting clip-regime
     python compare.py --algos grpo steer --seeds 2 --steps 20 --jobs 1
-    python compare.py --setting steer-extreme --train-flags "--updates-per-batch 8" --out runs/compare-u8
+    python compare.py --setting default --train-flags "--updates-per-batch 8" --out runs/compare-u8
 """
 import argparse
 import json
@@ -68,8 +69,9 @@ def _regime(cells):
     return {name: args + REGIME for name, args in cells.items()}
 
 
+SUCCESSORS = ("gspo", "gspo_token", "cispo", "cispo_trl", "sapo", "erc_dapo", "erc_gppo", "clip_b", "clip_v")
 SETTINGS = {
-    "default": {**{algo: ["--algo", algo] for algo in config.ALGOS if algo != "quadrant"},
+    "default": {**{algo: ["--algo", algo] for algo in config.ALGOS if algo not in ("quadrant",) + SUCCESSORS},
                 "grpo-drop": ["--algo", "grpo"] + DROP},
     "clip-regime": _regime({
         "grpo": ["--algo", "grpo"], "grpo-drop": ["--algo", "grpo"] + DROP, "dapo": ["--algo", "dapo"],
@@ -78,6 +80,11 @@ SETTINGS = {
         "archer": ["--algo", "archer"], "archer-no-kl": ["--algo", "archer", "--kl-knowledge", "0"],
         "archer-one-clip": ["--algo", "archer", "--clip-reasoning", "0.2"],
         "aspo": ["--algo", "aspo"], "ce-gppo": ["--algo", "ce_gppo"]}),
+    "successors": _regime({         # gspo_token and cispo_trl left out: GSPO's gradient, CISPO at another cap
+        "grpo": ["--algo", "grpo"], "dapo": ["--algo", "dapo"], "gppo": ["--algo", "gppo"],
+        "gspo": ["--algo", "gspo"], "cispo": ["--algo", "cispo"], "sapo": ["--algo", "sapo"],
+        "erc-dapo": ["--algo", "erc_dapo"], "erc-gppo": ["--algo", "erc_gppo"], "clip-b": ["--algo", "clip_b"],
+        "clip-v": ["--algo", "clip_v"], "clip-v-paper": ["--algo", "clip_v", "--first-order-form", "paper"]}),
     "opefo-onpolicy": {
         "grpo": ["--algo", "grpo"], "grpo-onpolicy": ["--algo", "grpo", "--updates-per-batch", "1"] + OPEFO_LR,
         "opefo": ["--algo", "opefo"] + OPEFO_LR, "opefo-exact": ["--algo", "opefo", "--first-order-form", "exact"]

@@ -1612,7 +1612,8 @@ class Loss(NamedTuple):
     # optimizer step's micro-batches (merge_metrics), besides pg_loss's "sum"; the rest
     # token-weighted means. std_normalize: for group_advantages. on_policy: one optimizer step per rollout batch.
     # adaptive: coef from entropy_control_step once per RL step. data_defaults: the trainer's
-    # data-side settings of the paper.
+    # data-side settings of the paper. ratio_level: "token" or "sequence" (GSPO), TRL's
+    # importance_sampling_level.
     fn: Callable
     statistics: Optional[Callable] = None
     zero_rows: Optional[Callable] = _advantage_zero_rows
@@ -1621,6 +1622,7 @@ class Loss(NamedTuple):
     on_policy: bool = False
     adaptive: bool = False
     data_defaults: dict = {}
+    ratio_level: str = "token"
 
     @property
     def inputs(self):
@@ -1699,8 +1701,8 @@ LOSSES = _Registry({
     "aspo": Loss(aspo_loss, data_defaults=_DROP),
     "ce_gppo": Loss(ce_gppo_loss, data_defaults=_DROP),
     "gppo": Loss(gppo_loss, data_defaults=_DROP),
-    "gspo": Loss(gspo_loss),
-    "gspo_token": Loss(gspo_token_loss),
+    "gspo": Loss(gspo_loss, ratio_level="sequence"),
+    "gspo_token": Loss(gspo_token_loss, ratio_level="sequence"),
     "cispo": Loss(cispo_loss),
     "cispo_trl": Loss(cispo_trl_loss),
     "sapo": Loss(sapo_loss),

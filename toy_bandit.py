@@ -58,6 +58,12 @@ Choices:
   Archer, with their papers' defaults (losses.py). ASPO takes Archer's --archer-quantile and --archer-kl
   (its token split and knowledge-token KL) and only --dual-clip of the clip flags (its soft dual clip);
   CE-GPPO and GPPO take all three clip flags.
+- ``--algos gspo,gspo-token,cispo,cispo-trl,sapo`` (the ratio reshaped) and ``erc-dapo,erc-gppo,clip-b,clip-v,
+  clip-v-paper`` (gates on the entropy change; clip-v-paper scores with STEER's paper form): not in the
+  default set, with their papers' defaults. ERC acts only from the second update of a batch (H = H_old on
+  the first), so it needs --updates > 1, as every off-policy method.
+- Whole-batch statistics (STEER's M, Clip-Cov's draw, KL-Cov's centring, the gates' choice) are taken with
+  losses.batch_statistics at r = 1 before each optimizer step, as train.py takes them.
 - The labels of the correct tokens carry no meaning in a tabular policy, so they are fixed: tokens
   0 .. K//2 - 1 at forks, token 0 at knowledge positions.
 """
@@ -107,6 +113,17 @@ ALGOS = {
     "forking": ("forking", {}),
     "entropy-adv": ("entropy_adv", {}),
     "w-reinforce": ("w_reinforce", {}),
+    # the ratio reshaped (GSPO, CISPO, SAPO) and the gates on the entropy change (ERC, Clip_B, Clip_V)
+    "gspo": ("gspo", {}),
+    "gspo-token": ("gspo_token", {}),
+    "cispo": ("cispo", {}),
+    "cispo-trl": ("cispo_trl", {}),
+    "sapo": ("sapo", {}),
+    "erc-dapo": ("erc_dapo", {}),
+    "erc-gppo": ("erc_gppo", {}),
+    "clip-b": ("clip_b", {}),
+    "clip-v": ("clip_v", {}),
+    "clip-v-paper": ("clip_v", {"form": "paper"}),
 }
 ON_POLICY = {"grpo-onpolicy"}     # cells run as OPEFO is: one update per batch at lr x sqrt(updates)
 INTERVENTIONS = ("entropy-bonus", "adaptive-entropy", "clip-cov", "kl-cov", "forking", "entropy-adv", "w-reinforce")
@@ -284,9 +301,12 @@ def run(algo, seed, cfg):
             else:
                 logp = logprobs.token_logprobs(logits.expand(n, T, K), tokens)
             logp.retain_grad()
+            # the batch's statistics at r = 1, as train.py takes them before each optimizer step
+            stats = losses.batch_statistics(loss_name, mask=mask, advantages=advantages, old_logp=old_logp,
+                                            entropy=entropy, exact_term=exact_term, **knobs)
             loss, metrics = method(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                                    entropy=entropy, exact_term=exact_term, ref_logp=ref_logp,
-                                   num_tokens=n * T, **current, **knobs)
+                                   **current, **stats, **knobs)
             loss.backward()
             flows.append(losses.entropy_flow_quadrants(old_logp, entropy, exact_term, advantages,
                                                        -logp.grad, mask))

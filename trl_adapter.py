@@ -16,7 +16,8 @@ switches its reference model on: the KL coefficients are the loss's knobs.
     trainer.train()
 
 Tested with TRL 1.16.0 (others refused at import). TRL options the replaced loss would drop silently are
-refused (listed in docs/adapters.md), and OPEFO needs one optimizer step per generation batch. Which TRL
+refused (listed in docs/adapters.md), and OPEFO needs one optimizer step per generation batch. GSPO runs
+with TRL's own importance_sampling_level="sequence" (which loss="gspo" requires, and every other loss refuses). Which TRL
 internals it relies on, the window statistics across processes and how the flow is read: docs/adapters.md.
 """
 import torch
@@ -34,7 +35,7 @@ if trl.__version__ not in TESTED_TRL_VERSIONS:
                       f"module docstring against yours and add the version to TESTED_TRL_VERSIONS.")
 
 NEUTRAL_TRL_ARGS = {"top_entropy_quantile": 1.0, "entropy_coef": 0.0, "use_adaptive_entropy": False,
-                    "off_policy_mask_threshold": None, "importance_sampling_level": "token", "delta": None}
+                    "off_policy_mask_threshold": None, "delta": None}
 
 
 def uses_reference(loss, knobs):
@@ -73,6 +74,10 @@ class LossesGRPOTrainer(GRPOTrainer):
         if bad:
             raise ValueError(f"LossesGRPOTrainer replaces TRL's loss, which would drop: {', '.join(bad)}; "
                              "reset them to TRL's defaults")
+        level = losses.LOSSES[name].ratio_level              # GSPO: TRL's own sequence-level option
+        if a.importance_sampling_level != level:
+            raise ValueError(f"{name} takes its importance ratio at the {level} level: set "
+                             f"importance_sampling_level={level!r} (got {a.importance_sampling_level!r})")
         if a.steps_per_generation % a.gradient_accumulation_steps:
             raise ValueError(f"steps_per_generation={a.steps_per_generation} must be a multiple of "
                              f"gradient_accumulation_steps={a.gradient_accumulation_steps}, so that each "

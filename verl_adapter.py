@@ -182,13 +182,26 @@ def keep_behaviour_entropy(compute_old_log_prob):
     return wrapper
 
 
+def drop_gated_tokens(batch):
+    """A gate's dropped tokens (Clip_B, Clip_V: the batch statistic "dropped") leave response_mask, as
+    Trinity-RFT's gates leave them, so that verl's token counts are the kept tokens'; returns the dropped share
+    of the valid tokens (None without a gate)."""
+    dropped = batch.get(ROWS + "dropped")
+    if dropped is None:
+        return None
+    mask = batch["response_mask"]
+    frac = float((dropped & mask.bool()).sum()) / max(1, int(mask.sum()))
+    batch["response_mask"] = mask * ~dropped
+    return frac
+
+
 def add_batch_statistics(update_actor):
     """Wrapper 2: the chosen loss's batch statistics join the batch as per-row columns before the update;
     after it, the entropy-flow metrics are summed over the mini-batches (sum_flow_over_mini_batches)."""
     @functools.wraps(update_actor)
     def wrapper(self, batch):
         actor = self.config.actor_rollout_ref.actor
-        name = REGISTERED.get(actor.policy_loss.loss_mode)
+        name, gate = REGISTERED.get(actor.policy_loss.loss_mode), None
         if name is not None:
             check_forms(name)
             if ENTROPY_KEY not in batch.batch.keys():
@@ -200,9 +213,12 @@ def add_batch_statistics(update_actor):
                                  "= data.train_batch_size (one optimizer step per batch)")
             for key, column in statistics_columns(name, batch.batch).items():
                 batch.batch[key] = column
+            gate = drop_gated_tokens(batch.batch)
         output = update_actor(self, batch)
         if name is not None:
             sum_flow_over_mini_batches(output.meta_info["metrics"], name)
+            if gate is not None:
+                output.meta_info["metrics"][f"actor/{name}/gate_frac"] = [gate]
         return output
     return wrapper
 

@@ -382,6 +382,7 @@ def test_registry_flags_match_the_papers():
     assert [n for n in ALL if not LOSSES[n].std_normalize] == ["drgrpo"]
     assert [n for n in ALL if LOSSES[n].on_policy] == ["opefo"]
     assert [n for n in ALL if LOSSES[n].adaptive] == ["adaptive_entropy"]
+    assert [n for n in ALL if LOSSES[n].ratio_level == "sequence"] == ["gspo", "gspo_token"]   # TRL's option
     assert [n for n in ALL if "current_entropy" in LOSSES[n].inputs] == list(CURRENT_ENTROPY)
     assert {n: LOSSES[n].data_defaults for n in ALL if LOSSES[n].data_defaults} == {
         "dapo": {"drop_equal_groups": True, "max_refill_rounds": 9, "overlong_penalty": True},

@@ -399,7 +399,7 @@ def test_a_run_ends_with_one_summary_line_and_names_the_plot_it_writes(tmp_path,
     err = capsys.readouterr().err.splitlines()
     assert f"wrote {out / 'curves.png'}" in err and (out / "curves.png").is_file()
     last = rows[-1]
-    assert err[-1].startswith(f"done: 2 steps, ") and err[-1].endswith(f"; run directory {out}")
+    assert err[-1].startswith("done: 2 steps, ") and err[-1].endswith(f"; run directory {out}")
     assert (f"last step reward {last['reward']:.3f}, entropy {last['entropy']:.3f}; eval: avg@2 "
             f"{last['eval/avg@2']:.3f}, pass@2 {last['eval/pass@2']:.3f}, greedy {last['eval/greedy_acc']:.3f}, "
             f"distinct {last['eval/distinct']:.2f}; eval_unique: avg@2") in err[-1]

@@ -21,6 +21,7 @@ else:
 
 import datasets  # noqa: E402
 import transformers  # noqa: E402
+import trl  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 import logprobs  # noqa: E402
@@ -62,16 +63,20 @@ def count_ones(completions, **_):
     return [c.count("1") / max(len(c), 1) for c in completions]
 
 
-def make_trainer(model_dir, tmp_path, loss, *, beta=0.0, steps=2, **loss_kwargs):
+def make_trainer(model_dir, tmp_path, loss, *, beta=0.0, steps=2, trl_args=None, **loss_kwargs):
+    """LossesGRPOTrainer with `loss` (TRL's own GRPOTrainer when loss is None) on the tiny model; trl_args:
+    more GRPOConfig fields."""
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     prompts = datasets.Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(4) for b in range(4)]})
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=ROWS, num_generations=GROUP,
                       gradient_accumulation_steps=GA, max_completion_length=LENGTH, max_steps=steps,
                       learning_rate=0.05, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                      bf16=False, temperature=0.7, beta=beta, seed=0, disable_tqdm=True)
-    return trl_adapter.LossesGRPOTrainer(model=model, reward_funcs=count_ones, args=args, train_dataset=prompts,
-                                         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
-                                         loss=loss, loss_kwargs=loss_kwargs)
+                      bf16=False, temperature=0.7, beta=beta, seed=0, disable_tqdm=True, **(trl_args or {}))
+    common = dict(model=model, reward_funcs=count_ones, args=args, train_dataset=prompts,
+                  processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
+    if loss is None:
+        return trl.GRPOTrainer(**common)
+    return trl_adapter.LossesGRPOTrainer(**common, loss=loss, loss_kwargs=loss_kwargs)
 
 
 def logged(trainer, key):
@@ -145,6 +150,34 @@ def test_one_step_equals_losses(model_dir, tmp_path, loss, beta, knobs):
     assert norm > 1e-4
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * norm)
+
+
+SEQUENCE = dict(importance_sampling_level="sequence", num_iterations=2)   # the second pass is off-policy
+
+
+def test_gspo_trains_as_trls_own_sequence_level_grpo(model_dir, tmp_path):
+    """loss="gspo" with TRL's importance_sampling_level="sequence" and TRL's own GRPOTrainer with that option
+    (loss_type "grpo": seq-mean-token-mean) train the same: 2 optimizer steps, the second on the reused
+    generation batch (num_iterations=2), so the sequence ratio and its clip act (clip 0.2 / 0.28 here, so
+    that some sequences are clipped and some not at this learning rate; GSPO's 3e-4 / 4e-4 clips them all);
+    the parameters agree to float32 precision and moved. Any other level is refused."""
+    ours = make_trainer(model_dir, tmp_path / "ours", "gspo", trl_args=SEQUENCE, clip_low=0.2,
+                        clip_high=0.28)
+    start = [p.detach().clone() for p in ours.model.parameters()]
+    ours.train()                                                   # each trainer seeds itself when built
+    theirs = make_trainer(model_dir, tmp_path / "theirs", None, trl_args=dict(
+        SEQUENCE, loss_type="grpo", epsilon=0.2, epsilon_high=0.28))
+    theirs.train()
+    moved = max((p.detach() - s).abs().max().item() for p, s in zip(ours.model.parameters(), start))
+    assert moved > 1e-3
+    for p, q in zip(ours.model.parameters(), theirs.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    clipped = [h + lo for h, lo in zip(logged(ours, "gspo/clip_frac_high"), logged(ours, "gspo/clip_frac_low"))]
+    assert max(clipped) > 0 and all(g > 0 for g in logged(ours, "grad_norm"))   # clipped, and not everything
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence'"):
+        make_trainer(model_dir, tmp_path, "gspo")
+    with pytest.raises(ValueError, match="importance_sampling_level='token'"):
+        make_trainer(model_dir, tmp_path, "grpo", trl_args=SEQUENCE)
 
 
 def test_refuses_mismatched_reference(model_dir, tmp_path):

@@ -71,8 +71,9 @@ class Workers:
     the ranks, and the metrics go through verl's own collection (append_to_dict per micro-batch, then
     Metric.aggregate_dp over the ranks, then one value per mini-batch), as verl.workers.engine_workers does."""
 
-    def __init__(self, old_logp, entropy, logp, actor_config, dp=1):
+    def __init__(self, old_logp, entropy, logp, actor_config, dp=1, current_entropy=None):
         self.old_logp, self.entropy, self.logp, self.actor_config, self.dp = old_logp, entropy, logp, actor_config, dp
+        self.current_entropy = current_entropy              # the model's entropy output (calculate_entropy)
         self.losses = []
 
     def compute_log_prob(self, data):
@@ -93,8 +94,10 @@ class Workers:
                 collected = {}
                 for micro in micro_batches:
                     rows = micro["row"]
-                    log_probs = no_padding(self.logp[rows], micro["attention_mask"])
-                    loss, micro_metrics = verl_losses.ppo_loss(self.actor_config, {"log_probs": log_probs}, micro)
+                    output = {"log_probs": no_padding(self.logp[rows], micro["attention_mask"])}
+                    if self.current_entropy is not None:
+                        output["entropy"] = no_padding(self.current_entropy[rows], micro["attention_mask"])
+                    loss, micro_metrics = verl_losses.ppo_loss(self.actor_config, output, micro)
                     (loss / self.dp).backward()                             # DDP / FSDP average over ranks
                     self.losses.append(loss.detach() / self.dp)
                     append_to_dict(collected, micro_metrics)                # verl's postprocess_batch_func
@@ -128,12 +131,15 @@ def verl_step(name, shift, dp=1, mini=PROMPTS):
     entropy = torch.rand(rows, R, generator=gen) * 2
     logp = (old_logp + shift * torch.randn(rows, R, generator=gen)).requires_grad_()
     ref_logp = old_logp + 0.2 * torch.randn(rows, R, generator=gen)
+    current = entropy * (1 + 0.05 * torch.randn(rows, R, generator=torch.Generator().manual_seed(1)))  # ERC's rho
     use_kl = verl_adapter.uses_reference(name)
+    mode = verl_adapter.verl_name(name)
     config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=mini, ppo_micro_batch_size_per_gpu=MICRO,
                          rollout_n=GROUP, use_kl_loss=use_kl, kl_loss_coef=0.0,
-                         policy_loss=PolicyLossConfig(loss_mode=name))
-    workers = Workers(old_logp, entropy, logp, config, dp=dp)
-    fake = trainer(workers, name, use_kl=use_kl, mini=mini)
+                         policy_loss=PolicyLossConfig(loss_mode=mode))
+    needs_current = "current_entropy" in losses.LOSSES[name].inputs
+    workers = Workers(old_logp, entropy, logp, config, dp=dp, current_entropy=current if needs_current else None)
+    fake = trainer(workers, mode, use_kl=use_kl, mini=mini)
 
     old, _ = RayPPOTrainer._compute_old_log_prob(fake, batch)         # verl's, wrapped by the adapter
     old.batch.pop("entropys")                                          # what RayPPOTrainer.fit does next
@@ -143,29 +149,40 @@ def verl_step(name, shift, dp=1, mini=PROMPTS):
     batch.batch["advantages"] = adv
     if use_kl:
         batch.batch["ref_log_prob"] = ref_logp
+    mask = batch.batch["response_mask"].clone()                        # a gate takes its dropped tokens out
     output = RayPPOTrainer._update_actor(fake, batch)
     assert len(workers.losses) == rows // MICRO
     tensors = dict(old_logp=old_logp, entropy=entropy, logp=logp, ref_logp=ref_logp if use_kl else None, adv=adv,
-                   rewards=rewards, mask=batch.batch["response_mask"])
+                   rewards=rewards, mask=mask, current_entropy=current if needs_current else None)
     return workers, reduce_metrics(output.meta_info["metrics"]), tensors
 
 
+STEP_KNOBS = {"archer": {"kl_knowledge": 0.5},                         # a KL large enough to show
+              "clip_b": {"mu": 0.5}, "clip_v": {"mu": 0.5, "form": "paper"}}   # gates that act on 40 tokens
+
+
 @pytest.mark.parametrize("name, shift", [("steer", 0.0), ("steer", 0.3), ("opefo", 0.0), ("archer", 0.3),
-                                         ("grpo", 0.3)])
+                                         ("grpo", 0.3), ("gspo", 0.02), ("erc_dapo", 0.3), ("clip_b", 0.3),
+                                         ("clip_v", 0.3)])
 def test_verl_step_equals_losses(name, shift, monkeypatch):
-    knobs = {"kl_knowledge": 0.5} if name == "archer" else {}          # a KL large enough to show
+    """GSPO runs as rlvr_gspo (verl has its own gspo); ERC reads the model's entropy output; a gate's dropped
+    tokens leave verl's response_mask, so verl's token count is the kept tokens' (gate_frac logged)."""
+    knobs = dict(STEP_KNOBS.get(name, {}))
     for k, v in knobs.items():
         monkeypatch.setitem(verl_adapter.KNOBS, k, v)
-    workers, _, t = verl_step(name, shift)
+    workers, metrics, t = verl_step(name, shift)
     logp, old_logp, adv, mask = t["logp"], t["old_logp"], t["adv"], t["mask"]
     grad = logp.grad.clone()
 
     logp.grad = None
-    if name == "steer":                                  # M from the behaviour statistics (r = 1), whole batch
-        g = losses.first_order_term(old_logp, t["entropy"], None, "paper")
-        knobs["omega_max"] = float(torch.where(mask.bool(), (adv * g).abs(), 0.0).max())
+    stats = losses.batch_statistics(name, mask=mask, advantages=adv, old_logp=old_logp, entropy=t["entropy"],
+                                    **knobs)        # the whole batch's, at r = 1 (STEER's M, the gates' choice)
+    if "dropped" in stats:
+        frac = metrics[f"actor/{name}/gate_frac"]
+        assert 0 < frac < 0.5 and frac == pytest.approx(int(stats["dropped"].sum()) / int(mask.sum()))
     expected, _ = losses.LOSSES[name](logp=logp, old_logp=old_logp, advantages=adv, mask=mask, entropy=t["entropy"],
-                                      ref_logp=t["ref_logp"], agg="token-mean", **knobs)
+                                      ref_logp=t["ref_logp"], current_entropy=t["current_entropy"], agg="token-mean",
+                                      **stats, **knobs)
     expected.backward()
     assert expected.abs() > 1e-3 and logp.grad.abs().max() > 1e-3
     torch.testing.assert_close(sum(workers.losses), expected.detach(), rtol=1e-5, atol=1e-7)
