@@ -25,6 +25,7 @@ Settings (the flags each cell adds to train.py's lab defaults; claims.py names t
     opefo-onpolicy   OPEFO's own control: GRPO strictly on-policy (1 update) at OPEFO's lr x sqrt(2)
     steer-search     where might GRPO without a clip collapse? GRPO and GRPO-extreme at 8 or 16 updates per
                      batch and lr / 2, lr, 2 lr, two seeds (the rule is in RESULTS.md)
+    steer-regime     the point it found (8 updates, lr 5e-4): GRPO, GRPO-extreme, STEER-extreme (paper, exact)
     steer-dose       STEER at lambda_min 1 (the pipeline control), 0.8, 0.7, 0.6, 0.5, 0.3, 0.1
     quadrant         GRPO with one quadrant's update doubled or halved (STEER's interventions)
     archer-leverage  the clip regime with Archer's KL and knowledge clip turned up, and forking tokens
@@ -62,6 +63,7 @@ REGIME = ["--updates-per-batch", "8", "--lr", f"{LAB_LR / 2:.6g}"]      # clip-r
 OPEFO_LR = ["--lr", f"{LAB_LR * math.sqrt(2):.6g}"]                    # lr x sqrt(U), U = 2, as OPEFO scales it
 DROP = ["--drop-equal-groups"]       # the normaliser control of the methods that drop all-equal groups
 SEARCH = [(u, lr) for u in (8, 16) for lr in (LAB_LR / 2, LAB_LR, 2 * LAB_LR)]     # steer-search's points
+STEER_REGIME = ["--updates-per-batch", "8", "--lr", f"{LAB_LR:g}"]     # steer-search's one point (RESULTS.md)
 LAMBDA_MIN = ("1", "0.8", "0.7", "0.6", "0.5", "0.3", "0.1")             # steer-dose: 1 is the pipeline control
 
 
@@ -91,6 +93,10 @@ SETTINGS = {
         + OPEFO_LR},
     "steer-search": {f"{name}-u{u}-lr{lr:g}": ["--algo", "grpo", "--updates-per-batch", str(u), "--lr", f"{lr:g}"]
                      + extra for u, lr in SEARCH for name, extra in (("grpo", []), ("grpo-extreme", EXTREME))},
+    "steer-regime": {name: args + STEER_REGIME for name, args in (       # the point steer-search found
+        ("grpo", ["--algo", "grpo"]), ("grpo-extreme", ["--algo", "grpo"] + EXTREME),
+        ("steer-extreme-paper", ["--algo", "steer"] + EXTREME),
+        ("steer-extreme-exact", ["--algo", "steer", "--first-order-form", "exact"] + EXTREME))},
     "steer-dose": {f"steer-{lm}": ["--algo", "steer", "--lambda-min", lm] for lm in LAMBDA_MIN},
     "quadrant": {"grpo": ["--algo", "grpo"],
                  **{f"{q}-x{x}": ["--algo", "quadrant", f"--scale-{q.replace('_', '-')}", x]
