@@ -230,6 +230,8 @@ CLAIMS = (
           (Comparison("grpo", None, "flow/total_exact", -1),)),
     Claim("steer-stable", "STEER", "entropy stays stable where GRPO collapses", "default",
           _tests(["steer"], "grpo", ENTROPY), LEVER),
+    Claim("steer-stable", "STEER", "entropy stays stable where GRPO collapses", "steer-seeds",
+          _tests(["steer"], "grpo", ENTROPY), LEVER),
     Claim("steer-dose", "STEER", "a smaller lambda_min keeps more entropy (its Figure 12)", "steer-dose",
           _tests([f"steer-{lm}" for lm in ("0.8", "0.7", "0.6", "0.5", "0.3", "0.1")], "steer-1",
                  {**ENTROPY, "eval/distinct": 1}), LEVER),
