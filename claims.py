@@ -375,3 +375,41 @@ def report(claim, values, spec=".3g"):
         lines.append(f"| {t.treatment} | {control} | {t.metric} ({'+' if t.sign > 0 else '-'}) | "
                      f"{_interval(r.paired, spec)} | {r.p_holm:.2g} | {r.detectable:.2g} | {lever} | {r.verdict} |")
     return "\n".join(lines + ["", f"Verdict: **{verdict}**", ""])
+
+
+# ------------------------------------------------------------------------------------------ the ledger
+PAPERS = ("STEER", "OPEFO", "Archer", "ASPO", "CE-GPPO", "ERC", "Clip_B", "Clip_V", "SAPO", "CISPO", "GSPO", "DAPO",
+          "Yue et al.")
+
+
+def _cell(t):
+    """A decided test (row_dict) as the ledger's 'difference [95% CI], n; detectable' cell."""
+    if t["n"] < 2:
+        return "fewer than 2 seed pairs", "-"
+    return (f"{t['mean']:+.3g} [{t['lo']:+.3g}, {t['hi']:+.3g}], n {t['n']}", f"{t['detectable']:.2g}")
+
+
+def ledger(decided, full=False):
+    """The verdict tables by paper, markdown lines, from decided {where: {claim key: {"verdict", "tests": [row
+    dicts]}}} (compare.py's and toy_bandit.py's JSON "claims"). One row per claim, its first (primary) test
+    shown, or with full=True one row per test."""
+    lines = []
+    for paper in PAPERS:
+        found = [(c, decided[c.where][c.key]) for c in CLAIMS
+                 if c.paper == paper and c.key in decided.get(c.where, {})]
+        if not found:
+            continue
+        lines += ["", f"**{paper}**", "", "| claim | setting | treatment - control, metric (predicted) | "
+                  "difference [95% CI], seeds | detectable | leverage | verdict |", "| --- | --- | --- | --- | --- | "
+                  "--- | --- |"]
+        for claim, result in found:
+            tests = result["tests"] if full else result["tests"][:1]
+            for i, t in enumerate(tests):
+                diff, mde = _cell(t)
+                lever = "-" if t["leverage"] is None else f"{t['leverage']:.2g}"
+                more = "" if full or len(result["tests"]) == 1 else f" (+{len(result['tests']) - 1} more)"
+                what = f"{t['treatment']} - {t['control'] or '0'}, {t['metric']} ({'+' if t['sign'] > 0 else '-'})"
+                verdict = (t["verdict"] if full else result["verdict"]) if full or i == 0 else ""
+                text = f"{claim.text} (`{claim.key}`)" if i == 0 else ""
+                lines.append(f"| {text} | {claim.where} | {what}{more} | {diff} | {mde} | {lever} | {verdict} |")
+    return lines

@@ -359,6 +359,27 @@ def plot(results_rows, path):
     plots.pyplot().close(fig)
 
 
+def print_ledger(out, toy_json=None, full=False):
+    """claims.ledger over the settings' results.json under `out` and the toy's JSON, each source named with
+    its seeds and warm start (lines)."""
+    decided, sources = {}, []
+    for setting in SETTINGS:
+        path = out / setting / "results.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            decided[setting] = data.get("claims", {})
+            warm = (data.get("warm_start") or {}).get("weights", "?")
+            sources.append(f"{setting}: {data.get('seeds', '?')} seeds, warm start {warm} ({path})")
+    if toy_json:
+        data = json.loads(Path(toy_json).read_text())
+        decided["toy"] = data.get("claims", {})
+        seeds = len({r["seed"] for r in data["runs"]})
+        sources.append(f"toy: {seeds} seeds ({toy_json})")
+    if not decided:
+        raise SystemExit(f"--ledger: no SETTING/results.json under {out} and no --toy-json")
+    return ["Sources: " + "; ".join(sources)] + claims.ledger(decided, full)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="default", help="which comparison (default: default)")
@@ -367,9 +388,16 @@ def main(argv=None):
     p.add_argument("--steps", type=int, help="RL steps of every run (default: the lab's 100)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default 2)")
     p.add_argument("--out", default="runs/compare", help="root of the run directories (default runs/compare)")
+    p.add_argument("--ledger", action="store_true", help="print the verdict tables by paper from every "
+                   "SETTING/results.json under --out (and --toy-json), run nothing")
+    p.add_argument("--toy-json", metavar="FILE", help="with --ledger: toy_bandit.py --json output to include")
+    p.add_argument("--full", action="store_true", help="with --ledger: one row per comparison, not per claim")
     p.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--steps 200' "
                    "(they are part of the runs: use a new --out for a new value)")
     args = p.parse_args(argv)
+    if args.ledger:
+        print("\n".join(print_ledger(Path(args.out), args.toy_json, args.full)))
+        return
     cells = SETTINGS[args.setting]
     names = args.algos or list(cells)
     unknown = [n for n in names if n not in cells]

@@ -99,3 +99,27 @@ def test_every_claim_names_cells_its_setting_runs():
         cells = set(toy_bandit.ALGOS) if claim.where == "toy" else set(compare.SETTINGS[claim.where])
         for t in claim.tests + claim.premise:
             assert t.treatment in cells and t.control in cells | {None, "start"}, (claim.key, t)
+
+
+def test_the_ledger_has_one_row_per_claim_by_paper_or_one_per_test():
+    """Two seeds-matched comparisons of STEER's default claim and OPEFO's flow claim: the summary ledger gives
+    each paper its table, one row per claim with its primary test, its count of further tests and the claim's
+    verdict; full=True one row per test with that test's verdict."""
+    values = {"grpo": {"entropy end": {0: 0.10, 1: 0.12, 2: 0.11}, "entropy/fork end": {0: 0.3, 1: 0.31, 2: 0.29},
+                       "flow/total_exact": {0: -0.02, 1: -0.021, 2: -0.019}},
+              "steer": {"entropy end": {0: 0.15, 1: 0.16, 2: 0.14}, "entropy/fork end": {0: 0.35, 1: 0.3, 2: 0.33},
+                        "loss/grpo_weight_l1": {0: 0.1, 1: 0.1, 2: 0.1}}}
+    decided = {"default": {}}
+    for key in ("steer-stable", "opefo-flow"):
+        claim = next(c for c in claims.CLAIMS if c.key == key and c.where == "default")
+        rows, verdict = claims.decide(claim, values)
+        decided["default"][key] = {"verdict": verdict, "tests": [claims.row_dict(r) for r in rows]}
+    short = claims.ledger(decided)
+    assert short.index("**STEER**") < short.index("**OPEFO**")             # the papers' order
+    steer = next(line for line in short if "`steer-stable`" in line)
+    assert "steer - grpo, entropy end (+) (+1 more) | +0.04 [+0.0152, +0.0648], n 3 | 0.042 | 0.1 | reproduced |" \
+        in steer
+    assert "| grpo - 0, flow/total_exact (-) | -0.02 [" in next(line for line in short if "`opefo-flow`" in line)
+    full = claims.ledger(decided, full=True)
+    fork = next(line for line in full if "entropy/fork end" in line)
+    assert fork.startswith("|  | default | steer - grpo") and "not reproduced (no effect larger than 0.13)" in fork

@@ -204,3 +204,21 @@ def test_short_runs_get_windows_that_do_not_overlap():
     rows = synthetic_run_rows(entropy=0.5, pass_at=0.6, steps=4)        # entropy 0.51, 0.52, 0.53, 0.54
     figures = compare.run_figures(rows)
     assert figures["entropy start"] == pytest.approx(0.515) and figures["entropy end"] == pytest.approx(0.535)
+
+
+def test_ledger_reads_every_settings_results_and_the_toy(tmp_path, monkeypatch, capsys):
+    """--ledger runs nothing: it reads SETTING/results.json under --out (and the toy's JSON) and prints the
+    verdict tables with their sources' seeds and warm starts; without any, one line says so."""
+    per_seed = [0.3, 0.5, 0.7]
+    root, argv = synthetic_lab(tmp_path, monkeypatch, {
+        "grpo": [(e, 0.6) for e in per_seed], "steer": [(e + 0.1 + 0.001 * i, 0.6) for i, e in enumerate(per_seed)]})
+    compare.main(argv)
+    capsys.readouterr()
+    toy = tmp_path / "toy.json"
+    toy.write_text(json.dumps({"runs": [{"seed": 0}, {"seed": 1}], "claims": {}}))
+    compare.main(["--ledger", "--out", str(root.parent), "--toy-json", str(toy)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Sources: default: 3 seeds, warm start ") and out[0].endswith(f"toy: 2 seeds ({toy})")
+    assert "**STEER**" in out and any("`steer-stable`" in line and "| default |" in line for line in out)
+    with pytest.raises(SystemExit, match="no SETTING/results.json under"):
+        compare.main(["--ledger", "--out", str(tmp_path / "empty")])
