@@ -25,7 +25,8 @@
                grpo_loss with the same clip, dual clip and KL settings as the method (what the method adds).
 4. scripts     wall time of `python toy_bandit.py` and `python entropy_math.py` with their defaults (the
                tests only assert a generous bound on the toy).
-The figures quoted in RESULTS.md come from this script; timings are the best of several repeats.
+The figures in docs/losses.md (Speed and memory) come from this script; timings are the best of several
+repeats.
 --quick bounds the run: the memory shapes are (2, 1024, 151936) (peak about a quarter of the full run's;
 the chunked functions' fixed working set is then a larger fraction of the logits, so its ratios are upper
 bounds of the full shape's), 128 throughput positions, 5 repeats per loss, and no scripts.
