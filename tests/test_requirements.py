@@ -8,6 +8,8 @@ import importlib
 import importlib.metadata
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 from packaging.requirements import Requirement
@@ -89,3 +91,12 @@ def test_trl_grpo_trainer_and_verl_ppo_trainer_import():
     assert importlib.import_module("verl.trainer.ppo.ray_trainer").RayPPOTrainer.__name__ == "RayPPOTrainer"
     for adapter in ("trl_adapter", "verl_adapter"):      # they refuse any TRL or verl but the pinned ones
         importlib.import_module(adapter)
+
+
+def test_the_readme_test_command_finds_the_modules_at_the_root(tmp_path):
+    """`pytest` (the console script, not `python -m pytest`) does not put the working directory on sys.path:
+    pytest.ini's `pythonpath = .` is what lets tests/conftest.py import the modules at the root."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "tests/test_docs.py"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
