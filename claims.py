@@ -10,9 +10,11 @@ differences d_s = treatment_s - control_s, never on two unpaired intervals:
     the smallest difference the design detects with 80% power at the family's first Holm level
     alpha / m: (t_{1 - alpha / 2m, n-1} + t_{0.8, n-1}) sd(d) / sqrt(n) (the central-t approximation).
 Verdicts, in the ledger's four words:
-    reproduced              some primary metric moves the predicted way, Holm-adjusted p < 0.05;
-    not reproduced          no metric does (with the detectable difference: no effect larger than it), or
-                            one moves the other way (said);
+    reproduced              every primary metric moves the predicted way (Holm-adjusted p < 0.05) in some
+                            treatment, and none moves the other way;
+    not reproduced          otherwise: a metric that does not move is read with its detectable difference
+                            (no effect larger than it); one that moves the other way is said, and so is a
+                            partial result (only some metrics as predicted);
     not testable here       the mechanism's leverage (a logged figure, declared with its threshold) is
                             below the threshold in the treatment: it barely acts, so the run cannot decide;
     depends on the form     the claim's forms (STEER's and OPEFO's paper / exact scores) disagree.
@@ -257,7 +259,7 @@ CLAIMS = (
           "steer-regime", _tests(["steer-extreme-paper", "steer-extreme-exact"], "grpo-extreme",
                                  {"eval/avg@64": 1, "entropy end": 1}), LEVER, forms=True,
           premise=(Comparison("grpo-extreme", "grpo", "eval/avg@64", -1),)),
-    Claim("dapo-grpo", "DAPO", "clip-higher and dynamic sampling keep entropy up", "default",
+    Claim("dapo-grpo", "DAPO", "clip-higher and dynamic sampling keep entropy up and train faster", "default",
           _tests(["dapo"], "grpo", {"entropy end": 1, "eval/avg@64": 1})),
     Claim("dapo-generation", "DAPO", "DAPO beats GRPO at equal generated groups", "dapo-generation",
           _tests(["dapo"], "grpo-long", {"eval/avg@64": 1})),
@@ -328,12 +330,18 @@ def row_dict(row):
 
 
 def _overall(rows):
+    """A claim's verdict from its rows: reproduced when every primary metric moves the predicted way in some
+    treatment and none moves the other way; a partial result names the metrics that moved."""
     live = [r for r in rows if not r.verdict.startswith("not testable")]
     if not live:
         return rows[0].verdict if rows else "not testable here (no runs)"
-    if any(r.verdict == "reproduced" for r in live) and not any("opposite" in r.verdict for r in live):
+    if any("opposite" in r.verdict for r in live):
+        return "not reproduced"
+    metrics = dict.fromkeys(r.test.metric for r in live)
+    moved = [m for m in metrics if any(r.test.metric == m and r.verdict == "reproduced" for r in live)]
+    if len(moved) == len(metrics):
         return "reproduced"
-    return "not reproduced"
+    return f"not reproduced (only {', '.join(moved)} as predicted)" if moved else "not reproduced"
 
 
 def decide(claim, values):
@@ -349,7 +357,7 @@ def decide(claim, values):
     if claim.forms:
         by_form = {t: _overall([r for r in rows if r.test.treatment == t])
                    for t in dict.fromkeys(r.test.treatment for r in rows)}
-        if len(set(by_form.values())) > 1:
+        if len({v.split(" (")[0] for v in by_form.values()}) > 1:
             return rows, "depends on the form (" + ", ".join(f"{t}: {v}" for t, v in by_form.items()) + ")"
     return rows, _overall(rows)
 

@@ -74,6 +74,22 @@ def test_a_claim_is_reproduced_not_reproduced_or_the_opposite():
     assert verdict == "not reproduced" and rows[0].verdict.startswith("not reproduced (no effect larger than ")
 
 
+def test_every_primary_metric_must_move_for_a_claim_to_reproduce():
+    """A claim with two metrics (entropy and accuracy) where only one moves is not reproduced, and says which
+    moved; one treatment moving each metric is enough (the quadrant claims' grown and shrunk cells)."""
+    base = [0.3, 0.5, 0.7, 0.4, 0.6]
+    up = [b + 0.1 + 0.001 * i for i, b in enumerate(base)]
+    noise = [b + (0.05 if i % 2 else -0.05) for i, b in enumerate(base)]
+    two = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1), Comparison("a", "c", "acc", 1)))
+    v = values(a=[("h", up), ("acc", noise)], c=[("h", base), ("acc", base)])
+    assert claims.decide(two, v)[1] == "not reproduced (only h as predicted)"
+    v["a"]["acc"] = dict(enumerate(up))
+    assert claims.decide(two, v)[1] == "reproduced"
+    either = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1), Comparison("b", "c", "h", -1)))
+    v = values(a=[("h", up)], b=[("h", noise)], c=[("h", base)])
+    assert claims.decide(either, v)[1] == "reproduced"
+
+
 def test_leverage_premise_and_forms_decide_before_the_effect():
     base = [0.3, 0.5, 0.7, 0.4, 0.6]
     up = [b + 0.1 + 0.001 * i for i, b in enumerate(base)]
@@ -117,8 +133,8 @@ def test_the_ledger_has_one_row_per_claim_by_paper_or_one_per_test():
     short = claims.ledger(decided)
     assert short.index("**STEER**") < short.index("**OPEFO**")             # the papers' order
     steer = next(line for line in short if "`steer-stable`" in line)
-    assert "steer - grpo, entropy end (+) (+1 more) | +0.04 [+0.0152, +0.0648], n 3 | 0.042 | 0.1 | reproduced |" \
-        in steer
+    assert "steer - grpo, entropy end (+) (+1 more) | +0.04 [+0.0152, +0.0648], n 3 | 0.042 | 0.1 | not reproduced " \
+        "(only entropy end as predicted) |" in steer                     # the fork entropy did not move
     assert "| grpo - 0, flow/total_exact (-) | -0.02 [" in next(line for line in short if "`opefo-flow`" in line)
     full = claims.ledger(decided, full=True)
     fork = next(line for line in full if "entropy/fork end" in line)
