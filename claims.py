@@ -15,8 +15,9 @@ Verdicts, in the ledger's four words:
     not reproduced          otherwise: a metric that does not move is read with its detectable difference
                             (no effect larger than it); one that moves the other way is said, and so is a
                             partial result (only some metrics as predicted);
-    not testable here       the mechanism's leverage (a logged figure, declared with its threshold) is
-                            below the threshold in the treatment: it barely acts, so the run cannot decide;
+    not testable here       no effect, and the mechanism's leverage (a logged figure, declared with its
+                            threshold) is below the threshold in the treatment: it barely acts, so the null
+                            says nothing (an effect that is there decides, whatever the leverage);
     depends on the form     the claim's forms (STEER's and OPEFO's paper / exact scores) disagree.
 
     python -c "import claims; print(claims.t_ppf(0.975, 4))"          # 2.776
@@ -153,8 +154,9 @@ class Comparison(NamedTuple):
 class Claim(NamedTuple):
     """A paper's claim as the ledger tests it, declared before the runs (see the module docstring).
     where: "toy" or a compare.py setting; leverage: (metric, threshold) that says whether the mechanism acts in
-    a treatment (below it: not testable here), or None; forms: the treatments are the forms of one method
-    (paper / exact scores), so a split verdict reads "depends on the form"."""
+    a treatment (below it a null is not testable here), or None; forms: the treatments are the forms of one
+    method (paper / exact scores), so a split verdict reads "depends on the form"; every_treatment: each
+    treatment predicts on its own (a quadrant grown and shrunk), so all must hold."""
     key: str
     paper: str
     text: str
@@ -163,6 +165,7 @@ class Claim(NamedTuple):
     leverage: Optional[tuple] = None
     forms: bool = False
     premise: tuple = ()         # Comparisons the claim presupposes (GRPO destabilises without a clip): else untestable
+    every_treatment: bool = False   # each treatment is a prediction of its own (grow and shrink): all must hold
 
 
 def _tests(treatments, control, metrics, sign=1):
@@ -184,7 +187,7 @@ def _quadrant_claims(where, cell, control, metrics, lever):
     return [Claim(f"steer-quadrant-{q}", "STEER", f"growing the A {'>' if q.startswith('pos') else '<'} 0 update "
                   f"on {q.split('_')[1]} tokens {'raises' if s > 0 else 'lowers'} entropy, shrinking it does "
                   f"the opposite", where, _tests([cell(q, "2")], control, metrics, s)
-                  + _tests([cell(q, "0.5")], control, metrics, -s), lever)
+                  + _tests([cell(q, "0.5")], control, metrics, -s), lever, every_treatment=True)
             for q, s in QUADRANT_SIGN.items()]
 
 
@@ -194,9 +197,9 @@ def _successor_claims(where, entropy, entropy_and_accuracy, accuracy, lever):
         Claim("erc-base", "ERC", "entropy ratio clipping keeps entropy up and helps accuracy (on DAPO, on GPPO)",
               where, _tests(["erc-dapo"], "dapo", entropy_and_accuracy) + _tests(["erc-gppo"], "gppo",
                                                                                  entropy_and_accuracy), lever),
-        Claim("clip-b-grpo", "Clip_B", "dropping the most entropy-lowering A < 0 tokens keeps entropy up", where,
+        Claim("clip-b-grpo", "Clip_B", "dropping the most entropy-lowering A < 0 tokens keeps entropy up and helps accuracy", where,
               _tests(["clip-b"], "grpo", entropy_and_accuracy), lever),
-        Claim("clip-v-grpo", "Clip_V", "dropping the A <= 0 tokens of largest entropy drop keeps entropy up",
+        Claim("clip-v-grpo", "Clip_V", "dropping the A <= 0 tokens of largest entropy drop keeps entropy up and helps accuracy",
               where, _tests(["clip-v", "clip-v-paper"], "grpo", entropy_and_accuracy), lever, forms=True),
         Claim("sapo-grpo", "SAPO", "a soft gate keeps entropy healthier than GRPO's hard clip", where,
               _tests(["sapo"], "grpo", entropy), lever),
@@ -311,12 +314,10 @@ def decide_tests(tests, values, leverage=None):
             seeds = _series(values, t.treatment, leverage[0])
             lever = sum(seeds.values()) / len(seeds) if seeds else math.nan
         mde = detectable(r.sd, r.n, len(tests))
-        if lever is not None and not lever >= leverage[1]:
+        if p < ALPHA:                       # an effect decides, however little the mechanism acts
+            verdict = "reproduced" if math.copysign(1, r.mean) == t.sign else "not reproduced (the opposite)"
+        elif lever is not None and not lever >= leverage[1]:     # a null where it barely acts decides nothing
             verdict = f"not testable here ({leverage[0]} {lever:.3g} < {leverage[1]:g})"
-        elif p < ALPHA and math.copysign(1, r.mean) == t.sign:
-            verdict = "reproduced"
-        elif p < ALPHA:
-            verdict = "not reproduced (the opposite)"
         else:
             verdict = f"not reproduced (no effect larger than {mde:.2g})"
         rows.append(Row(t, r, p, mde, lever, verdict))
@@ -354,11 +355,13 @@ def decide(claim, values):
             rows = decide_tests(claim.tests, values, claim.leverage)
             return rows, f"not testable here (its premise does not hold: {why})"
     rows = decide_tests(claim.tests, values, claim.leverage)
-    if claim.forms:
-        by_form = {t: _overall([r for r in rows if r.test.treatment == t])
-                   for t in dict.fromkeys(r.test.treatment for r in rows)}
-        if len({v.split(" (")[0] for v in by_form.values()}) > 1:
-            return rows, "depends on the form (" + ", ".join(f"{t}: {v}" for t, v in by_form.items()) + ")"
+    by_treatment = {t: _overall([r for r in rows if r.test.treatment == t])
+                    for t in dict.fromkeys(r.test.treatment for r in rows)}
+    if claim.forms and len({v.split(" (")[0] for v in by_treatment.values()}) > 1:
+        return rows, "depends on the form (" + ", ".join(f"{t}: {v}" for t, v in by_treatment.items()) + ")"
+    if claim.every_treatment and len(set(by_treatment.values())) > 1:
+        held = [t for t, v in by_treatment.items() if v == "reproduced"]
+        return rows, f"not reproduced (only {', '.join(held)} as predicted)" if held else _overall(rows)
     return rows, _overall(rows)
 
 

@@ -54,6 +54,7 @@ import config
 import losses
 import plots
 import tiny_lab
+import toy_bandit
 from claims import mean_ci, t_ppf
 from run_dir import json_safe, read_jsonl
 
@@ -359,20 +360,33 @@ def plot(results_rows, path):
     plots.pyplot().close(fig)
 
 
+def decide_claims(setting, results):
+    """{claim key: {"verdict", "tests": [row dicts]}} of the claims decided in `setting`, on {cell: [run
+    figures, seed 0, 1, ...]} (claims.decide)."""
+    decided = {}
+    for claim in claims.claims_for(setting):
+        rows, verdict = claims.decide(claim, seed_values(results))
+        decided[claim.key] = {"verdict": verdict, "tests": [claims.row_dict(r) for r in rows]}
+    return decided
+
+
 def print_ledger(out, toy_json=None, full=False):
     """claims.ledger over the settings' results.json under `out` and the toy's JSON, each source named with
-    its seeds and warm start (lines)."""
+    its seeds and warm start (lines). The claims are decided anew from the stored per-seed figures, so the
+    ledger follows claims.py as it is now."""
     decided, sources = {}, []
     for setting in SETTINGS:
         path = out / setting / "results.json"
         if path.exists():
             data = json.loads(path.read_text())
-            decided[setting] = data.get("claims", {})
+            decided[setting] = decide_claims(setting, data["runs"])
             warm = (data.get("warm_start") or {}).get("weights", "?")
-            sources.append(f"{setting}: {data.get('seeds', '?')} seeds, warm start {warm} ({path})")
+            seeds = len(next(iter(data["runs"].values())))
+            sources.append(f"{setting}: {seeds} seeds, warm start {warm} ({path})")
     if toy_json:
         data = json.loads(Path(toy_json).read_text())
-        decided["toy"] = data.get("claims", {})
+        decided["toy"] = {c.key: {"verdict": verdict, "tests": [claims.row_dict(r) for r in rows]}
+                          for c, rows, verdict in toy_bandit.toy_claims(data["runs"])}
         seeds = len({r["seed"] for r in data["runs"]})
         sources.append(f"toy: {seeds} seeds ({toy_json})")
     if not decided:
@@ -430,10 +444,7 @@ def main(argv=None):
     text = report(summary, args.seeds, max(r["step"] for r in rows[names[0]][0]), args.setting, results)
     written = [root / "table.md", root / "results.json", root / "curves.png", root / "strips.png"]
     written[0].write_text(text)
-    decided = {}
-    for claim in claims.claims_for(args.setting) if args.seeds > 1 else []:
-        rows_, verdict = claims.decide(claim, seed_values(results))
-        decided[claim.key] = {"verdict": verdict, "tests": [claims.row_dict(r) for r in rows_]}
+    decided = decide_claims(args.setting, results) if args.seeds > 1 else {}
     written[1].write_text(json.dumps(json_safe({"warm_start": warm, "seeds": args.seeds, "summary": summary,
                                                 "runs": results, "claims": decided}), indent=1))
     print(text)

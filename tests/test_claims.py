@@ -88,6 +88,10 @@ def test_every_primary_metric_must_move_for_a_claim_to_reproduce():
     either = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1), Comparison("b", "c", "h", -1)))
     v = values(a=[("h", up)], b=[("h", noise)], c=[("h", base)])
     assert claims.decide(either, v)[1] == "reproduced"
+    both = either._replace(every_treatment=True)                         # grown and shrunk: each must hold
+    assert claims.decide(both, v)[1] == "not reproduced (only a as predicted)"
+    v["b"]["h"] = dict(enumerate(b - 0.1 - 0.001 * i for i, b in enumerate(base)))
+    assert claims.decide(both, v)[1] == "reproduced"
 
 
 def test_leverage_premise_and_forms_decide_before_the_effect():
@@ -95,7 +99,12 @@ def test_leverage_premise_and_forms_decide_before_the_effect():
     up = [b + 0.1 + 0.001 * i for i, b in enumerate(base)]
     v = values(a=[("h", up), ("lev", [0.01] * 5)], b=[("h", base), ("lev", [0.2] * 5)], c=[("h", base)])
     lever = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1),), leverage=("lev", 0.05))
-    assert claims.decide(lever, v)[1] == "not testable here (lev 0.01 < 0.05)"
+    assert claims.decide(lever, v)[1] == "reproduced"                    # an effect decides whatever the leverage
+    null = values(a=[("h", [b + (0.05 if i % 2 else -0.05) for i, b in enumerate(base)]), ("lev", [0.01] * 5)],
+                  c=[("h", base)])
+    assert claims.decide(lever, null)[1] == "not testable here (lev 0.01 < 0.05)"     # a null where it barely acts
+    null["a"]["lev"] = dict(enumerate([0.2] * 5))
+    assert claims.decide(lever, null)[1] == "not reproduced"
     forms = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1), Comparison("b", "c", "h", 1)), forms=True)
     assert claims.decide(forms, v)[1] == "depends on the form (a: reproduced, b: not reproduced)"
     premise = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1),), premise=(Comparison("b", "c", "h", -1),))

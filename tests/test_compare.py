@@ -8,6 +8,7 @@ import math
 import pytest
 
 import compare
+import toy_bandit
 
 
 def fake_run(path, steps, done, checkpoint):
@@ -123,7 +124,7 @@ def test_claims_of_the_setting_are_decided_on_seed_matched_differences(tmp_path,
     text = (root / "table.md").read_text()
     assert "**STEER: entropy stays stable where GRPO collapses** (`steer-stable`, default; paired over 3 seeds" in text
     row = next(line for line in text.splitlines() if line.startswith("| steer | grpo | entropy end (+)"))
-    assert "+0.101 [" in row and "not testable here (loss/grpo_weight_l1 nan < 0.05)" in row   # no leverage logged
+    assert "+0.101 [" in row and row.endswith("| nan | reproduced |")     # no leverage logged: the effect decides
     decided = json.loads((root / "results.json").read_text())["claims"]["steer-stable"]
     entropy = next(t for t in decided["tests"] if t["metric"] == "entropy end")
     assert entropy["n"] == 3 and entropy["mean"] == pytest.approx(0.101) and entropy["p_holm"] < 0.05
@@ -215,10 +216,15 @@ def test_ledger_reads_every_settings_results_and_the_toy(tmp_path, monkeypatch, 
     compare.main(argv)
     capsys.readouterr()
     toy = tmp_path / "toy.json"
-    toy.write_text(json.dumps({"runs": [{"seed": 0}, {"seed": 1}], "claims": {}}))
+    toy_bandit.main(["--algos", "grpo", "--seeds", "2", "--steps", "3", "--json", str(toy)])
+    stored = json.loads(toy.read_text())
+    stored["claims"] = {}                       # the ledger decides anew from the per-seed figures
+    toy.write_text(json.dumps(stored))
+    capsys.readouterr()
     compare.main(["--ledger", "--out", str(root.parent), "--toy-json", str(toy)])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Sources: default: 3 seeds, warm start ") and out[0].endswith(f"toy: 2 seeds ({toy})")
     assert "**STEER**" in out and any("`steer-stable`" in line and "| default |" in line for line in out)
+    assert any("`opefo-flow`" in line and "| toy | grpo - 0, flow total (-) |" in line for line in out)
     with pytest.raises(SystemExit, match="no SETTING/results.json under"):
         compare.main(["--ledger", "--out", str(tmp_path / "empty")])
