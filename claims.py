@@ -338,8 +338,9 @@ def _overall(rows):
     live = [r for r in rows if not r.verdict.startswith("not testable")]
     if not live:
         return rows[0].verdict if rows else "not testable here (no runs)"
-    if any("opposite" in r.verdict for r in live):
-        return "not reproduced"
+    against = list(dict.fromkeys(r.test.metric for r in live if "opposite" in r.verdict))
+    if against:
+        return f"not reproduced ({', '.join(against)} the opposite)"
     metrics = dict.fromkeys(r.test.metric for r in live)
     moved = [m for m in metrics if any(r.test.metric == m and r.verdict == "reproduced" for r in live)]
     if len(moved) == len(metrics):

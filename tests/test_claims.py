@@ -68,7 +68,7 @@ def test_a_claim_is_reproduced_not_reproduced_or_the_opposite():
     down = values(a=[("h", [b - 0.1 - 0.001 * i for i, b in enumerate(base)])], c=[("h", base)])
     noise = values(a=[("h", [b + (0.05 if i % 2 else -0.05) for i, b in enumerate(base)])], c=[("h", base)])
     assert claims.decide(claim, up)[1] == "reproduced"
-    assert claims.decide(claim, down)[1] == "not reproduced"
+    assert claims.decide(claim, down)[1] == "not reproduced (h the opposite)"
     assert claims.decide(claim, down)[0][0].verdict == "not reproduced (the opposite)"
     rows, verdict = claims.decide(claim, noise)
     assert verdict == "not reproduced" and rows[0].verdict.startswith("not reproduced (no effect larger than ")
