@@ -27,7 +27,7 @@ Settings (the flags each cell adds to train.py's lab defaults; claims.py names t
                      batch and lr / 2, lr, 2 lr, two seeds (the rule is in RESULTS.md)
     steer-regime     the point it found (8 updates, lr 5e-4): GRPO, GRPO-extreme, STEER-extreme (paper, exact)
     steer-seeds      the default's GRPO and STEER, run to 10 seeds (STEER's claims lean on fork entropy)
-    steer-dose       STEER at lambda_min 1 (the pipeline control), 0.8, 0.7, 0.6, 0.5, 0.3, 0.1 (10 seeds)
+    steer-dose       STEER at lambda_min 1 (the pipeline control), 0.8, 0.7, 0.6, 0.5, 0.3, 0.1
     quadrant         GRPO with one quadrant's update doubled or halved (STEER's interventions)
     archer-leverage  the clip regime with Archer's KL and knowledge clip turned up, and forking tokens
     dapo-generation  DAPO against GRPO trained for 220 steps (about as many generated groups)
