@@ -341,7 +341,7 @@ def _overall(rows):
     against = list(dict.fromkeys(r.test.metric for r in live if "opposite" in r.verdict))
     if against:
         return f"not reproduced ({', '.join(against)} the opposite)"
-    metrics = dict.fromkeys(r.test.metric for r in live)
+    metrics = dict.fromkeys(r.test.metric for r in rows)      # a metric left untestable is not a metric moved
     moved = [m for m in metrics if any(r.test.metric == m and r.verdict == "reproduced" for r in live)]
     if len(moved) == len(metrics):
         return "reproduced"

@@ -85,6 +85,11 @@ def test_every_primary_metric_must_move_for_a_claim_to_reproduce():
     assert claims.decide(two, v)[1] == "not reproduced (only h as predicted)"
     v["a"]["acc"] = dict(enumerate(up))
     assert claims.decide(two, v)[1] == "reproduced"
+    levered = two._replace(leverage=("lev", 0.05))                      # entropy moves, accuracy is a null
+    v = values(a=[("h", up), ("acc", noise), ("lev", [0.01] * 5)], c=[("h", base), ("acc", base)])
+    rows, verdict = claims.decide(levered, v)
+    assert [r.verdict[:14] for r in rows] == ["reproduced", "not testable h"]
+    assert verdict == "not reproduced (only h as predicted)"           # the untested half is not a half moved
     either = Claim("k", "P", "t", "toy", (Comparison("a", "c", "h", 1), Comparison("b", "c", "h", -1)))
     v = values(a=[("h", up)], b=[("h", noise)], c=[("h", base)])
     assert claims.decide(either, v)[1] == "reproduced"
