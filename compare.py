@@ -257,15 +257,16 @@ def seed_values(results):
             for cell, runs in results.items()}
 
 
-def report(summary, n_seeds, steps, setting="default", results=None):
+def report(summary, n_seeds, steps, setting="default", results=None, longer=None):
     """The text of table.md: the few-seeds note (seeds_note), the windows of "start" and "end", the main
     table (mean ± 95% CI over seeds), the SUB_TABLES that were measured, then each claim decided in this
     setting (claims.report: paired differences against its control, Holm-adjusted, the detectable
-    difference and the leverage)."""
+    difference and the leverage). longer: {cell: steps} of cells that ran another number of steps."""
     note, w = seeds_note(n_seeds), window(steps)
+    others = "".join(f"; {cell}: {n} steps, its own windows and final evaluation" for cell, n in (longer or {}).items())
     text = (f"**{note}**\n\n" if note else "") + (
         f"{n_seeds} seeds, {steps} steps; start / end: mean over steps 1-{w} / {steps - w + 1}-{steps}; eval: "
-        f"the held-out sets at step {steps}\n\n") + table(summary)
+        f"the held-out sets at step {steps}{others}\n\n") + table(summary)
     for heading, columns, spec in SUB_TABLES:
         if any(c in s for s in summary.values() for c in columns):
             text += f"\n\n{heading}:\n\n" + table(summary, columns, spec)
@@ -441,7 +442,9 @@ def main(argv=None):
     rows = {n: [read_rows(root / f"{n}-seed{s}") for s in seeds] for n in names}
     results = {n: [run_figures(r) for r in runs] for n, runs in rows.items()}
     summary = summarise(results)
-    text = report(summary, args.seeds, max(r["step"] for r in rows[names[0]][0]), args.setting, results)
+    steps = {n: max(r["step"] for r in runs[0]) for n, runs in rows.items()}
+    longer = {n: k for n, k in steps.items() if k != steps[names[0]]}
+    text = report(summary, args.seeds, steps[names[0]], args.setting, results, longer)
     written = [root / "table.md", root / "results.json", root / "curves.png", root / "strips.png"]
     written[0].write_text(text)
     decided = decide_claims(args.setting, results) if args.seeds > 1 else {}

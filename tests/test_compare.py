@@ -184,6 +184,9 @@ def test_the_clip_table_gives_each_cells_clip_fractions_and_kl_over_steps():
     assert clip.splitlines()[2] == ("| grpo | 3.00e-02 ± 0.00e+00 | 0.00e+00 ± 0.00e+00 | 4.00e-03 ± "
                                     f"{12.706 * math.sqrt(2e-6) / math.sqrt(2):.2e} |")
     assert len(clip.splitlines()) == 3                   # no row for the start model or a run without the metrics
+    assert text.splitlines()[2].endswith("eval: the held-out sets at step 4")      # after the few-seeds note
+    longer = compare.report(summary, 2, 4, longer={"old": 9}).splitlines()[2]     # dapo-generation's grpo-long
+    assert longer.endswith("at step 4; old: 9 steps, its own windows and final evaluation")
 
 
 def test_seeds_is_a_count_as_in_the_toy_and_steps_reaches_every_run(tmp_path, monkeypatch):
